@@ -1,0 +1,200 @@
+"""The one place that wires everything: store, cache, credentials, listeners, admin.
+
+``Proxy.start()`` brings it up, ``Proxy.stop()`` drains and releases in reverse.
+``serve()`` adds the process concerns: signals, reload on SIGHUP, exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+from functools import partial
+
+from aiohttp import web
+
+from proxy import config as config_mod
+from proxy.admin import build_admin_app
+from proxy.audit import AuditLog
+from proxy.callers import Authenticator
+from proxy.config import Config, TLSConfig
+from proxy.credential import Credential, build_source
+from proxy.metrics import Metrics
+from proxy.pipeline import handle
+from proxy.policy import Policy
+from proxy.secretcache import SecretCache
+from proxy.state import State, StateHolder
+from proxy.store import open_store
+from proxy.types import Listen
+
+log = logging.getLogger("credproxy")
+
+
+def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        ctx.load_verify_locations(cafile=tls.client_ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # callers may use a token instead; a cert presented is verified
+    return ctx
+
+
+def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None
+                      ) -> dict[str, Credential]:
+    out = {}
+    for name, c in cfg.credentials.items():
+        old = (reuse or {}).get(name)
+        if old is not None and old.cfg == c and old.leak_guard == cfg.leak_guard_for(name):
+            out[name] = old  # unchanged: keep its token cache and pool
+            continue
+        source = build_source(c, cache, name=name, metrics=metrics, store=cache.store)
+        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
+    return out
+
+
+class Proxy:
+    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.holder: StateHolder | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._admin_runner: web.AppRunner | None = None
+        self._store = None
+        self._cache: SecretCache | None = None
+        self._audit: AuditLog | None = None
+        self._warm_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self._store = open_store(cfg.secrets)
+        await self._store.start()
+        vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
+        self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
+                                  max_staleness=vault.max_staleness if vault else float("inf"))
+        metrics = Metrics()
+        self._audit = AuditLog(cfg.audit.path)
+        self._audit.start()
+        credentials = build_credentials(cfg, self._cache, metrics)
+        state = State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, metrics, self._cache)
+        self.holder = StateHolder(state)
+        for cred in credentials.values():
+            await cred.start()
+        self._cache.start()
+        self._warm_task = asyncio.get_running_loop().create_task(self._warm())
+        await self._listen()
+
+    async def _warm(self) -> None:
+        """Read every referenced secret once so the first request does not wait, retrying until all load."""
+        delay = 1.0
+        while True:
+            state = self.holder.current
+            failed = 0
+            for cred in state.credentials.values():
+                for ref in cred.source.refs():
+                    try:
+                        await state.cache.read(ref)
+                    except Exception as exc:  # noqa: BLE001 - reported, retried
+                        failed += 1
+                        log.warning("secret not readable yet", extra={"credential": cred.name, "secret_path": ref.path,
+                                                                      "error": type(exc).__name__})
+            if not failed:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> None:
+        ctx = server_ssl(tls)
+        if listen.unix:
+            site = web.UnixSite(runner, listen.unix, ssl_context=ctx)
+        else:
+            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=False)
+        await site.start()
+
+    def _server_kwargs(self) -> dict:
+        limits = self.cfg.server.limits
+        return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
+                    max_headers=limits.max_headers, auto_decompress=False, access_log=None)
+
+    async def _listen(self) -> None:
+        holder = self.holder
+        cfg = self.cfg
+
+        async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
+            return await handle(request, holder.current)
+
+        runner = web.ServerRunner(web.Server(main_handler, **self._server_kwargs()), handle_signals=False,
+                                  shutdown_timeout=cfg.server.drain_timeout)
+        await runner.setup()
+        self._runners.append(runner)
+        await self._site(runner, cfg.server.listen, cfg.server.tls)
+        for name, cred in cfg.credentials.items():
+            if cred.listen is None:
+                continue
+
+            async def dedicated(request: web.BaseRequest, _name: str = name) -> web.StreamResponse:
+                return await handle(request, holder.current, dedicated=_name)
+
+            r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
+                                 shutdown_timeout=cfg.server.drain_timeout)
+            await r.setup()
+            self._runners.append(r)
+            await self._site(r, cred.listen, cred.tls or cfg.server.tls)
+        admin = build_admin_app(holder, cfg.admin.token_file)
+        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+        await self._admin_runner.setup()
+        await self._site(self._admin_runner, cfg.admin.listen, None)
+
+    def addresses(self) -> list[str]:
+        out = []
+        for r in self._runners + ([self._admin_runner] if self._admin_runner else []):
+            out.extend(str(a) for a in r.addresses)
+        return out
+
+    async def stop(self) -> None:
+        if self.holder is not None:
+            self.holder.draining = True
+        for r in self._runners:
+            await r.cleanup()  # stops accepting, then waits up to drain_timeout for in-flight requests
+        self._runners.clear()
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+        if self.holder is not None:
+            for cred in self.holder.current.credentials.values():
+                await cred.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self._cache is not None:
+            await self._cache.close()
+        if self._audit is not None:
+            await self._audit.close()
+        if self._store is not None:
+            await self._store.close()
+
+
+async def serve(config_path: str) -> int:
+    cfg = config_mod.load(config_path)
+    proxy = Proxy(cfg, config_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await proxy.start()
+    log.info("credproxy serving", extra={"listen": str(cfg.server.listen), "admin": str(cfg.admin.listen),
+                                         "credentials": len(cfg.credentials)})
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": cfg.server.drain_timeout})
+    await proxy.stop()
+    return 0
+
+
+def run(config_path: str) -> int:
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        return uvloop.run(serve(config_path))
+    except ImportError:
+        return asyncio.run(serve(config_path))

@@ -1,0 +1,69 @@
+"""``credentials.*.auth``: one model per auth type, a union keyed on ``type``.
+
+Fields that carry secret material are always references (``Ref``) or templates
+whose placeholders are references; identifiers and URLs are literals.
+To add a type: define its model here, add it to ``AuthConfig``, and register
+its runtime in ``proxy.credential``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from proxy.secret import SecretRef
+from proxy.template import Template
+from proxy.types import Ref, TemplateStr
+
+
+class _Auth(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Per-caller principals: caller name -> {field: reference} overriding this auth's references.
+    per_caller: dict[str, dict[str, Ref]] = Field(default_factory=dict)
+
+    def ref_fields(self) -> dict[str, SecretRef]:
+        """The auth type's own secret-reference fields that are set (name -> ref)."""
+        return {name: v for name in type(self).model_fields if isinstance(v := getattr(self, name), SecretRef)}
+
+    def template_refs(self) -> tuple[SecretRef, ...]:
+        out: list[SecretRef] = []
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if isinstance(v, Template):
+                out.extend(v.refs)
+        return tuple(out)
+
+
+class HeaderAuth(_Auth):
+    type: Literal["header"]
+    header: str = "Authorization"
+    value: TemplateStr = Template.parse("Bearer {secret}")
+    secret: Ref
+
+    @model_validator(mode="after")
+    def _template_uses_secret(self) -> "HeaderAuth":
+        if not self.value.uses_self and not self.value.refs:
+            raise ValueError("value must contain {secret}")
+        return self
+
+
+class QueryAuth(_Auth):
+    type: Literal["query"]
+    param: str = Field(min_length=1)
+    secret: Ref
+
+
+class BasicAuth(_Auth):
+    type: Literal["basic"]
+    username: Ref
+    password: Ref
+
+
+AuthConfig = Annotated[
+    Union[HeaderAuth, QueryAuth, BasicAuth],
+    Field(discriminator="type"),
+]
+
+STATIC_TYPES = frozenset({"header", "query", "basic"})

@@ -1,0 +1,100 @@
+"""The proxy's exception tree and its one mapping to status + fixed message.
+
+Every error credproxy itself answers is one of these. The public message is
+fixed per class; ``detail`` goes to the (scrubbed) log only, never to callers.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 500
+    code = "internal_error"
+    message = "internal error"
+
+    def __init__(self, detail: str = "", *, reason: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(detail or self.message)
+        self.detail = detail
+        self.reason = reason or self.code
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    status, code, message = 400, "bad_request", "malformed request"
+
+
+class Unauthenticated(ProxyError):
+    status, code, message = 401, "unauthenticated", "missing or invalid caller credentials"
+
+
+class Forbidden(ProxyError):
+    # Unknown credential and not-permitted share this class and body on purpose.
+    status, code, message = 403, "forbidden", "not permitted"
+
+
+class NotFound(ProxyError):
+    status, code, message = 404, "not_found", "no such resource"
+
+
+class PayloadTooLarge(ProxyError):
+    status, code, message = 413, "too_large", "request body too large"
+
+
+class HeadersTooLarge(ProxyError):
+    status, code, message = 431, "too_large", "request headers too large"
+
+
+class RateLimited(ProxyError):
+    status, code, message = 429, "rate_limited", "too many requests"
+
+
+class UpstreamError(ProxyError):
+    status, code, message = 502, "upstream_error", "upstream request failed"
+
+
+class CredentialUnavailable(ProxyError):
+    status, code, message = 503, "credential_unavailable", "credential unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status, code, message = 504, "upstream_timeout", "upstream timed out"
+
+
+class SecretBackendError(CredentialUnavailable):
+    """The secret backend could not produce a value (unreachable, denied, missing)."""
+
+
+class SecretNotFound(SecretBackendError):
+    pass
+
+
+class SecretAccessDenied(SecretBackendError):
+    pass
+
+
+class StoreError(Exception):
+    """Operator-facing store problems (wrong key, tampered file): a clear message, no value."""
+
+
+class ConflictError(StoreError):
+    """A compare-and-set write lost against a concurrent writer."""
+
+
+def error_body(code: str, message: str, request_id: str) -> bytes:
+    return json.dumps({"error": code, "message": message, "request_id": request_id}).encode()
+
+
+def to_response(exc: ProxyError, request_id: str) -> web.Response:
+    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(exc.retry_after)))
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.code, exc.message, request_id),
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,183 @@
+"""The request path, top to bottom.
+
+caller -> route -> authenticate -> policy -> material -> inject -> upstream
+-> (expired? refresh once, replay once) -> relay with leak guard -> audit.
+
+Every step that can refuse raises a ``ProxyError``; ``errors.to_response`` is the
+one place that turns it into a status and fixed message. The audit line is
+written in ``finally`` for allowed, denied and failed requests alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.audit import AuditEvent, strip_query_values
+from proxy.body import BodyTooLarge, RequestBody, read_body
+from proxy.credential import Credential, Grant
+from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.outbound import Outbound
+from proxy.relay import relay
+from proxy.routing import Route, route_dedicated, route_prefixed
+from proxy.state import State
+from proxy.upstream import strip_hop_by_hop
+
+log = logging.getLogger("credproxy.request")
+
+# Never forwarded from callers: the proxy sets these itself, or they steer the proxy.
+_CALLER_DROP = ("Host", "X-Request-Id", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For",
+                "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP")
+PEEK_MAX = 64 * 1024
+
+
+@dataclass
+class Trace:
+    """What the audit line will say about this request; filled in as the steps run."""
+
+    request_id: str
+    started: float
+    credential: str | None = None
+    caller: str | None = None
+    status: int = 0
+    outcome: str = "error"
+    reason: str = ""
+    token_refreshed: bool = False
+
+
+def peer_ip(request: web.BaseRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer or not isinstance(peer, tuple):
+        return None
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+async def handle(request: web.BaseRequest, state: State, dedicated: str | None = None) -> web.StreamResponse:
+    trace = Trace(uuid.uuid4().hex, time.monotonic())
+    ip = peer_ip(request)
+    route: Route | None = None
+    state.metrics.inflight.inc()
+    try:
+        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path, state.credentials)
+        trace.credential = route.credential
+        headers = strip_hop_by_hop(request.headers)
+        peercert = request.transport.get_extra_info("peercert") if request.transport else None
+        caller = state.authenticator.authenticate(headers, ip, peercert)
+        trace.caller = caller.name
+        cred = state.credentials.get(route.credential)
+        if cred is None:
+            raise Forbidden("unknown credential", reason="unknown_credential")
+        if not state.policy.allowed(caller.name, cred.name, request.method, route.path, ip):
+            raise Forbidden("no allow rule matches", reason="policy")
+        if cred.disabled:
+            raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
+        for name in _CALLER_DROP:
+            headers.popall(name, None)
+        for name in cred.injector.removes:
+            headers.popall(name, None)
+        cred.touch()
+        limits = state.config.server.limits
+        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
+        response = await forward(request, state, cred, caller.name, route, headers, body, trace)
+        trace.outcome = trace.outcome if trace.outcome == "error" and trace.reason else "allowed"
+        return response
+    except ProxyError as exc:
+        trace.status, trace.reason = exc.status, exc.reason
+        trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
+        log.info("request refused", extra={"request_id": trace.request_id, "status": exc.status,
+                                           "reason": exc.reason, "detail": exc.detail})
+        return errors.to_response(exc, trace.request_id)
+    finally:
+        state.metrics.inflight.dec()
+        _record(state, request, route, trace, ip)
+
+
+async def forward(request: web.BaseRequest, state: State, cred: Credential, caller: str, route: Route,
+                  headers: CIMultiDict[str], body: RequestBody, trace: Trace) -> web.StreamResponse:
+    principal = cred.principal(caller)
+    for attempt in (1, 2):
+        grant = await cred.source.grant(principal)
+        out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
+        started = time.monotonic()
+        upstream = await _send(cred, out, body)
+        state.metrics.upstream_duration.labels(cred.name).observe(time.monotonic() - started)
+        head = b""
+        if attempt == 1 and cred.expired_status(upstream.status):
+            if cred.needs_body_peek:
+                head = await _peek(upstream)
+            if cred.is_expired(upstream.status, head):
+                trace.token_refreshed = True
+                renewed = await cred.source.expired(principal, grant)
+                if renewed and body.replayable:
+                    upstream.release()
+                    log.info("upstream rejected the credential; replaying once",
+                             extra={"request_id": trace.request_id, "credential": cred.name})
+                    continue
+        trace.status = upstream.status
+        return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
+                           state.metrics.leaks.labels(cred.name))
+    raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
+
+
+def _outbound(request: web.BaseRequest, cred: Credential, grant: Grant, route: Route, headers: CIMultiDict[str],
+              body: RequestBody, request_id: str) -> Outbound:
+    out = Outbound(request.method, grant.upstream or cred.base, route.path, route.query, headers.copy(), body.payload())
+    if not body.replayable and request.content_length is not None:
+        out.headers["Content-Length"] = str(request.content_length)
+    out.headers["X-Request-Id"] = request_id
+    cred.injector.inject(out, grant.values)
+    return out
+
+
+async def _send(cred: Credential, out: Outbound, body: RequestBody) -> aiohttp.ClientResponse:
+    try:
+        return await cred.client.send(out)
+    except UpstreamError:
+        if body.too_large:
+            raise errors.PayloadTooLarge("streamed body over max_body") from None
+        raise
+
+
+async def _peek(upstream: aiohttp.ClientResponse) -> bytes:
+    """Read the start of the answer to look for ``body_contains``; relay sends it on first."""
+    head = b""
+    try:
+        while len(head) < PEEK_MAX:
+            chunk = await upstream.content.read(PEEK_MAX - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise UpstreamTimeout("upstream body timed out") if isinstance(exc, TimeoutError) else UpstreamError("bad upstream body") from None
+    return head
+
+
+def _record(state: State, request: web.BaseRequest, route: Route | None, trace: Trace, ip) -> None:
+    duration = time.monotonic() - trace.started
+    raw_path = request.raw_path.partition("?")
+    path = (route.path if route else raw_path[0][:512])
+    query = route.query if route else raw_path[2]
+    if query:
+        path += "?" + strip_query_values(query)
+    state.audit.write(AuditEvent(
+        request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None,
+        credential=trace.credential if route else None, method=request.method, path=path,
+        status=trace.status, outcome=trace.outcome, reason=trace.reason or trace.outcome,
+        duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed,
+    ))
+    cred_label = trace.credential if route and trace.credential in state.credentials else "-"
+    caller_label = trace.caller or "-"
+    state.metrics.requests.labels(cred_label, caller_label, str(trace.status)).inc()
+    state.metrics.duration.labels(cred_label).observe(duration)

@@ -1,0 +1,92 @@
+"""Request target -> (credential name, canonical upstream-relative path, raw query).
+
+The canonical path is what policy sees and, byte for byte, what goes upstream:
+unreserved characters are decoded, other escapes upper-cased, dot segments
+resolved. Encoded ``/`` or ``\\``, raw ``\\``, NUL and other control bytes, and
+``..`` that would climb above the root are refused.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from proxy.errors import BadRequest, Forbidden
+
+_UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
+# pchar minus pct-encoded: kept literally; anything else is percent-encoded.
+_KEEP = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_FORBIDDEN_DECODED = frozenset({0x2F, 0x5C}) | frozenset(range(0x20)) | {0x7F}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    credential: str
+    path: str  # canonical, starts with "/"
+    query: str  # raw, without "?"
+
+
+def canonical_path(raw: str) -> str:
+    data = raw.encode("utf-8", "surrogateescape")
+    if not data.startswith(b"/"):
+        raise BadRequest("request target is not origin-form")
+    out = bytearray()
+    i = 0
+    while i < len(data):
+        b = data[i]
+        if b == 0x25:  # %
+            hexpair = data[i + 1 : i + 3]
+            if len(hexpair) != 2 or not all(c in _HEX for c in hexpair):
+                raise BadRequest("invalid percent-encoding")
+            v = int(hexpair, 16)
+            if v in _FORBIDDEN_DECODED:
+                raise BadRequest("encoded slash, backslash or control byte in path")
+            out += bytes([v]) if v in _UNRESERVED else b"%" + hexpair.upper()
+            i += 3
+            continue
+        if b == 0x5C or b < 0x21 or b == 0x7F:
+            raise BadRequest("backslash, space or control byte in path")
+        out += bytes([b]) if b in _KEEP else b"%%%02X" % b
+        i += 1
+    segments: list[str] = []
+    parts = out.decode("ascii").split("/")[1:]
+    for n, seg in enumerate(parts):
+        last = n == len(parts) - 1
+        if seg == ".":
+            if last:
+                segments.append("")
+            continue
+        if seg == "..":
+            if not segments:
+                raise BadRequest("path escapes the root")
+            segments.pop()
+            if last:
+                segments.append("")
+            continue
+        segments.append(seg)
+    return "/" + "/".join(segments)
+
+
+def split_target(raw_target: str) -> tuple[str, str]:
+    if "#" in raw_target:
+        raise BadRequest("fragment in request target")
+    path, _, query = raw_target.partition("?")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in query):
+        raise BadRequest("control byte in query")
+    return path, query
+
+
+def route_prefixed(raw_target: str, known: "frozenset[str] | dict") -> Route:
+    """Main listener: ``/<credential>/<rest>``. Unknown names are 403 like any denial."""
+    path, query = split_target(raw_target)
+    canon = canonical_path(path)
+    name, sep, rest = canon[1:].partition("/")
+    if name not in known:
+        raise Forbidden("unknown credential", reason="unknown_credential")
+    return Route(name, "/" + rest, query)
+
+
+def route_dedicated(raw_target: str, credential: str) -> Route:
+    path, query = split_target(raw_target)
+    return Route(credential, canonical_path(path), query)

@@ -1,0 +1,49 @@
+"""The log scrubber: active secret values and token shapes never reach a log line.
+
+Secrets register themselves here when they are injected (values are kept as
+compiled patterns, never logged); shape rules catch what was never registered.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+from proxy.leakguard import LeakGuard
+
+_SHAPES = [
+    (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9\-._~+/=]{8,}"), r"\1 [REDACTED]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[REDACTED]"),  # JWT
+    (re.compile(r"\b00D[A-Za-z0-9]{12,15}![A-Za-z0-9._]{20,}"), "[REDACTED]"),  # Salesforce session ID
+    (re.compile(r"(?i)(\"?(?:access_token|refresh_token|client_secret|password|session_?id|secret)\"?\s*[:=]\s*\"?)[^\s\"&,}]+"),
+     r"\1[REDACTED]"),
+]
+
+
+class Scrubber:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: set[str] = set()
+        self._guard = LeakGuard(())
+
+    def register(self, *values: str) -> None:
+        new = {v for v in values if v and len(v) >= 4} - self._values
+        if not new:
+            return
+        with self._lock:
+            self._values |= new
+            self._guard = LeakGuard(self._values)
+
+    def forget(self, *values: str) -> None:
+        with self._lock:
+            self._values -= set(values)
+            self._guard = LeakGuard(self._values)
+
+    def scrub(self, text: str) -> str:
+        text, _ = self._guard.redact_text(text)
+        for rx, repl in _SHAPES:
+            text = rx.sub(repl, text)
+        return text
+
+
+SCRUBBER = Scrubber()

@@ -1,0 +1,75 @@
+"""The pooled upstream client: one aiohttp session per credential.
+
+Redirects are passed through, never followed; bodies are not decompressed; the
+environment's proxy settings are ignored; hop-by-hop headers are dropped both
+ways. Transport failures become ``UpstreamError`` / ``UpstreamTimeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.outbound import Outbound
+
+HOP_BY_HOP = frozenset(h.lower() for h in (
+    "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+    "Proxy-Authenticate", "Proxy-Authorization", "HTTP2-Settings",
+))
+
+
+def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    named = set()
+    for value in headers.getall("Connection", []):
+        named |= {t.strip().lower() for t in value.split(",") if t.strip()}
+    drop = HOP_BY_HOP | named
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if ca_file:
+        ctx.load_verify_locations(cafile=ca_file)
+    return ctx
+
+
+class UpstreamClient:
+    def __init__(self, *, connect_timeout: float, read_timeout: float, ssl_ctx: ssl.SSLContext | None = None,
+                 limit: int = 256) -> None:
+        self._ssl = ssl_ctx or ssl_context()
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
+                                              sock_read=read_timeout)
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            )
+        return self._session
+
+    async def send(self, out: Outbound) -> aiohttp.ClientResponse:
+        try:
+            return await self.session.request(
+                out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False,
+                compress=None, chunked=None,
+            )
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(f"connect failed: {type(exc).__name__}", reason="upstream_connect") from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise UpstreamError(f"upstream request failed: {type(exc).__name__}", reason="upstream_failed") from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
