@@ -10,6 +10,9 @@ from aiohttp import web
 
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
+    auth = request.headers.get("Authorization", "")
+    print(f"echo API received {request.method} {request.raw_path} with Authorization: "
+          f"{auth[:13]}... ({len(auth)} chars)", flush=True)
     return web.json_response({
         "method": request.method,
         "path": request.raw_path,
