@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from proxy import errors
 from proxy.audit import AuditEvent, strip_query_values
+from proxy.callers import CALLER_HEADERS
 from proxy.body import BodyTooLarge, RequestBody, read_body
 from proxy.credential import Credential, Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError, UpstreamTimeout
@@ -74,7 +75,9 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         trace.credential = route.credential
         headers = strip_hop_by_hop(request.headers)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        caller = state.authenticator.authenticate(headers, ip, peercert)
+        for name in CALLER_HEADERS:
+            headers.popall(name, None)
+        caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
         cred = state.credentials.get(route.credential)
         if cred is None:
