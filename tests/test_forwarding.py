@@ -217,3 +217,20 @@ async def test_audit_line_for_allowed_request(proxy, upstream, tmp_path):
     assert line["path"] == "/v1/customers?email&limit"
     assert line["client_ip"] == "127.0.0.1"
     assert set(line) >= {"ts", "reason", "duration_ms", "token_refreshed", "prev_hash", "hash"}
+
+
+async def test_caller_allow_ips_judged_on_socket_peer(proxy_factory, upstream, tmp_path):
+    cfg = base_config(tmp_path, upstream.url)
+    cfg["callers"]["billing"]["allow_ips"] = ["10.0.0.0/8"]
+    cfg["callers"]["reports"]["allow_ips"] = ["127.0.0.0/8"]
+    cfg["credentials"]["example"]["allow"][0]["callers"] = ["billing", "reports"]
+    p = await proxy_factory(cfg)
+    spoof = {"X-Forwarded-For": "10.1.2.3", "X-Real-IP": "10.1.2.3", "Forwarded": "for=10.1.2.3"}
+    status, _, _ = await get(p.url + "/example/v1/x", headers={**auth("billing"), **spoof})
+    assert status == 403
+    assert upstream.seen == []
+    status, _, _ = await get(p.url + "/example/v1/x", headers={**auth("reports"), **spoof})
+    assert status == 200
+    forwarded = {k.lower() for k in upstream.seen[-1].headers}
+    assert not forwarded & {"x-forwarded-for", "x-real-ip", "forwarded"}
+    assert p.audit_lines(tmp_path)[-2]["reason"] == "source_ip"
