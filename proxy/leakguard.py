@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus
 
+from proxy.needles import may_match, needles
+
 REDACTED = b"[REDACTED]"
 MIN_B64_CORE = 4  # shorter base64 cores would match ordinary text
 
@@ -54,13 +56,18 @@ class LeakGuard:
         ordered = sorted(forms, key=len, reverse=True)
         self.longest = len(ordered[0]) if ordered else 0
         self._re = re.compile(b"|".join(re.escape(f) for f in ordered)) if ordered else None
+        self._needles = needles(self._re)
+
+    def may_match(self, data: bytes) -> bool:
+        """False only when ``data`` certainly holds no secret form (checked at memory speed)."""
+        return self._needles is None or may_match(self._needles, data)
 
     @property
     def active(self) -> bool:
         return self._re is not None
 
     def redact(self, data: bytes) -> tuple[bytes, int]:
-        if self._re is None:
+        if self._re is None or not self.may_match(data):
             return data, 0
         return self._re.subn(REDACTED, data)
 
@@ -75,6 +82,7 @@ class LeakGuard:
 class StreamRedactor:
     def __init__(self, guard: LeakGuard) -> None:
         self._re = guard._re
+        self._may_match = guard.may_match
         self._keep = max(guard.longest - 1, 0)
         self._tail = b""
         self.count = 0
@@ -83,6 +91,10 @@ class StreamRedactor:
         if self._re is None:
             return chunk
         buf = self._tail + chunk
+        if not self._may_match(buf):
+            cut = max(len(buf) - self._keep, 0)
+            self._tail = buf[cut:]
+            return buf[:cut]
         out = []
         pos = 0
         for m in self._re.finditer(buf):

@@ -30,6 +30,16 @@ class Metrics:
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, remembered: ``labels()`` validates and takes a lock on every call,
+        and the request path asks for the same few children (label values come from config) every time."""
+        key = (id(metric), labels)  # metrics live as long as this object
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,10 @@ before anything is sent, so a leak there answers 502; a leak found later aborts
 the connection (the caller sees a truncated answer, never the secret).
 Compressed bodies are not decompressed: ``redact`` passes them on unscanned,
 ``block`` refuses them (502), since it cannot prove them clean.
+
+Small answers (a ``Content-Length`` up to ``WHOLE_BODY_MAX``, typical of JSON
+APIs) are read whole, scanned once and sent with their (new) length: no chunked
+framing, one write, and a failure while reading them is a clean 502/504.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.leakguard import LeakGuard, StreamRedactor
 from proxy.upstream import strip_hop_by_hop
 
 log = logging.getLogger("credproxy.relay")
 
 BLOCK_BUFFER = 1 << 20
+WHOLE_BODY_MAX = 64 * 1024
 _NO_BODY = {204, 304}
 
 
@@ -31,7 +36,14 @@ class LeakBlocked(UpstreamError):
     pass
 
 
+def _header_text(headers: CIMultiDict[str]) -> bytes:
+    """All names and values as one text, for one quick check before scanning header by header."""
+    return "\n".join(f"{k}\n{v}" for k, v in headers.items()).encode("utf-8", "surrogateescape")
+
+
 def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard, mode: str) -> int:
+    if not guard.may_match(_header_text(headers)):
+        return 0
     found = 0
     for key in list(headers.keys()):
         values = headers.getall(key)
@@ -67,6 +79,9 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         if scan_body and has_body:
             headers.popall("Content-Length", None)
         redactor = guard.stream() if scan_body else None
+        length = upstream.content_length
+        if has_body and length is not None and length <= WHOLE_BODY_MAX:
+            return await _relay_whole(upstream, head, headers, guard if scan_body else None, mode, leak_counter)
 
         held = b""
         if redactor is not None and mode == "block" and has_body:
@@ -110,6 +125,27 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         return response
     finally:
         upstream.release()
+
+
+async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str],
+                       guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
+    """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
+    try:
+        data = head + await upstream.read()
+    except TimeoutError:
+        raise UpstreamTimeout("upstream body timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
+    finally:
+        upstream.release()
+    if guard is not None:
+        data, found = guard.redact(data)
+        if found:
+            leak_counter.inc(found)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    headers.popall("Content-Length", None)
+    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
 
 
 def _chain(*parts: bytes):
