@@ -232,3 +232,22 @@ async def test_prefetch_obtains_the_token_at_start(oauth, api, run_proxy, ca_fil
     assert p.proxy.holder.current.credentials["api"].describe()["state"] == "fresh"
     assert (await call(p, "/api/v1/a"))[0] == 200
     assert oauth.db.requests == 1
+
+
+async def test_each_per_caller_principal_has_its_own_token_and_rotation(oauth, api, run_proxy, ca_file):
+    oauth.db.clients["app"] = Client("app", secret=CLIENT_SECRET, grant_types=("refresh_token",))
+    rt_own, rt_reports = oauth.db.seed_refresh_token("app"), oauth.db.seed_refresh_token("app")
+    auth_cfg = refresh_auth(oauth, per_caller={"reports": {"refresh_token": "oauth/app-reports#refresh_token"}})
+    p = await run_proxy({"api": token_cred(api.url, auth_cfg, ca_file)},
+                        {"oauth/app#client_secret": CLIENT_SECRET, "oauth/app#refresh_token": rt_own,
+                         "oauth/app-reports#refresh_token": rt_reports})
+    for caller in ("billing", "reports", "billing", "reports"):
+        assert (await call(p, "/api/v1/me", caller=caller))[0] == 200
+    assert len(oauth.db.token_requests) == 2
+    own_token, reports_token = api.seen[0].token, api.seen[1].token
+    assert own_token != reports_token
+    assert [s.token for s in api.seen] == [own_token, reports_token, own_token, reports_token]
+    store = p.proxy.holder.current.cache.store
+    assert (await store.get("oauth/app")).fields["refresh_token"].reveal() not in (rt_own, rt_reports)
+    assert (await store.get("oauth/app-reports")).fields["refresh_token"].reveal() not in (rt_own, rt_reports)
+    assert oauth.db.by_refresh[rt_own].refresh_revoked and oauth.db.by_refresh[rt_reports].refresh_revoked
