@@ -49,6 +49,11 @@ async def test_client_credentials_each_client_auth_method(oauth, api, run_proxy,
         ("client_credentials", method, 200, "read write")]
     issued = oauth.db.issued
     assert len(issued) == 1 and {s.token for s in api.seen} == {issued[0]}
+    # The token request went out on its own client, not the injecting path: no caller or
+    # proxy headers, no bearer token, nothing but the client's own authentication.
+    sent = oauth.db.token_requests[0]["headers"]
+    assert "X-Request-Id" not in sent and "Proxy-Authorization" not in sent
+    assert sent.get("Authorization", "").split(" ")[0] == ("Basic" if method == "client_secret_basic" else "")
 
 
 async def test_wrong_client_secret_is_503_with_retry_after_and_no_secret_in_logs(oauth, api, run_proxy, ca_file,

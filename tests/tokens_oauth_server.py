@@ -291,7 +291,8 @@ class OAuthServer:
             await self.db.hold.wait()
         resp = self.server.create_token_response(req)
         self.db.token_requests.append({"grant_type": req.form.get("grant_type"), "auth": req.auth_method,
-                                       "status": resp.status, "scope": req.form.get("scope")})
+                                       "status": resp.status, "scope": req.form.get("scope"),
+                                       "headers": dict(request.headers)})
         return resp
 
     async def revoke(self, request: web.Request) -> web.Response:

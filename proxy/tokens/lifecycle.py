@@ -89,6 +89,7 @@ class TokenSlot:
         self.settings = settings
         self._report = report or (lambda *_: None)
         self.label = label  # "credential" or "credential/principal", for logs
+        self.keep_fresh = settings.keep_fresh  # prefetch: obtain at start, keep retrying until it has one
         self.token: Token | None = None
         self.refresh_at = math.inf
         self.failures = 0
@@ -219,7 +220,7 @@ class TokenSlot:
         log.warning("token refresh failed", extra={"credential": self.label, "reason": reason, "detail": detail,
                                                    "attempt": self.failures, "retry_in_s": round(delay, 3)})
         tok = self.token
-        if self.settings.keep_fresh or (tok is not None and now < tok.usable_until and self.used):
+        if self.keep_fresh or (tok is not None and now < tok.usable_until and self.used):
             self._arm(self.not_before)
         return self._unavailable(now, reason)
 
@@ -243,7 +244,7 @@ class TokenSlot:
             return
         now = self.settings.clock()
         tok = self.token
-        wanted = self.settings.keep_fresh or (tok is not None and self.used and now < tok.usable_until)
+        wanted = self.keep_fresh or (tok is not None and self.used and now < tok.usable_until)
         if not wanted:
             return  # idle: let it lapse; the next request obtains a new one
         if now < self.not_before:

@@ -130,9 +130,10 @@ class TokenSource(AuthSource):
                 log.warning("token revocation failed", extra={"credential": self.name, "error": type(exc).__name__})
 
     async def start(self) -> None:
-        if self.session.prefetch:
-            self.settings.keep_fresh = True
-            self.slot("").start()
+        if self.session.prefetch:  # the credential's own token; per-caller ones stay lazy
+            slot = self.slot("")
+            slot.keep_fresh = True
+            slot.start()
 
     async def close(self) -> None:
         for slot in self.slots.values():
