@@ -198,7 +198,7 @@ async def test_a_token_refused_again_and_again_backs_off_instead_of_storming():
     assert script.calls == 2
     with pytest.raises(TokenUnavailable) as err:
         await slot.get()
-    assert err.value.retry_after == 1
+    assert err.value.retry_after == 1 and err.value.reason == "token_upstream_refused"
     clock.now += 1.0
     assert await slot.reject((await slot.get()).grant) is False and script.calls == 3
     assert slot.not_before - clock.now == 2.0  # doubling

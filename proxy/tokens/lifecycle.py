@@ -135,6 +135,7 @@ class TokenSlot:
                 self.quick_rejections = self.quick_rejections + 1 if quick else 0
                 if self.quick_rejections >= 2:
                     self.not_before = max(self.not_before, now + backoff(self.quick_rejections - 1, self.settings.rng))
+                    self.last_error = "upstream_refused"
                 log.info("upstream refused the token; dropped", extra={"credential": self.label,
                                                                        "quick_rejections": self.quick_rejections})
             if now < self.not_before:
