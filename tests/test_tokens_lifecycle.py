@@ -209,6 +209,16 @@ async def test_a_token_refused_again_and_again_backs_off_instead_of_storming():
     await slot.close()
 
 
+async def test_refusals_separated_by_an_ordinary_refresh_are_not_a_row():
+    script, clock = Script(3600.0), Clock()
+    slot = slot_for(script, clock)
+    assert await slot.reject((await slot.get()).grant) is True  # refused at once: token-2
+    clock.now += 3600.0  # token-2 lived its life; token-3 comes from an ordinary refresh
+    assert token_of(await slot.get()) == "token-3"
+    assert await slot.reject(slot.token.grant) is True and script.calls == 4  # no backoff
+    await slot.close()
+
+
 async def test_failed_refresh_after_reject_means_no_replay():
     script, clock = Script(3600.0, TokenFailure("unreachable")), Clock()
     slot = slot_for(script, clock)

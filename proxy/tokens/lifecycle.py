@@ -95,6 +95,7 @@ class TokenSlot:
         self.failures = 0
         self.not_before = -math.inf
         self.quick_rejections = 0
+        self._after_rejection = False  # the running refresh replaces a token the upstream refused
         self.last_error: str | None = None
         self.last_refresh: float | None = None  # wall clock, for the admin API
         self.used = False
@@ -130,6 +131,7 @@ class TokenSlot:
         if self._task is None:
             if cur is not None and cur.grant is used:
                 self.token = None
+                self._after_rejection = True
                 self.refresh_at = math.inf
                 quick = now - cur.obtained_at < QUICK_REJECT
                 self.quick_rejections = self.quick_rejections + 1 if quick else 0
@@ -203,6 +205,9 @@ class TokenSlot:
         self.refresh_at = tok.expires_at - window * (1 - REFRESH_JITTER * self.settings.rng())
         self.token = tok
         self.failures, self.not_before, self.last_error = 0, -math.inf, None
+        if not self._after_rejection:  # an ordinary refresh ends a row of refusals
+            self.quick_rejections = 0
+        self._after_rejection = False
         self.last_refresh = time.time()
         self.used = False
         self.refreshes += 1
