@@ -9,7 +9,18 @@ import logging
 import aiohttp
 
 from tests.helpers import assert_no_canary
-from tests.tokens_fixtures import *  # noqa: F401,F403 - fixtures
+from tests.tokens_fixtures import (  # noqa: F401 - fixtures
+    Client,
+    api,
+    ca_file,
+    call,
+    oauth,
+    proxy_logs,
+    rsa_key,
+    run_proxy,
+    tls_ca,
+    token_cred,
+)
 
 CLIENT_SECRET = "cs-CANARY-6a1f0e2d"
 

@@ -7,7 +7,16 @@ import time
 
 import aiohttp
 
-from tests.tokens_fixtures import *  # noqa: F401,F403 - fixtures
+from tests.tokens_fixtures import (  # noqa: F401 - fixtures
+    Client,
+    api,
+    ca_file,
+    call,
+    oauth,
+    run_proxy,
+    tls_ca,
+    token_cred,
+)
 
 CLIENT_SECRET = "cs-CANARY-9d3e71"
 N = 1000

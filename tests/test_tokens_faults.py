@@ -19,7 +19,7 @@ from proxy.tokens import token_source
 from proxy.tokens.http import TokenHttp
 from proxy.tokens.lifecycle import TokenUnavailable
 from tests.helpers import assert_no_canary
-from tests.tokens_fixtures import *  # noqa: F401,F403 - fixtures
+from tests.tokens_fixtures import call, proxy_logs, run_proxy, token_cred  # noqa: F401 - fixtures
 
 BODY_CANARY = "BODY-CANARY-e4d1a9"
 CLIENT_SECRET = "cs-CANARY-0f8a2b6c"

@@ -11,7 +11,19 @@ import pytest
 from proxy.errors import CredentialUnavailable
 from proxy.secret import Secret
 from tests.helpers import assert_no_canary
-from tests.tokens_fixtures import *  # noqa: F401,F403 - fixtures
+from tests.tokens_fixtures import (  # noqa: F401 - fixtures
+    Client,
+    api,
+    ca_file,
+    call,
+    ec_key,
+    oauth,
+    proxy_logs,
+    rsa_key,
+    run_proxy,
+    tls_ca,
+    token_cred,
+)
 
 CLIENT_SECRET = "cs-CANARY-5b0c1e9d77f2"
 

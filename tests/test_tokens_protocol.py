@@ -13,7 +13,11 @@ from yarl import URL
 from proxy.authconfig import SessionLoginAuth
 from proxy.secret import Secret
 from proxy.tokens.answer import MAX_LIFETIME, parse_oauth2
-from proxy.tokens.clientauth import CLIENT_ASSERTION_TYPE, FormRequest, apply_client_auth
+from proxy.tokens.clientauth import (
+    CLIENT_ASSERTION_TYPE,
+    FormRequest,
+    apply_client_auth,
+)
 from proxy.tokens.failure import TokenFailure
 from proxy.tokens.http import Answer
 from proxy.tokens.jwt_bearer import assertion_claims, token_request

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import assert_no_canary
-from tests.tokens_fixtures import *  # noqa: F401,F403 - fixtures
+from tests.tokens_fixtures import call, proxy_logs, run_proxy  # noqa: F401 - fixtures
 
 PASSWORD = "pw&<CANARY>-7c1e"  # XML-special characters on purpose
 REPORTS_PASSWORD = "pw-reports-CANARY-22e0"
@@ -34,11 +34,11 @@ SOAP_BODY = (
     "</n1:login></env:Body></env:Envelope>"
 )
 INVALID_SESSION = (
-    '<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
-    'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><soapenv:Fault>'
-    "<faultcode>sf:INVALID_SESSION_ID</faultcode><faultstring>INVALID_SESSION_ID: Invalid Session ID found in "
-    "SessionHeader: Illegal Session</faultstring></soapenv:Fault></soapenv:Body></soapenv:Envelope>"
-).encode()
+    b'<?xml version="1.0" encoding="UTF-8"?><soapenv:Envelope '
+    b'xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><soapenv:Fault>'
+    b"<faultcode>sf:INVALID_SESSION_ID</faultcode><faultstring>INVALID_SESSION_ID: Invalid Session ID found in "
+    b"SessionHeader: Illegal Session</faultstring></soapenv:Fault></soapenv:Body></soapenv:Envelope>"
+)
 NS = "{urn:partner.soap.sforce.com}"
 
 

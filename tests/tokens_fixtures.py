@@ -17,8 +17,20 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tests.helpers import auth, base_config, start_proxy, write_store
 from tests.tokens_oauth_server import Client, OAuthServer, ResourceServer
 
-__all__ = ["proxy_logs", "tls_ca", "ca_file", "oauth", "api", "rsa_key", "ec_key", "run_proxy", "call", "token_cred",
-           "Client", "pem_pair"]
+__all__ = [
+    "Client",
+    "api",
+    "ca_file",
+    "call",
+    "ec_key",
+    "oauth",
+    "pem_pair",
+    "proxy_logs",
+    "rsa_key",
+    "run_proxy",
+    "tls_ca",
+    "token_cred",
+]
 
 
 def pem_pair(key) -> tuple[str, bytes]:

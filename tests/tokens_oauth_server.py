@@ -17,9 +17,14 @@ import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from authlib.oauth2.rfc6749 import AuthorizationServer, ClientMixin, OAuth2Request, TokenMixin
+from authlib.oauth2.rfc6749 import (
+    AuthorizationServer,
+    ClientMixin,
+    OAuth2Request,
+    TokenMixin,
+    grants,
+)
 from authlib.oauth2.rfc6749.requests import BasicOAuth2Payload
-from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6750 import BearerTokenGenerator
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7523 import JWTBearerClientAssertion, JWTBearerGrant
@@ -220,7 +225,7 @@ class RefreshToken(grants.RefreshTokenGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = AUTH_METHODS + ["none"]
 
     @property
-    def INCLUDE_NEW_REFRESH_TOKEN(self):  # noqa: N802 - authlib's name
+    def INCLUDE_NEW_REFRESH_TOKEN(self):
         return self.server.db.rotate_refresh_tokens
 
     def authenticate_refresh_token(self, refresh_token):
@@ -298,7 +303,7 @@ class OAuthServer:
     async def revoke(self, request: web.Request) -> web.Response:
         return self.server.create_endpoint_response("revocation", await self._form_request(request))
 
-    async def start(self) -> "OAuthServer":
+    async def start(self) -> OAuthServer:
         app = web.Application()
         app.router.add_post("/token", self.token)
         app.router.add_post("/revoke", self.revoke)
@@ -350,7 +355,7 @@ class ResourceServer:
             answer["you_sent"] = request.headers.get("Authorization")
         return web.json_response(answer)
 
-    async def start(self) -> "ResourceServer":
+    async def start(self) -> ResourceServer:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.runner = web.AppRunner(app, access_log=None)

@@ -7,7 +7,6 @@ every call is bounded by a total timeout. Transport failures become ``TokenFailu
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ class TokenHttp:
                 return Answer(resp.status, resp.headers.get("Content-Type", "").lower(), bytes(data))
         except TokenFailure:
             raise
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             raise TokenFailure("timeout", "no answer within the token request timeout") from None
         except aiohttp.ClientConnectorCertificateError:
             raise TokenFailure("tls", "certificate verification failed") from None

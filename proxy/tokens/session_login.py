@@ -21,7 +21,14 @@ from yarl import URL
 
 from proxy.secret import Secret
 from proxy.template import Template
-from proxy.tokens.answer import TokenAnswer, check_status, json_object, lifetime, looks_like_html, upstream_from
+from proxy.tokens.answer import (
+    TokenAnswer,
+    check_status,
+    json_object,
+    lifetime,
+    looks_like_html,
+    upstream_from,
+)
 from proxy.tokens.failure import TokenFailure
 from proxy.tokens.http import Answer
 from proxy.tokens.provider import Material, Provider
