@@ -199,6 +199,7 @@ class Reloader:
         coming = [n for n, key in want.items() if n not in have or have[n][0] != key]
         paused: list[str] = []
         started: list[str] = []
+        bound = dict(proxy.bound)
         try:
             for name in coming:
                 listen = str(cfg.credentials[name].listen)
@@ -221,12 +222,15 @@ class Reloader:
                 proxy.dedicated[name] = have[name]
                 key, runner = have[name]
                 await proxy._site(runner, key[0], key[1] or old_cfg.server.tls)
+            proxy.bound.clear()
+            proxy.bound.update(bound)
             raise
         stopped = []
         for name in leaving:
             _, runner = have[name]
             if proxy.dedicated.get(name, (None, None))[1] is runner:
                 del proxy.dedicated[name]
+                proxy.bound.pop(f"credential:{name}", None)
             await _stop_sites(runner)
             runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their answer
             stopped.append(runner)

@@ -8,15 +8,11 @@ received, and a ``Proxy`` listening on loopback ports (or a unix socket).
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import os
-import socket
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
 
 import aiohttp
 import yaml
@@ -27,43 +23,22 @@ from proxy.app import Proxy
 from proxy.credential import AuthSource, Grant, build_source
 from proxy.scrub import SCRUBBER
 from proxy.secret import Secret
-from proxy.store.file import FileStore, generate_key
+from proxy.store.file import FileStore
+from tests.helpers import assert_no_canary, free_port, sha, write_store
 
 CANARY = "cnry-Zq8VxT1uW4pK7sR2mN5bH9dF"  # a secret value that must never be seen outside the upstream
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def forms(secret: str) -> list[str]:
-    """The secret raw, base64 and URL-encoded: none of them may appear anywhere."""
-    return [secret, base64.b64encode(secret.encode()).decode(), quote(secret, safe="")]
-
-
 def assert_no_secret(text: str | bytes, secret: str = CANARY) -> None:
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
-    for form in forms(secret):
-        assert form not in text, "a secret value leaked"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Raw, base64 (at any alignment) and URL-encoded forms: none may appear."""
+    assert_no_canary(text, secret)
 
 
 def make_store(tmp_path: Path, values: dict[str, dict[str, str]]) -> dict:
     """A real encrypted file store holding ``values`` (path -> field -> value); returns the secrets section."""
-    key_file = tmp_path / "master.key"
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(generate_key())
-    section = {"backend": "file", "file": {"path": str(tmp_path / "secrets.enc"), "key_file": str(key_file)}}
-    store = FileStore.from_config(config_mod.FileStoreConfig(**section["file"]))
-    store.init()
-    for path, fields in values.items():
-        for field, value in fields.items():
-            store.put_sync(path, field, Secret(value))
-    return section
+    store_path, key_file = write_store(tmp_path, {f"{p}#{f}": v for p, fields in values.items() for f, v in fields.items()})
+    return {"backend": "file", "file": {"path": str(store_path), "key_file": str(key_file)}}
 
 
 def put_secret(secrets_section: dict, path: str, field: str, value: str) -> None:
@@ -79,7 +54,7 @@ def write_config(path: Path, data: dict) -> Path:
 
 
 CALLER_TOKEN = "caller-token-for-app"
-CALLER_SHA = hashlib.sha256(CALLER_TOKEN.encode()).hexdigest()
+CALLER_SHA = sha(CALLER_TOKEN)
 ADMIN_TOKEN = "admin-token-0123456789"
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, audit_lines, base_config, call,
+from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, audit_lines, base_config, call,
                          counting_factory, credential, free_port, make_store, metric, put_secret, running,
                          write_config)
 

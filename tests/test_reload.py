@@ -10,7 +10,7 @@ import socket
 import aiohttp
 import pytest
 
-from ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, base_config, call, counting_factory,
+from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, base_config, call, counting_factory,
                          credential, free_port, make_store, metric, running, write_config)
 
 
