@@ -72,6 +72,7 @@ async def probe(state: State, cred: Credential, *, clock: Callable[[], float] = 
         started = clock()
         upstream = await pipeline._send(cred, out, body)
         latency = clock() - started
+        state.metrics.upstream_duration.labels(cred.name).observe(latency)
         upstream.release()  # the body is not read: nothing the upstream sent reaches the report
         ok = upstream.status == spec.expect_status
         trace.status, trace.outcome = upstream.status, "allowed" if ok else "error"

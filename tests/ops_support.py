@@ -167,7 +167,7 @@ async def running(config_path: Path, **kw):
 
 
 def main_url(proxy: Proxy) -> str:
-    return f"http://{proxy.cfg.server.listen}"
+    return "http://" + proxy.bound["main"]
 
 
 class Admin:

@@ -179,6 +179,7 @@ async def test_probe_calls_upstream_through_the_injection_path(tmp_path, secrets
         assert_no_secret(text)
         _, metrics, _ = await admin.call("GET", "/metrics")
         assert metric(metrics, "credproxy_requests_total", credential="demo", caller="admin-probe", code="200") == 1
+        assert metric(metrics, "credproxy_upstream_duration_seconds_count", credential="demo") == 1
     [line] = [a for a in audit_lines(tmp_path / "audit.log") if a["caller"] == "admin-probe"]
     assert (line["credential"], line["method"], line["path"], line["status"], line["outcome"]) == (
         "demo", "GET", "/health?deep", 200, "allowed")
@@ -250,6 +251,29 @@ async def test_metric_values_move_as_traffic_flows(tmp_path, secrets, upstream):
         assert metric(after, "credproxy_requests_in_flight") == 0
         assert metric(after, "credproxy_config_last_reload_successful") == 1
         assert_no_secret(after)
+
+
+async def test_token_gauges_follow_the_credentials_and_go_with_them(tmp_path, secrets, upstream):
+    fetches: dict = {}
+    data = base_config(tmp_path, secrets, {"tok": credential(upstream.url), "demo": credential(upstream.url)},
+                       admin_token=True)
+    path = write_config(tmp_path / "config.yaml", data)
+    async with running(path, source_factory=counting_factory(fetches)) as proxy:
+        admin = _admin(proxy)
+        _, metrics, _ = await admin.call("GET", "/metrics")
+        assert metric(metrics, "credproxy_token_expires_in_seconds", credential="tok") is None  # no token yet
+        assert (await call(proxy, "/tok/v1/x"))[0] == 200
+        _, metrics, _ = await admin.call("GET", "/metrics")
+        assert metric(metrics, "credproxy_token_expires_in_seconds", credential="tok") == 3600.0
+        assert metric(metrics, "credproxy_token_expires_in_seconds", credential="demo") is None  # static: no expiry
+        assert metric(metrics, "credproxy_credential_disabled", credential="tok") == 0
+        del data["credentials"]["tok"]
+        write_config(path, data)
+        assert (await admin.call("POST", "/v1/reload"))[0] == 200
+        _, metrics, _ = await admin.call("GET", "/metrics")
+        assert metric(metrics, "credproxy_token_expires_in_seconds", credential="tok") is None
+        assert metric(metrics, "credproxy_credential_disabled", credential="tok") is None
+        assert metric(metrics, "credproxy_credential_disabled", credential="demo") == 0
 
 
 async def test_no_secret_in_any_admin_answer_log_or_audit_line(tmp_path, secrets, upstream, caplog):
