@@ -118,7 +118,8 @@ def _status(client: AdminClient, as_json: bool) -> int:
              _ago(c.get("last_used"), now), str(c.get("requests", 0)), c.get("last_error") or "-"]
             for c in body["credentials"]]
     if rows:
-        print(table(["NAME", "STATE", "AUTH", "EXPIRES IN", "LAST REFRESH", "LAST USED", "REQUESTS", "LAST ERROR"], rows))
+        print(table(["NAME", "STATE", "AUTH", "EXPIRES IN", "LAST REFRESH", "LAST USED", "REQUESTS", "LAST ERROR"],
+                    rows))
     else:
         print("no credentials configured")
     return 0

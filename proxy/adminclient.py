@@ -102,8 +102,9 @@ class AdminClient:
             resp = conn.getresponse()
             status, raw = resp.status, resp.read()
         except (OSError, http.client.HTTPException) as exc:
-            raise AdminUnreachable(f"credproxy is not answering on its admin listener {self.listen} "
-                                   f"({getattr(exc, 'strerror', None) or type(exc).__name__}); is it running?") from None
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise AdminUnreachable(f"credproxy is not answering on its admin listener {self.listen} ({reason}); "
+                                   "is it running?") from None
         finally:
             conn.close()
         try:
@@ -111,6 +112,7 @@ class AdminClient:
         except ValueError:
             raise AdminUnreachable(f"something at {self.listen} answered, but not as credproxy's admin API") from None
         if status == 401 and isinstance(body, dict) and body.get("error") == "unauthenticated":
-            where = f"the token in {self.token_file}" if self.token_file else "no admin token (admin.token_file is not set)"
+            where = f"the token in {self.token_file}" if self.token_file else \
+                "no admin token (admin.token_file is not set)"
             raise AdminUnauthorized(f"the proxy refused {where}: missing or wrong admin token")
         return status, body

@@ -28,9 +28,14 @@ FINISH_GRACE = 1.0
 
 
 async def stop_accepting(runners: Iterable[web.BaseRunner]) -> None:
+    """Close the listening sockets; idle keep-alive connections close now, busy ones after their answer
+    (so no new request arrives on an old connection while draining)."""
     for runner in runners:
         for site in list(runner.sites):
             await site.stop()
+        pre_shutdown = getattr(runner.server, "pre_shutdown", None)
+        if pre_shutdown is not None:
+            pre_shutdown()
 
 
 async def drain(runners: list[web.BaseRunner], holder: StateHolder, timeout: float) -> bool:

@@ -38,7 +38,7 @@ from aiohttp import web
 from proxy import config as config_mod
 from proxy.admin import AdminAuth, AdminTokenError
 from proxy.config import Config, ConfigInvalid, CredentialConfig, Problem
-from proxy.credential import Credential
+from proxy.drain import stop_accepting
 from proxy.state import State
 
 log = logging.getLogger("credproxy.reload")
@@ -132,11 +132,12 @@ class Reloader:
             return ReloadResult("refused", trigger)
         path = proxy.config_path
         if path is None:
-            return ReloadResult("invalid", trigger, [Problem("<config>", None, "", "the proxy was not started from a file")])
+            return ReloadResult("invalid", trigger, [Problem("<config>", None, "", "not started from a config file")])
         try:
             raw = Path(path).read_bytes()
         except OSError as exc:
-            return ReloadResult("invalid", trigger, [Problem(path, None, "", f"cannot be read ({exc.strerror or 'error'})")])
+            problem = Problem(path, None, "", f"cannot be read ({exc.strerror or 'error'})")
+            return ReloadResult("invalid", trigger, [problem])
         self.last_digest = hashlib.sha256(raw).hexdigest()
         try:
             cfg = config_mod.parse(raw.decode("utf-8"), path)
@@ -182,7 +183,8 @@ class Reloader:
 
         result.added = sorted(set(cfg.credentials) - set(old_cfg.credentials))
         result.removed = sorted(set(old_cfg.credentials) - set(cfg.credentials))
-        result.updated = sorted(n for n in cfg.credentials if n in old.credentials and old.credentials[n].cfg != cfg.credentials[n])
+        result.updated = sorted(n for n, c in cfg.credentials.items()
+                                if n in old.credentials and old.credentials[n].cfg != c)
         result.sessions_reset = sorted(n for n in result.updated
                                        if state.credentials[n].source is not old.credentials[n].source)
         self._retire(old, stopped)
@@ -205,7 +207,7 @@ class Reloader:
                 listen = str(cfg.credentials[name].listen)
                 for other in leaving:  # same address as a listener that is going: it must let go first
                     if str(have[other][0][0]) == listen and other not in paused:
-                        await _stop_sites(have[other][1])
+                        await _stop_sites(have[other][1])  # only the socket: rollback can re-open it
                         paused.append(other)
                 try:
                     await proxy.start_dedicated(name, cfg.credentials[name])
@@ -231,8 +233,7 @@ class Reloader:
             if proxy.dedicated.get(name, (None, None))[1] is runner:
                 del proxy.dedicated[name]
                 proxy.bound.pop(f"credential:{name}", None)
-            await _stop_sites(runner)
-            runner.server.pre_shutdown()  # idle keep-alive connections close now, busy ones after their answer
+            await stop_accepting([runner])
             stopped.append(runner)
         result.listeners_started = [f"{n} {want[n][0]}" for n in coming]
         result.listeners_stopped = [f"{n} {have[n][0][0]}" for n in leaving]
@@ -307,7 +308,8 @@ class Reloader:
                     await asyncio.wait_for(state.cache.read(ref), remaining)
                 except Exception as exc:  # noqa: BLE001 - reported, retried by the warmer
                     failed = True
-                    result.warnings.append(f"credentials.{name}: secret {ref} is not readable yet ({type(exc).__name__})")
+                    result.warnings.append(
+                        f"credentials.{name}: secret {ref} is not readable yet ({type(exc).__name__})")
         if failed:
             self.proxy.ensure_warming()
 

@@ -37,7 +37,8 @@ def assert_no_secret(text: str | bytes, secret: str = CANARY) -> None:
 
 def make_store(tmp_path: Path, values: dict[str, dict[str, str]]) -> dict:
     """A real encrypted file store holding ``values`` (path -> field -> value); returns the secrets section."""
-    store_path, key_file = write_store(tmp_path, {f"{p}#{f}": v for p, fields in values.items() for f, v in fields.items()})
+    flat = {f"{p}#{f}": v for p, fields in values.items() for f, v in fields.items()}
+    store_path, key_file = write_store(tmp_path, flat)
     return {"backend": "file", "file": {"path": str(store_path), "key_file": str(key_file)}}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import yaml
 
 from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, audit_lines, base_config, call,
                          counting_factory, credential, free_port, make_store, metric, put_secret, running,
@@ -220,6 +221,19 @@ async def test_probe_failures_name_the_stage(tmp_path, secrets, upstream):
         assert status == 200 and body["ok"] is False
         assert body["error"] == {"stage": "upstream", "code": "upstream_error", "message": "upstream request failed"}
         assert body["token"]["state"] == "static"
+
+
+def test_probe_settings_are_checked_with_the_config(tmp_path):
+    from proxy.config import ConfigInvalid, parse
+
+    for probe, field, message in [({"path": "health"}, "path", "must start with /"),
+                                  ({"method": "GE T"}, "method", "must be an HTTP method name"),
+                                  ({"expect_status": 700}, "expect_status", "less than or equal to 599")]:
+        doc = {"credentials": {"x": credential("https://api.example.com", probe=probe)}}
+        with pytest.raises(ConfigInvalid) as err:
+            parse(yaml.safe_dump(doc), "c.yaml")
+        [problem] = err.value.problems
+        assert problem.path == f"credentials.x.probe.{field}" and message in problem.message
 
 
 async def test_probe_works_while_disabled_so_a_rotation_can_be_checked_first(tmp_path, secrets, upstream):

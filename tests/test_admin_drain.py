@@ -114,6 +114,8 @@ async def test_sigterm_cuts_requests_off_at_the_drain_timeout_and_still_exits_0(
         response.release()
         await session.close()
     assert any(line["msg"] == "listeners closed" and line["drained"] is False for line in s.log_lines())
+    audit = [json.loads(line) for line in (s.path.parent / "audit.log").read_text().splitlines()]
+    assert [a["path"] for a in audit if a["caller"] == "app"] == ["/v1/slow"]  # the cut-off request is audited
 
 
 async def test_sighup_reloads_and_a_broken_file_keeps_the_old_config(served, upstream):
