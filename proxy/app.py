@@ -246,7 +246,7 @@ async def serve(config_path: str) -> int:
     log.info("credproxy serving", extra={"listen": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                          "credentials": len(cfg.credentials)})
     await stop.wait()
-    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": cfg.server.drain_timeout})
+    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": proxy.cfg.server.drain_timeout})
     await proxy.stop()
     return 0
 

@@ -133,11 +133,11 @@ class StaticSource(AuthSource):
         except SecretBackendError as exc:
             self.last_error = type(exc).__name__
             if self._metrics is not None:
-                self._metrics.record_refresh(self._name, False, time.monotonic() - started)
+                self._metrics.record_refresh(self._name, "secret_unavailable", time.monotonic() - started)
             raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
         self.last_refresh = time.time()
         if self._metrics is not None:
-            self._metrics.record_refresh(self._name, True, time.monotonic() - started)
+            self._metrics.record_refresh(self._name, "ok", time.monotonic() - started)
 
     def state(self) -> dict:
         return dict(super().state(), last_refresh=self.last_refresh, last_error=self.last_error)

@@ -8,7 +8,7 @@ first, then one deadline bounds the wait for the requests counted by
 ``StateHolder.use()``; only then are the runners cleaned up, with a short grace
 (``FINISH_GRACE``, their ``shutdown_timeout``) for answers whose handler has
 returned but whose last bytes are still being written. Whatever is still running
-at the deadline is cancelled.
+at the deadline is cancelled here, at once.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ async def drain(runners: list[web.BaseRunner], holder: StateHolder, timeout: flo
             finished = False
             log.warning("drain timeout reached: cancelling the requests still in flight",
                         extra={"in_flight": holder.in_flight, "drain_timeout_s": timeout})
+            # Cancelled here rather than by aiohttp, which would first wait its shutdown_timeout once more.
+            cancelled = holder.cancel_in_flight()
+            if cancelled:
+                await asyncio.wait(cancelled, timeout=FINISH_GRACE)
     await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
     log.info("listeners closed", extra={"drained": finished, "duration_ms": round((time.monotonic() - started) * 1000)})
     return finished

@@ -37,9 +37,10 @@ class Metrics:
                               ["credential"], registry=r)
         self._observed: set[str] = set()
 
-    def record_refresh(self, credential: str, ok: bool, seconds: float) -> None:
-        """One refresh of a credential's material (token fetch, or secret re-read for static types)."""
-        self.token_refresh.labels(credential, "success" if ok else "failure").inc()
+    def record_refresh(self, credential: str, result: str, seconds: float) -> None:
+        """One refresh of a credential's material (token fetch, or secret re-read for static types);
+        ``result`` is "ok" or a fixed failure reason."""
+        self.token_refresh.labels(credential, result).inc()
         self.token_refresh_duration.labels(credential).observe(seconds)
 
     def observe_credentials(self, described: list[dict]) -> None:

@@ -53,18 +53,22 @@ class StateHolder:
     extras: dict = field(default_factory=dict)
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
+    _tasks: set = field(default_factory=set, repr=False)
 
     @contextmanager
     def use(self) -> Iterator[State]:
         """The state one request runs on, from start to finish."""
         state = self.current
+        task = asyncio.current_task()
         state.in_flight += 1
         self.in_flight += 1
+        self._tasks.add(task)
         state._idle.clear()
         self._idle.clear()
         try:
             yield state
         finally:
+            self._tasks.discard(task)
             state.in_flight -= 1
             self.in_flight -= 1
             if not state.in_flight:
@@ -75,3 +79,10 @@ class StateHolder:
     async def wait_idle(self) -> None:
         """Until no request is in flight on any state (current or retired)."""
         await self._idle.wait()
+
+    def cancel_in_flight(self) -> list[asyncio.Task]:
+        """Cancel every request still running (the drain deadline passed); returns their tasks."""
+        tasks = [t for t in self._tasks if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        return tasks

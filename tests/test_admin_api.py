@@ -128,7 +128,7 @@ async def test_refresh_rereads_a_rotated_secret_at_once(tmp_path, secrets, upstr
         assert (await call(proxy, "/demo/v1/c"))[0] == 200
         assert upstream.seen[-1]["authorization"] == f"Bearer {CANARY}-rotated"
         _, metrics, _ = await admin.call("GET", "/metrics")
-        assert metric(metrics, "credproxy_token_refresh_total", credential="demo", result="success") == 1
+        assert metric(metrics, "credproxy_token_refresh_total", credential="demo", result="ok") == 1
         assert metric(metrics, "credproxy_token_refresh_duration_seconds_count", credential="demo") == 1
 
 
@@ -141,7 +141,7 @@ async def test_refresh_failure_answers_503_and_is_visible(tmp_path, secrets, ups
         assert body["error"] == "credential_unavailable" and body["message"] == "credential unavailable"
         assert body["credential"]["last_error"] == "SecretNotFound"
         _, metrics, _ = await admin.call("GET", "/metrics")
-        assert metric(metrics, "credproxy_token_refresh_total", credential="broken", result="failure") == 1
+        assert metric(metrics, "credproxy_token_refresh_total", credential="broken", result="secret_unavailable") == 1
         assert metric(metrics, "credproxy_secret_backend_errors_total", backend="file") >= 1
         status, body, _ = await admin.call("GET", "/readyz", token=None)
         assert status == 503 and body == {"ready": False, "waiting": ["broken"]}
