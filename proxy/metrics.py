@@ -35,7 +35,6 @@ class Metrics:
         self.last_reload_ok.set(1)
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
                               ["credential"], registry=r)
-        self._observed: set[str] = set()
 
     def record_refresh(self, credential: str, result: str, seconds: float) -> None:
         """One refresh of a credential's material (token fetch, or secret re-read for static types);
@@ -53,13 +52,10 @@ class Metrics:
             self.disabled.labels(name).set(1 if d.get("state") == "disabled" else 0)
             if d.get("expires_in_s") is not None:
                 self.token_expires.labels(name).set(d["expires_in_s"])
-        for gone in self._observed - names:
-            for gauge in (self.disabled, self.token_expires):
-                try:
-                    gauge.remove(gone)
-                except KeyError:
-                    pass
-        self._observed = names
+        for gauge in (self.disabled, self.token_expires):
+            present = {sample.labels["credential"] for family in gauge.collect() for sample in family.samples}
+            for gone in present - names:
+                gauge.remove(gone)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
