@@ -151,7 +151,21 @@ class UpstreamTLSConfig(_Model):
 class ProbeConfig(_Model):
     method: str = "GET"
     path: str = "/"
-    expect_status: int = 200
+    expect_status: int = Field(200, ge=100, le=599)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]+", v):
+            raise ValueError("must be an HTTP method name")
+        return v.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with / (upstream-relative, may carry a query)")
+        return v
 
 
 class CredentialConfig(_Model):
