@@ -16,18 +16,21 @@ from functools import partial
 from aiohttp import web
 
 from proxy import config as config_mod
-from proxy.admin import build_admin_app
+from proxy.admin import AdminAuth, build_admin_app
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
 from proxy.credential import Credential, build_source
+from proxy.drain import FINISH_GRACE, drain
 from proxy.metrics import Metrics
 from proxy.pipeline import handle
 from proxy.policy import Policy
+from proxy.reload import ReloadResult, Reloader, source_reusable
 from proxy.secretcache import SecretCache
 from proxy.state import State, StateHolder
 from proxy.store import open_store
 from proxy.types import Listen
+from proxy.watch import ConfigWatcher
 
 log = logging.getLogger("credproxy")
 
@@ -44,33 +47,44 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None
-                      ) -> dict[str, Credential]:
+def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
+                      *, source_factory=build_source, keep_objects: bool = True) -> dict[str, Credential]:
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
-        if old is not None and old.cfg == c and old.leak_guard == cfg.leak_guard_for(name):
+        if keep_objects and old is not None and old.cfg == c and old.leak_guard == cfg.leak_guard_for(name):
             out[name] = old  # unchanged: keep its token cache and pool
             continue
-        source = build_source(c, cache, name=name, metrics=metrics, store=cache.store)
+        if old is not None and source_reusable(old.cfg, c):
+            source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
+        else:
+            source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store)
         out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
     return out
 
 
 class Proxy:
-    def __init__(self, cfg: Config, config_path: str | None = None, *, reuse_port: bool = False,
+    def __init__(self, cfg: Config, config_path: str | None = None, *, source_factory=build_source,
+                 watch_interval: float | None = 2.0, reuse_port: bool = False,
                  admin_listen: Listen | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.reuse_port = reuse_port  # serve --workers: every worker binds the same caller ports (SO_REUSEPORT)
         self.admin_listen = admin_listen  # serve --workers: the worker's private admin socket (see proxy.workers)
         self.holder: StateHolder | None = None
+        self.source_factory = source_factory
+        self.watch_interval = watch_interval  # None: no config-file watcher
+        self.reloader = Reloader(self)
+        self.admin_auth = AdminAuth()
+        self.dedicated: dict[str, tuple[tuple, web.ServerRunner]] = {}  # name -> ((listen, tls), runner)
+        self._watcher: ConfigWatcher | None = None
         self._runners: list[web.BaseRunner] = []
         self._admin_runner: web.AppRunner | None = None
         self._store = None
         self._cache: SecretCache | None = None
         self._audit: AuditLog | None = None
         self._warm_task: asyncio.Task | None = None
+        self._metrics: Metrics | None = None
         self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
 
     async def start(self) -> None:
@@ -78,19 +92,40 @@ class Proxy:
         self._store = open_store(cfg.secrets)
         await self._store.start()
         vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
-        self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
-                                  max_staleness=vault.max_staleness if vault else float("inf"))
         metrics = Metrics()
+        backend_errors = metrics.backend_errors.labels(self._store.name)
+        self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
+                                  max_staleness=vault.max_staleness if vault else float("inf"),
+                                  on_backend_error=lambda _exc: backend_errors.inc())
+        self._metrics = metrics
         self._audit = AuditLog(cfg.audit.path)
         self._audit.start()
-        credentials = build_credentials(cfg, self._cache, metrics)
-        state = State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, metrics, self._cache)
+        self.admin_auth.load(cfg.admin.token_file)
+        state = self.build_state(cfg)
         self.holder = StateHolder(state)
-        for cred in credentials.values():
+        for cred in state.credentials.values():
             await cred.start()
         self._cache.start()
-        self._warm_task = asyncio.get_running_loop().create_task(self._warm())
+        self.ensure_warming()
         await self._listen()
+        if self.config_path is not None and self.watch_interval:
+            self.reloader.remember_file()
+            self._watcher = ConfigWatcher(self.config_path, self.reloader, interval=self.watch_interval)
+            self._watcher.start()
+
+    def build_state(self, cfg: Config, reuse: dict[str, Credential] | None = None, *, keep_objects: bool = True) -> State:
+        credentials = build_credentials(cfg, self._cache, self._metrics, reuse, source_factory=self.source_factory,
+                                        keep_objects=keep_objects)
+        return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
+                     self._cache)
+
+    async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Re-read the config file; see ``proxy.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
+        return await self.reloader.reload(trigger)
+
+    def ensure_warming(self) -> None:
+        if self._warm_task is None or self._warm_task.done():
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm())
 
     async def _warm(self) -> None:
         """Read every referenced secret once so the first request does not wait, retrying until all load."""
@@ -136,41 +171,56 @@ class Proxy:
         cfg = self.cfg
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
-            return await handle(request, holder.current)
+            with holder.use() as state:
+                return await handle(request, state)
 
+        # drain.drain() does the waiting for in-flight requests; shutdown_timeout is only the last grace.
         runner = web.ServerRunner(web.Server(main_handler, **self._server_kwargs()), handle_signals=False,
-                                  shutdown_timeout=cfg.server.drain_timeout)
+                                  shutdown_timeout=FINISH_GRACE)
         await runner.setup()
         self._runners.append(runner)
         self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls)
         for name, cred in cfg.credentials.items():
-            if cred.listen is None:
-                continue
-
-            async def dedicated(request: web.BaseRequest, _name: str = name) -> web.StreamResponse:
-                return await handle(request, holder.current, dedicated=_name)
-
-            r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
-                                 shutdown_timeout=cfg.server.drain_timeout)
-            await r.setup()
-            self._runners.append(r)
-            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or cfg.server.tls)
-        admin = build_admin_app(holder, cfg.admin.token_file)
-        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+            if cred.listen is not None:
+                await self.start_dedicated(name, cred)
+        admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
+        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=FINISH_GRACE)
         await self._admin_runner.setup()
         self.bound["admin"] = await self._site(self._admin_runner, self.admin_listen or cfg.admin.listen, None)
 
+    async def start_dedicated(self, name: str, cred) -> web.ServerRunner:
+        holder = self.holder
+
+        async def dedicated(request: web.BaseRequest) -> web.StreamResponse:
+            with holder.use() as state:
+                return await handle(request, state, dedicated=name)
+
+        r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
+                             shutdown_timeout=FINISH_GRACE)
+        await r.setup()
+        try:
+            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or self.cfg.server.tls)
+        except BaseException:
+            await r.cleanup()
+            raise
+        self.dedicated[name] = ((cred.listen, cred.tls), r)
+        return r
+
     async def stop(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
         if self.holder is not None:
-            self.holder.draining = True
-        for r in self._runners:
-            await r.cleanup()  # stops accepting, then waits up to drain_timeout for in-flight requests
+            self.holder.draining = True  # /readyz answers 503 from here on; reloads are refused
+            async with self.reloader.lock:
+                pass  # a reload already under way finishes (or fails) before the drain starts
+            runners = self._runners + [r for _, r in self.dedicated.values()] + self.reloader.stopping_runners()
+            await drain(runners, self.holder, self.cfg.server.drain_timeout)
         self._runners.clear()
+        self.dedicated.clear()
         if self._warm_task is not None:
             self._warm_task.cancel()
         if self.holder is not None:
-            for cred in self.holder.current.credentials.values():
-                await cred.close()
+            await self.reloader.close_all()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._cache is not None:
@@ -188,6 +238,14 @@ async def serve(config_path: str, **proxy_options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(proxy.reload("sighup"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await proxy.start()
     # Everything loaded so far lives as long as the process: keep it out of every future collection,
     # or each full one walks it all (tens of ms with the loop stopped, which is what p99 sees).
@@ -195,7 +253,7 @@ async def serve(config_path: str, **proxy_options) -> int:
     log.info("credproxy serving", extra={"listen": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                          "credentials": len(cfg.credentials)})
     await stop.wait()
-    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": cfg.server.drain_timeout})
+    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": proxy.cfg.server.drain_timeout})
     await proxy.stop()
     return 0
 

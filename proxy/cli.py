@@ -23,6 +23,7 @@ def _load(path: str):
 
 def cmd_serve(args) -> int:
     from proxy import logs
+    from proxy.admin import AdminTokenError
     from proxy.app import run
 
     logs.setup(args.log_level)
@@ -38,7 +39,7 @@ def cmd_serve(args) -> int:
         return supervise(args.config, args.workers, log_level=args.log_level)
     try:
         return run(args.config, **options)
-    except StoreError as exc:
+    except (StoreError, AdminTokenError) as exc:
         import logging
 
         logging.getLogger("credproxy").error("cannot start: %s", exc)

@@ -151,7 +151,21 @@ class UpstreamTLSConfig(_Model):
 class ProbeConfig(_Model):
     method: str = "GET"
     path: str = "/"
-    expect_status: int = 200
+    expect_status: int = Field(200, ge=100, le=599)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]+", v):
+            raise ValueError("must be an HTTP method name")
+        return v.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with / (upstream-relative, may carry a query)")
+        return v
 
 
 class CredentialConfig(_Model):
@@ -311,7 +325,7 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             for c in rule.callers or []:
                 if c != "*" and c not in callers:
                     out.append((base + ("allow", i, "callers"), "names a caller that is not defined under callers"))
-        own_fields = set(cred.auth.ref_fields()) | {"secret"}
+        own_fields = cred.auth.overridable_fields()
         for caller_name, overrides in cred.auth.per_caller.items():
             if caller_name not in callers:
                 out.append((base + ("auth", "per_caller", caller_name), "names a caller that is not defined under callers"))

@@ -73,8 +73,11 @@ class AuthSource(abc.ABC):
 class StaticSource(AuthSource):
     """``header``, ``query``, ``basic``: the values are the stored secrets themselves."""
 
-    def __init__(self, auth, cache: SecretCache) -> None:
+    def __init__(self, auth, cache: SecretCache, *, name: str = "", metrics=None) -> None:
         self._cache = cache
+        self._name = name
+        self._metrics = metrics
+        self.last_refresh: float | None = None
         self._own = auth.ref_fields()
         self._template_refs = auth.template_refs()
         self._per_caller = auth.per_caller
@@ -119,6 +122,25 @@ class StaticSource(AuthSource):
 
     async def revoke(self) -> None:
         self._grants.clear()
+
+    async def refresh(self) -> None:
+        """Re-read every secret from the backend now, e.g. right after an operator rotated one."""
+        started = time.monotonic()
+        try:
+            entries = {path: await self._cache.refetch(path) for path in sorted({r.path for r in self.refs()})}
+            for ref in self.refs():
+                entries[ref.path].get(ref)  # a field missing at the new version fails the refresh too
+        except SecretBackendError as exc:
+            self.last_error = type(exc).__name__
+            if self._metrics is not None:
+                self._metrics.record_refresh(self._name, "secret_unavailable", time.monotonic() - started)
+            raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
+        self.last_refresh = time.time()
+        if self._metrics is not None:
+            self._metrics.record_refresh(self._name, "ok", time.monotonic() - started)
+
+    def state(self) -> dict:
+        return dict(super().state(), last_refresh=self.last_refresh, last_error=self.last_error)
 
 
 @dataclass
@@ -179,7 +201,7 @@ class Credential:
 def build_source(cfg: CredentialConfig, cache: SecretCache, **deps) -> AuthSource:
     """The one place that maps an auth type to its runtime source."""
     if cfg.auth.type in ("header", "query", "basic"):
-        return StaticSource(cfg.auth, cache)
+        return StaticSource(cfg.auth, cache, name=deps.get("name", ""), metrics=deps.get("metrics"))
     from proxy.tokens import token_source  # token types live in their own package
 
     return token_source(cfg, cache, **deps)

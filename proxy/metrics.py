@@ -30,11 +30,38 @@ class Metrics:
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
+        self.last_reload_ok = Gauge("credproxy_config_last_reload_successful",
+                                    "1 when the last reload attempt was applied, 0 when it was rejected", registry=r)
+        self.last_reload_ok.set(1)
+        self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
+                              ["credential"], registry=r)
         self._children: dict[tuple, object] = {}
 
+    def record_refresh(self, credential: str, result: str, seconds: float) -> None:
+        """One refresh of a credential's material (token fetch, or secret re-read for static types);
+        ``result`` is "ok" or a fixed failure reason."""
+        self.token_refresh.labels(credential, result).inc()
+        self.token_refresh_duration.labels(credential).observe(seconds)
+
+    def observe_credentials(self, described: list[dict]) -> None:
+        """Set the per-credential gauges from ``Credential.describe()`` at scrape time;
+        credentials removed by a reload lose their series."""
+        names = set()
+        for d in described:
+            name = d["name"]
+            names.add(name)
+            self.disabled.labels(name).set(1 if d.get("state") == "disabled" else 0)
+            if d.get("expires_in_s") is not None:
+                self.token_expires.labels(name).set(d["expires_in_s"])
+        for gauge in (self.disabled, self.token_expires):
+            present = {sample.labels["credential"] for family in gauge.collect() for sample in family.samples}
+            for gone in present - names:
+                gauge.remove(gone)
+
     def child(self, metric, *labels: str):
-        """``metric.labels(*labels)``, remembered: ``labels()`` validates and takes a lock on every call,
-        and the request path asks for the same few children (label values come from config) every time."""
+        """``metric.labels(*labels)``, remembered (only for series that are never removed): ``labels()``
+        validates and takes a lock on every call, and the request path asks for the same few children
+        (label values come from config) every time."""
         key = (id(metric), labels)  # metrics live as long as this object
         found = self._children.get(key)
         if found is None:

@@ -77,7 +77,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     route: Route | None = None
     state.metrics.inflight.inc()
     try:
-        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path, state.credentials)
+        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential
         headers = strip_hop_by_hop(request.headers)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
@@ -99,9 +99,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         cred.touch()
         limits = state.config.server.limits
         body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
-        response = await forward(request, state, cred, caller.name, route, headers, body, trace)
-        trace.outcome = trace.outcome if trace.outcome == "error" and trace.reason else "allowed"
-        return response
+        return await forward(request, state, cred, caller.name, route, headers, body, trace)
     except ProxyError as exc:
         trace.status, trace.reason = exc.status, exc.reason
         trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
@@ -134,7 +132,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
                     log.info("upstream rejected the credential; replaying once",
                              extra={"request_id": trace.request_id, "credential": cred.name})
                     continue
-        trace.status = upstream.status
+        trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
                            state.metrics.child(state.metrics.leaks, cred.name))
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2

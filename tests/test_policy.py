@@ -134,3 +134,10 @@ async def test_denials_are_audited(matrix_proxy, tmp_path):
     assert [(x["status"], x["outcome"], x["reason"]) for x in lines[-2:]] == [
         (403, "denied", "policy"), (401, "denied", "bad_caller_token")]
     assert lines[-2]["path"] == "/v2/x?token"
+
+
+async def test_unauthenticated_callers_cannot_probe_credential_names(matrix_proxy):
+    async with aiohttp.ClientSession() as s:
+        for path in ("/nope/v1/x", "/example/v1/customers"):
+            async with s.get(matrix_proxy.url + path) as r:
+                assert r.status == 401
