@@ -115,9 +115,13 @@ class WorkerAdmin:
             headers["Content-Type"] = content_type
         try:
             async with self._session(worker).request(method, f"http://worker{path}", data=body, headers=headers) as r:
-                return r.status, r.headers.get("Content-Type", "application/json"), await r.read()
+                answer = r.status, r.headers.get("Content-Type", "application/json"), await r.read()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
             return None
+        if not worker.serving:  # a worker opens its admin socket last: any answer means it is serving
+            worker.serving = True
+            log.info("worker serving", extra={"worker": worker.index})
+        return answer
 
     async def _all(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
         workers = self.sup.workers
@@ -129,10 +133,7 @@ class WorkerAdmin:
         while True:
             for w in self.sup.workers:
                 if not w.serving and w.process is not None and w.process.returncode is None:
-                    answer = await self.call(w, "GET", "/healthz")
-                    if answer is not None and answer[0] == 200:
-                        w.serving = True
-                        log.info("worker serving", extra={"worker": w.index})
+                    await self.call(w, "GET", "/healthz")
             await asyncio.sleep(POLL_INTERVAL)
 
     # -- endpoints ----------------------------------------------------------------------------------
