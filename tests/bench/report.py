@@ -8,7 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-BARE, NGINX, CP, CP2 = "c: bare aiohttp", "b: nginx proxy", "d: credproxy", "d: credproxy x2"
+BARE, NGINX, CP, CP1, CP2 = "c: bare aiohttp", "b: nginx proxy", "d: credproxy", "d: credproxy x1", "d: credproxy x2"
 
 
 def machine() -> dict:
@@ -48,11 +48,11 @@ def checks(results: dict) -> list[tuple[str, str, bool | None]]:
         r = d["mib_s"] / c["mib_s"]
         out.append(("1 MiB bodies: throughput >= 0.8 x bare (leak guard on)", f"{r:.2f} x", r >= 0.8))
     for load in ("small@64", "small@10"):
-        one, two = _cell(results, CP, load), _cell(results, CP2, load)
+        one, two = _cell(results, CP1, load) or _cell(results, CP, load), _cell(results, CP2, load)
         if one and two:
             r = two["rps"] / one["rps"]
             out.append((f"{load}: --workers 2 >= 1.5 x one worker", f"{r:.2f} x", r >= 1.5))
-    rss = [c["rss_mib"] for c in results["cells"] if c["target"] == CP]
+    rss = [c["rss_mib"] for c in results["cells"] if c["target"] in (CP, CP1)]
     rss += results["extra"].get("workers", {}).get("rss_per_worker_mib", [])
     if rss:
         out.append(("RSS under load <= 80 MiB per worker", f"max {max(rss):.1f} MiB", max(rss) <= 80))
@@ -69,6 +69,14 @@ def checks(results: dict) -> list[tuple[str, str, bool | None]]:
     return out
 
 
+def quietness(results: dict) -> str:
+    others = [c.get("others_cores", 0.0) for c in results["cells"]]
+    mean = sum(others) / len(others) if others else 0.0
+    return (f"machine before the run: load average {results['load_start'][0]:.2f}; CPU taken by other processes "
+            f"during the measurements: mean {mean:.2f}, max {max(others, default=0):.2f} cores of "
+            f"{results['machine']['cores']} (the benchmark itself keeps both cores busy)")
+
+
 def summary(results: dict) -> str:
     lines = ["targets:"]
     for what, measured, met in checks(results):
@@ -79,23 +87,24 @@ def summary(results: dict) -> str:
         if d and b:
             lines.append(f"  credproxy / nginx proxy at {load}: {d['rps'] / b['rps']:.2f} x req/s, "
                          f"{d['p99_ms'] / b['p99_ms']:.2f} x p99")
-    la, lb = results["load_start"], results.get("load_end", ("?",))
-    lines.append(f"load average at start {la[0]:.2f}, at end {lb[0]:.2f}")
+    lines.append(quietness(results))
     return "\n".join(lines)
 
 
 def markdown(results: dict, args) -> str:
     m = results["machine"]
     out = [f"Run {results['started']} on {m['cores']} x {m['cpu']}, Python {m['python']}, aiohttp {m['aiohttp']}, "
-           f"{m['loop']}; {args.duration:g} s per measurement after {args.warmup:g} s warm-up; load average "
-           f"{results['load_start'][0]:.2f} at start, {results.get('load_end', [0])[0]:.2f} at end.", "",
-           "| target | load | req/s | p50 ms | p99 ms | MiB/s | peak RSS MiB | errors | vs bare req/s | vs bare p99 |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"{m['loop']}; {args.duration:g} s per measurement after {args.warmup:g} s warm-up. "
+           f"{quietness(results)}.", "",
+           "| target | load | req/s | p50 ms | p99 ms | MiB/s | peak RSS MiB | CPU µs/req | vs bare req/s | vs bare p99 "
+           "| errors | others' CPU (cores) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in results["cells"]:
         base = _cell(results, BARE, c["load"])
         vs = (f"{c['rps'] / base['rps']:.2f}", f"{c['p99_ms'] / base['p99_ms']:.2f}") if base else ("", "")
         out.append(f"| {c['target']} | {c['load']} | {c['rps']:.0f} | {c['p50_ms']:.2f} | {c['p99_ms']:.2f} | "
-                   f"{c['mib_s']:.1f} | {c['rss_mib']:.1f} | {c['errors']} | {vs[0]} | {vs[1]} |")
+                   f"{c['mib_s']:.1f} | {c['rss_mib']:.1f} | {c['cpu_us']:.0f} | {vs[0]} | {vs[1]} | {c['errors']} | "
+                   f"{c.get('others_cores', 0):.2f} |")
     extra = results["extra"]
     if "workers" in extra:
         w = extra["workers"]
@@ -131,7 +140,7 @@ def chart(results: dict, path: Path) -> None:
         return
     loads = ["small@10", "small@64", "1MiB@10"]
     targets = ["a: nginx direct", "b: nginx proxy", "c: bare aiohttp", "d: credproxy", "d: credproxy x2"]
-    colors = ["#9e9e9e", "#607d8b", "#8fb3d9", "#1f5fa8", "#0b3466"]
+    colors = ["#9e9e9e", "#607d8b", "#8fb3d9", "#1f5fa8", "#0b3466"]  # x1 (back-to-back rerun) is in the table only
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for col, load in enumerate(loads):
         for row, (key, label) in enumerate((("mib_s" if load.startswith("1MiB") else "rps",
