@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,33 +26,47 @@ from rig import wrk  # noqa: E402
 from run import LOAD_CPU, Bench  # noqa: E402
 
 
-def frame_name(frame: str) -> str:
-    # py-spy raw frames look like "handle (proxy/pipeline.py:71)"; drop the line number
+def _where(frame: str) -> tuple[str, str]:
+    """(function, file) of a py-spy raw frame such as "handle (proxy/pipeline.py:71)"."""
     name, _, where = frame.partition(" (")
     where = where.rstrip(")").rsplit(":", 1)[0]
-    for marker in ("site-packages/", "lib/python3.11/", "/proxy/"):
+    for marker in ("site-packages/", "lib/python3.11/", "lib/python3.12/"):
         if marker in where:
-            where = ("proxy/" if marker == "/proxy/" else "") + where.split(marker, 1)[1]
-    return f"{name} ({where})"
+            where = where.split(marker, 1)[1]
+    if "/proxy/" in where:
+        where = "proxy/" + where.split("/proxy/", 1)[1]
+    return name, where
 
 
-def top(collapsed: str, n: int = 25) -> str:
-    own, incl, total = collections.Counter(), collections.Counter(), 0
+def _component(where: str) -> str:
+    if where.startswith("proxy/"):
+        return where
+    return where.split("/", 1)[0].removesuffix(".py") or where
+
+
+def top(collapsed: str, n: int = 20) -> str:
+    own, comp, step, total = collections.Counter(), collections.Counter(), collections.Counter(), 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         k = int(count)
         total += k
-        frames = [frame_name(f) for f in stack.split(";")]
-        own[frames[-1]] += k
-        for f in set(frames):
-            incl[f] += k
-    out = [f"{total} samples", "", "own time:"]
-    out += [f"  {100 * k / total:5.1f}%  {f}" for f, k in own.most_common(n)]
-    out += ["", "inclusive time (proxy/ and aiohttp frames):"]
-    out += [f"  {100 * k / total:5.1f}%  {f}" for f, k in incl.most_common(400)
-            if ("proxy/" in f or "aiohttp/" in f or "prometheus" in f)][:n]
+        frames = [_where(f) for f in stack.split(";")]
+        name, where = frames[-1]
+        own[f"{name} ({where})"] += k
+        comp[_component(where)] += k
+        # charge library time to the innermost credproxy function that led to it
+        mine = next((f for f in reversed(frames) if f[1].startswith("proxy/") and f[1] != "proxy/__main__.py"
+                     and f[0] not in ("run", "main", "cmd_serve")), None)
+        step[f"{mine[0]} ({mine[1]})" if mine else "aiohttp/uvloop, outside any credproxy step"] += k
+    pct = lambda k: f"{100 * k / total:5.1f}%"  # noqa: E731
+    out = [f"{total} samples", "", "own time by component:"]
+    out += [f"  {pct(k)}  {c}" for c, k in comp.most_common(n)]
+    out += ["", "by credproxy step (library time charged to the innermost credproxy function calling it):"]
+    out += [f"  {pct(k)}  {s}" for s, k in step.most_common(n)]
+    out += ["", "own time by function:"]
+    out += [f"  {pct(k)}  {f}" for f, k in own.most_common(n)]
     return "\n".join(out)
 
 
@@ -60,6 +76,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--path", default="/v1/small")
     p.add_argument("--idle", action="store_true", help="keep py-spy's idle frames (time waiting in the loop)")
+    p.add_argument("--publish", action="store_true", help="also put the result into docs/benchmark.md")
     a = p.parse_args()
     if shutil.which("py-spy") is None:
         print("pip install py-spy", file=sys.stderr)
@@ -81,8 +98,15 @@ def main() -> int:
                        check=True, capture_output=True)
         load.join()
         report = top(raw.read_text())
-        (out / "profile-top.txt").write_text(report + "\n")
+        head = (f"py-spy, 250 Hz, {a.seconds} s, credproxy under wrk -c{a.connections} on {a.path} "
+                f"({time.strftime('%Y-%m-%d %H:%M')}; `python tests/bench/profile.py`):")
+        (out / "profile-top.txt").write_text(head + "\n\n" + report + "\n")
         print(report)
+        if a.publish:
+            page = HERE.parents[1] / "docs" / "benchmark.md"
+            block = f"<!-- profile:start -->\n{head}\n\n```\n{report}\n```\n<!-- profile:end -->"
+            text = re.sub(r"<!-- profile:start -->.*?<!-- profile:end -->", lambda _m: block, page.read_text(), flags=re.S)
+            page.write_text(text)
     finally:
         bench.close()
     return 0
