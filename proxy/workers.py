@@ -87,10 +87,14 @@ class Supervisor:
                 "--worker-index", str(worker.index), "--worker-admin", f"unix:{worker.admin_socket}"]
 
     async def start_worker(self, worker: Worker) -> None:
+        if self.stopping:
+            return
         worker.serving = False
         env = dict(os.environ, CREDPROXY_SUPERVISOR_PID=str(os.getpid()))
         worker.process = await asyncio.create_subprocess_exec(*self.argv(worker), env=env)
         log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
+        if self.stopping:  # SIGTERM arrived while it was being started
+            worker.process.send_signal(signal.SIGTERM)
         asyncio.get_running_loop().create_task(self._watch(worker, worker.process))
 
     async def _watch(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
@@ -138,8 +142,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.signal_all, signal.SIGHUP)
-        admin = WorkerAdmin(self, self.cfg.admin)
+        admin = None
         try:
+            admin = WorkerAdmin(self, self.cfg.admin)
             for w in self.workers:
                 await self.start_worker(w)
             await admin.start()
@@ -151,7 +156,8 @@ class Supervisor:
             for w in self.workers:
                 if w.process is not None and w.process.returncode is None:
                     await w.process.wait()
-            await admin.stop()
+            if admin is not None:
+                await admin.stop()
             shutil.rmtree(self.rundir, ignore_errors=True)
         codes = [w.process.returncode for w in self.workers if w.process is not None]
         if self.failed or any(codes):
@@ -166,7 +172,11 @@ def supervise(config_path: str, count: int, *, log_level: str = "INFO") -> int:
         for p in found:
             print(f"{config_path}: {p}", file=sys.stderr)
         return 1
-    return asyncio.run(Supervisor(config_path, cfg, count, log_level=log_level).run())
+    try:
+        return asyncio.run(Supervisor(config_path, cfg, count, log_level=log_level).run())
+    except OSError as exc:  # the admin port taken, the admin token file unreadable, ...
+        log.error("cannot start: %s", exc)
+        return 1
 
 
 def worker_options(index: int, admin: str) -> dict:

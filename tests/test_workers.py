@@ -207,3 +207,19 @@ def test_configs_that_cannot_run_as_workers_are_refused(tmp_path, change, says):
                           text=True, env=subprocess_env(), cwd=tmp_path, timeout=60)
     assert done.returncode == 1
     assert says in done.stderr
+
+
+def test_an_admin_port_in_use_stops_the_supervisor_with_exit_1(tmp_path):
+    import socket
+
+    secrets = make_store(tmp_path, {"api/demo": {"token": CANARY}})
+    data = base_config(tmp_path, secrets, {"demo": credential("http://127.0.0.1:9/api")})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        data["admin"]["listen"] = "127.0.0.1:%d" % taken.getsockname()[1]
+        path = write_config(tmp_path / "config.yaml", data)
+        done = subprocess.run([PYTHON, "-m", "proxy", "serve", "-c", str(path), "--workers", "2"],
+                              capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=60)
+    assert done.returncode == 1
+    assert "cannot start" in done.stderr
