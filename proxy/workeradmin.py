@@ -16,18 +16,16 @@ private unix sockets:
   did not succeed (a worker that cannot be reached answers 503).
 - every other ``GET``: worker 0's answer.
 
-With ``admin.token_file`` the supervisor checks the token as a single process
-does, and uses it itself towards the workers.
+The supervisor holds no admin token: it passes the caller's ``Authorization``
+header on to the workers, which check it as a single process does (token
+rotation on reload included); a refusal is answered as the worker gave it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -39,7 +37,6 @@ from proxy.config import AdminConfig
 
 log = logging.getLogger("credproxy.workers")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 POLL_INTERVAL = 0.1
 CALL_TIMEOUT = 30.0
 
@@ -91,8 +88,6 @@ class WorkerAdmin:
     def __init__(self, supervisor, cfg: AdminConfig) -> None:
         self.sup = supervisor
         self.cfg = cfg
-        self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else None
-        self._digest = hashlib.sha256(self._token.encode()).digest() if self._token else None
         self._runner: web.AppRunner | None = None
         self._sessions: dict[int, aiohttp.ClientSession] = {}
         self._poller: asyncio.Task | None = None
@@ -108,9 +103,9 @@ class WorkerAdmin:
         return s
 
     async def call(self, worker, method: str, path: str, body: bytes | None = None,
-                   content_type: str | None = None) -> tuple[int, str, bytes] | None:
+                   content_type: str | None = None, auth: str | None = None) -> tuple[int, str, bytes] | None:
         """(status, content type, body) from one worker; None when it cannot be reached."""
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        headers = {"Authorization": auth} if auth else {}
         if content_type:
             headers["Content-Type"] = content_type
         try:
@@ -123,10 +118,22 @@ class WorkerAdmin:
             log.info("worker serving", extra={"worker": worker.index})
         return answer
 
-    async def _all(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
+    async def _all(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                   auth: str | None = None):
         workers = self.sup.workers
-        answers = await asyncio.gather(*(self.call(w, method, path, body, content_type) for w in workers))
+        answers = await asyncio.gather(*(self.call(w, method, path, body, content_type, auth) for w in workers))
         return list(zip(workers, answers))
+
+    @staticmethod
+    def _refusal(answers) -> web.Response | None:
+        """The first worker answer that is not a success (or 503 for one that cannot be reached)."""
+        for w, a in answers:
+            if a is None:
+                return _json({"error": "unavailable", "message": f"worker {w.index} did not answer"}, 503)
+        for _, (status, ctype, body) in answers:
+            if not 200 <= status < 300:
+                return web.Response(status=status, body=body, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
+        return None
 
     async def _poll_serving(self) -> None:
         """Mark workers serving once their admin socket answers (the supervisor restarts only those)."""
@@ -137,15 +144,6 @@ class WorkerAdmin:
             await asyncio.sleep(POLL_INTERVAL)
 
     # -- endpoints ----------------------------------------------------------------------------------
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler):
-        if self._digest and request.path not in OPEN_PATHS:
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            digest = hashlib.sha256(token.strip().encode()).digest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._digest):
-                return _json({"error": "unauthenticated", "message": "missing or invalid admin token"}, 401)
-        return await handler(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
         serving = sum(1 for w in self.sup.workers if w.serving)
@@ -165,7 +163,10 @@ class WorkerAdmin:
         return _json({"ready": ready, "waiting": sorted(waiting), "workers": per_worker}, 200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        answers = await self._all("GET", "/metrics")
+        answers = await self._all("GET", "/metrics", auth=request.headers.get("Authorization"))
+        refused = [a for _, a in answers if a is not None and a[0] in (401, 403)]
+        if refused:
+            return self._refusal([(None, refused[0])])
         texts = {w.index: a[2].decode() for w, a in answers if a is not None and a[0] == 200}
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Merged(merge_metrics(texts)))
@@ -177,29 +178,30 @@ class WorkerAdmin:
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def credentials(self, request: web.Request) -> web.Response:
-        answers = await self._all("GET", "/v1/credentials")
-        ok = {w.index: json.loads(a[2]) for w, a in answers if a is not None and a[0] == 200}
-        if len(ok) != len(answers):
-            return _json({"error": "unavailable", "message": "a worker did not answer"}, 503)
-        return _json(merge_credentials(ok))
+        answers = await self._all("GET", "/v1/credentials", auth=request.headers.get("Authorization"))
+        refused = self._refusal(answers)
+        if refused is not None:
+            return refused
+        return _json(merge_credentials({w.index: json.loads(a[2]) for w, a in answers}))
 
     async def forward(self, request: web.Request) -> web.Response:
-        path = request.rel_url.raw_path_qs
+        path, auth = request.rel_url.raw_path_qs, request.headers.get("Authorization")
         if request.method == "GET":
-            answers = [(w, await self.call(w, "GET", path)) for w in self.sup.workers[:1]]
+            w = self.sup.workers[0]
+            answers = [(w, await self.call(w, "GET", path, auth=auth))]
         else:
-            answers = await self._all(request.method, path, await request.read(), request.headers.get("Content-Type"))
-        for w, a in answers:
-            if a is None:
-                return _json({"error": "unavailable", "message": f"worker {w.index} did not answer"}, 503)
-        failed = [a for _, a in answers if not 200 <= a[0] < 300]
-        status, ctype, body = failed[0] if failed else answers[0][1]
+            answers = await self._all(request.method, path, await request.read(), request.headers.get("Content-Type"),
+                                      auth)
+        refused = self._refusal(answers)
+        if refused is not None:
+            return refused
+        status, ctype, body = answers[0][1]
         return web.Response(status=status, body=body, headers={"Content-Type": ctype, "Cache-Control": "no-store"})
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
