@@ -251,24 +251,35 @@ class Bench:
         return [self.upstream.pid, self.aux.pid]
 
     def workers(self) -> None:
-        """One worker, then two, back to back under the same conditions (the matrix ran minutes earlier)."""
+        """One worker, then two, back to back; the pair is measured again when the machine was busy during
+        either (one worker and two cannot run at once: they would share the port)."""
         print("credproxy, one worker (core 0) then --workers 2 (cores 0-1), back to back:", flush=True)
         url = f"http://127.0.0.1:{self.ports['cp']}/bench"
-        out = {}
-        for workers, target in ((1, "d: credproxy x1"), (2, "d: credproxy x2")):
-            cp = self.start_credproxy(workers=workers)
-            pids = (lambda: [cp.pid]) if workers == 1 else (lambda: children(cp.pid))  # workers, not the supervisor
-            for load in ("small@64", "small@10"):
-                cell = measure(target, load, url, pids, duration=self.args.duration, warmup=self.args.warmup,
-                               token=credproxy_rig.CALLER_TOKEN, ours=self.rig_pids)
-                self.results["cells"].append(asdict(cell))
-            if workers == 2:
-                with RssSampler(pids) as rss:
-                    wrk(url + "/v1/small", connections=64, seconds=3, cpus=LOAD_CPU, token=credproxy_rig.CALLER_TOKEN)
-                out["rss_per_worker_mib"] = [round(v / 1024, 1) for v in rss.peak.values()]
-                out["supervisor_rss_mib"] = round(rss_kib(cp.pid) / 1024, 1)
-            self.stop(cp)
-        self.results["extra"]["workers"] = out
+        best, out = None, {}
+        for _ in range(1 + QUIET["retries"]):
+            cells = []
+            for workers, target in ((1, "d: credproxy x1"), (2, "d: credproxy x2")):
+                cp = self.start_credproxy(workers=workers)
+                pids = (lambda: [cp.pid]) if workers == 1 else (lambda: children(cp.pid))  # workers, not supervisor
+                for load in ("small@64", "small@10"):
+                    cells.append(_measure_once(target, load, url, pids, duration=self.args.duration,
+                                               warmup=self.args.warmup, token=credproxy_rig.CALLER_TOKEN,
+                                               ours=self.rig_pids))
+                if workers == 2:
+                    with RssSampler(pids) as rss:
+                        wrk(url + "/v1/small", connections=64, seconds=3, cpus=LOAD_CPU,
+                            token=credproxy_rig.CALLER_TOKEN)
+                    out = {"rss_per_worker_mib": [round(v / 1024, 1) for v in rss.peak.values()],
+                           "supervisor_rss_mib": round(rss_kib(cp.pid) / 1024, 1)}
+                self.stop(cp)
+            noise = max(c.others_cores for c in cells)
+            if best is None or noise < best[0]:
+                best = (noise, cells, out)
+            if noise <= QUIET["threshold"]:
+                break
+            print("    (busy machine: measuring the pair again)", flush=True)
+        self.results["cells"] += [asdict(c) for c in best[1]]
+        self.results["extra"]["workers"] = best[2]
 
     def big_body(self) -> None:
         print("1 GiB streamed through a fresh credproxy (leak guard redact):", flush=True)
@@ -312,6 +323,7 @@ class Bench:
         count = lambda: json.loads(http_get(stats))["token"]  # noqa: E731
         http_get(url + "/v1/small", tok)  # first use: fetches the token; its lifetime starts now
         t0 = time.monotonic()
+        wrk(url + "/v1/small", connections=5000, seconds=2, cpus=LOAD_CPU, token=tok, timeout_s=30)  # warm-up
         c0 = count()
         normal = wrk(url + "/v1/small", connections=5000, seconds=2, cpus=LOAD_CPU, token=tok, timeout_s=30)
         c1 = count()
