@@ -15,7 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.authconfig import AuthConfig
 from proxy.types import Duration, ListenAddr, Listen, Size
@@ -70,6 +70,14 @@ class VaultAuthConfig(_Model):
     mount: str | None = None  # auth mount path; defaults to the method name
     role: str | None = None
     jwt_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "VaultAuthConfig":
+        needs = {"approle": ("role_id_file", "secret_id_file"), "kubernetes": ("role",)}.get(self.method, ())
+        missing = [f for f in needs if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"auth method {self.method} needs {' and '.join(missing)}")
+        return self
 
 
 class VaultConfig(_Model):
