@@ -76,6 +76,7 @@ class Proxy:
         self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
                                   max_staleness=vault.max_staleness if vault else float("inf"))
         metrics = Metrics()
+        self._cache.on_error(lambda _path: metrics.backend_errors.labels(self._store.name).inc())
         self._audit = AuditLog(cfg.audit.path)
         self._audit.start()
         credentials = build_credentials(cfg, self._cache, metrics)
@@ -104,7 +105,8 @@ class Proxy:
             if not failed:
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            # Never wait longer than a poll round: a backend that comes back is noticed as soon as rotation would be.
+            delay = min(delay * 2, 60.0, max(1.0, state.cache.refresh_interval))
 
     async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> None:
         ctx = server_ssl(tls)

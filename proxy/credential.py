@@ -112,10 +112,18 @@ class StaticSource(AuthSource):
         return g
 
     async def expired(self, principal: str, used: Grant) -> bool:
-        changed = False
-        for ref in set(self.refs_for(principal).values()):
-            changed |= await self._cache.reread(ref.path)
-        return changed
+        refs = self.refs_for(principal)
+        for ref in set(refs.values()):
+            await self._cache.reread(ref.path)
+        # Replay when what is current now differs from what this request sent, whether the
+        # re-read above or the background poller found the new version.
+        try:
+            for name, ref in refs.items():
+                if await self._cache.read(ref) != used.values.get(name):
+                    return True
+        except SecretBackendError:
+            pass
+        return False
 
     async def revoke(self) -> None:
         self._grants.clear()

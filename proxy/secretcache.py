@@ -41,11 +41,16 @@ class SecretCache:
         self._entries: dict[str, _Cached] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self._listeners: list[Callable[[str], None]] = []
+        self._error_listeners: list[Callable[[str], None]] = []
         self._poller: asyncio.Task | None = None
 
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(path)`` when a path's secret changed (rotation)."""
         self._listeners.append(fn)
+
+    def on_error(self, fn: Callable[[str], None]) -> None:
+        """Call ``fn(path)`` when the backend fails to answer for a path (metrics)."""
+        self._error_listeners.append(fn)
 
     async def read(self, ref: SecretRef) -> Secret:
         cached = self._entries.get(ref.path)
@@ -72,10 +77,14 @@ class SecretCache:
             entry = await self.store.get(path)
         except (SecretAccessDenied, SecretNotFound):
             self._entries.pop(path, None)
+            self._failed(path)
+            raise
+        except SecretBackendError:
+            self._failed(path)
             raise
         old = self._entries.get(path)
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
-        if old is not None and old.entry.version != entry.version:
+        if old is not None and old.entry.stamp != entry.stamp:
             log.info("secret rotated", extra={"secret_path": path, "version": entry.version})
             for fn in self._listeners:
                 fn(path)
@@ -89,33 +98,43 @@ class SecretCache:
             return False
         if cached is not None:
             cached.reread_at = now
-        old_version = cached.entry.version if cached else None
+        old_stamp = cached.entry.stamp if cached else None
         try:
             entry = await self._fetch(path)
         except SecretBackendError:
             return False
-        return entry.version != old_version
+        return entry.stamp != old_stamp
 
     async def poll_once(self) -> None:
-        for path in list(self._entries):
-            cached = self._entries.get(path)
-            if cached is None:
-                continue
+        # Paths are checked side by side: one slow or failing path must not hold up the others
+        # (the store bounds how many calls really run at once).
+        await asyncio.gather(*(self._check(path) for path in list(self._entries)))
+
+    async def _check(self, path: str) -> None:
+        cached = self._entries.get(path)
+        if cached is None:
+            return
+        try:
+            stamp = await self.store.stamp(path)
+        except (SecretAccessDenied, SecretNotFound):
+            self._entries.pop(path, None)
+            log.warning("secret no longer readable; dropped", extra={"secret_path": path})
+            self._failed(path)
+            return
+        except SecretBackendError:
+            self._failed(path)
+            return  # keep last-known-good; staleness bounds how long
+        if stamp != cached.entry.stamp:
             try:
-                version = await self.store.version(path)
-            except (SecretAccessDenied, SecretNotFound):
-                self._entries.pop(path, None)
-                log.warning("secret no longer readable; dropped", extra={"secret_path": path})
-                continue
+                await self._fetch(path)
             except SecretBackendError:
-                continue  # keep last-known-good; staleness bounds how long
-            if version != cached.entry.version:
-                try:
-                    await self._fetch(path)
-                except SecretBackendError:
-                    continue
-            else:
-                cached.fetched_at = self._clock()
+                pass  # counted and handled (dropped when denied) by the fetch
+        else:
+            cached.fetched_at = self._clock()
+
+    def _failed(self, path: str) -> None:
+        for fn in self._error_listeners:
+            fn(path)
 
     async def _poll_forever(self) -> None:
         while True:

