@@ -257,23 +257,34 @@ async def test_revoked_token_is_replaced_by_a_new_login_not_treated_as_denial(ba
         await store.close()
 
 
-async def test_a_vault_that_never_answers_times_out(tmp_path):
-    """A listener that accepts and never answers (a fake: a real Vault cannot be made to hang)."""
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen(16)
+async def test_a_vault_that_drips_its_answer_is_cut_off_at_the_deadline(tmp_path):
+    """A fake Vault that sends its answer one byte every 50 ms, forever (a real Vault cannot be
+    made to do that): requests' own read timeout never fires, the store's deadline does."""
+    async def drip(reader, writer):
+        await reader.read(65536)
+        try:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 10_000:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(drip, "127.0.0.1", 0)
     tf = tmp_path / "t"
     tf.write_text("some-token")
-    store = VaultStore(VaultConfig(address=f"http://127.0.0.1:{hung.getsockname()[1]}", timeout="300ms",
-                                   auth={"method": "token", "token_file": str(tf)}))
+    store = VaultStore(VaultConfig(address=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                                   timeout="300ms", auth={"method": "token", "token_file": str(tf)}))
     try:
-        await store.start()  # the first login times out: not fatal
+        await store.start()  # the first login runs into the deadline: not fatal
         assert not store.healthy()
         with pytest.raises(VaultUnavailable, match="no answer from vault within 0.3s"):
             await store.keeper.first_login()
     finally:
         await store.close()
-        hung.close()
+        server.close()
 
 
 # --- compare-and-set writes: the same semantics as the file store ------------------------------

@@ -261,7 +261,7 @@ async def test_vault_stopped_mid_run_cached_credentials_keep_serving_and_service
         fresh_bao, upstream, tmp_path, raw_log):
     fresh_bao.put("credproxy/secrets/out", {"token": "outage-key"})
     vault = vault_section(fresh_bao.address, {"method": "token", "token_file": _token_file(fresh_bao, tmp_path)},
-                          refresh_interval="200ms", max_staleness="2s", timeout="1s")
+                          refresh_interval="200ms", max_staleness="3s", timeout="1s")
     async with running(tmp_path, vault, {"api": header_credential(upstream, "credproxy/secrets/out#token")}) as run:
         await eventually(lambda: is_ready(run))
         fresh_bao.stop()

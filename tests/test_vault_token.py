@@ -156,3 +156,32 @@ async def test_refused_first_login_raises_for_startup():
 
     with pytest.raises(LoginRefused):
         await TokenKeeper(login, None).first_login()
+
+
+async def test_close_always_stops_the_keeper_even_when_a_call_completes_as_it_is_cancelled():
+    """Python 3.11's wait_for could swallow a cancellation that arrives as a pool call finishes,
+    leaving a keeper looping for ever after close(). Logins here fail at once on a real thread
+    pool, and close() lands at random moments."""
+    import asyncio
+    import random
+
+    from proxy.store.vault_client import VaultClients
+
+    clients = VaultClients("http://127.0.0.1:1", namespace=None, ca_file=None, timeout=1)
+
+    def refused():
+        raise VaultUnavailable("vault is unreachable")
+
+    async def login() -> Login:
+        return await clients.run("vault token login", refused)
+
+    rng = random.Random(7)
+    try:
+        for _ in range(200):
+            keeper = TokenKeeper(login, None, backoff=Backoff(base=0.0001, cap=0.0001))
+            keeper.start()
+            await asyncio.sleep(rng.random() * 0.003)
+            async with asyncio.timeout(5):
+                await keeper.close()
+    finally:
+        clients.close()

@@ -103,7 +103,10 @@ class VaultClients:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._pool, partial(_guarded, what, fn, *args))
         try:
-            return await asyncio.wait_for(fut, self.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the call completes, and then nothing could stop the caller's loop.
+            async with asyncio.timeout(self.timeout):
+                return await fut
         except TimeoutError:
             raise VaultUnavailable(f"{what}: no answer from vault within {self.timeout:g}s") from None
 

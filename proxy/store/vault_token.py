@@ -58,6 +58,7 @@ class TokenKeeper:
         self._logged_in_at = float("-inf")
         self._flap_backoff = Backoff(rand=self._backoff._rand)
         self._hold = 0.0
+        self._closing = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.last_error: str | None = None
@@ -96,6 +97,8 @@ class TokenKeeper:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="vault-token-keeper")
 
     async def close(self) -> None:
+        self._closing = True  # the loop also stops by itself, should a cancellation get lost
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -106,7 +109,7 @@ class TokenKeeper:
         self._drop()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             self._wake.clear()  # before the work: a wake-up that arrives during it is not lost
             try:
                 delay = await self.step()
@@ -117,7 +120,8 @@ class TokenKeeper:
 
     async def _sleep(self, delay: float | None) -> None:
         try:
-            await asyncio.wait_for(self._wake.wait(), delay)
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
         except TimeoutError:
             pass
 
