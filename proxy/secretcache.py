@@ -1,7 +1,7 @@
 """In-memory cache of secret entries read from the store.
 
 Requests never wait on the backend for a secret that is cached. A background
-poller re-reads paths whose version changed (``refresh_interval``); an upstream
+poller re-reads paths whose version stamp changed (``refresh_interval``); an upstream
 "expired" answer asks for an immediate re-read, rate-limited per path.
 When the backend fails, last-known-good entries keep serving for up to
 ``max_staleness``; an explicit access-denied drops the entry at once.

@@ -32,12 +32,12 @@ class Backoff:
     """1 s doubling to 5 min, each delay stretched by up to a quarter at random."""
 
     def __init__(self, base: float = 1.0, cap: float = 300.0, rand: Callable[[], float] = random.random) -> None:
-        self.base, self.cap, self._rand, self._n = base, cap, rand, 0
+        self.base, self.cap, self.rand, self._n = base, cap, rand, 0
 
     def next(self) -> float:
         delay = min(self.cap, self.base * 2 ** self._n)
         self._n = min(self._n + 1, 32)
-        return min(self.cap, delay * (1 + 0.25 * self._rand()))
+        return min(self.cap, delay * (1 + 0.25 * self.rand()))
 
     def reset(self) -> None:
         self._n = 0
@@ -56,12 +56,11 @@ class TokenKeeper:
         self._login_ttl = 0.0  # the TTL a fresh login grants: the increment asked for on renewal
         self._renew_next = False
         self._logged_in_at = float("-inf")
-        self._flap_backoff = Backoff(rand=self._backoff._rand)
+        self._flap_backoff = Backoff(rand=self._backoff.rand)
         self._hold = 0.0
         self._closing = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.last_error: str | None = None
 
     # --- what the store asks ------------------------------------------------------
 
@@ -155,9 +154,8 @@ class TokenKeeper:
         try:
             login = await self._login_fn()
         except (StoreError, SecretBackendError) as exc:
-            self.last_error = str(exc)
             delay = self._backoff.next()
-            log.warning("vault login failed; retrying", extra={"error": self.last_error, "retry_in_s": round(delay, 1)})
+            log.warning("vault login failed; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 1)})
             return delay
         self._use(login, fresh=True)
         return self._until_due()
@@ -175,7 +173,6 @@ class TokenKeeper:
         elif not fresh:
             log.debug("vault token renewed", extra={"ttl_s": login.ttl})
         self._current = login
-        self.last_error = None
 
     def _drop(self) -> None:
         self._current = None
