@@ -15,14 +15,20 @@ from functools import partial
 from aiohttp import web
 
 from proxy import config as config_mod
+from proxy import logfilter
 from proxy.admin import build_admin_app
+from proxy.alerts import AlertMonitor, WebhookSender
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
 from proxy.credential import Credential, build_source
+from proxy.httpserver import GuardedServer
 from proxy.metrics import Metrics
-from proxy.pipeline import handle
+from proxy.netguard import AddressPolicy
+from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
+from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
 from proxy.state import State, StateHolder
 from proxy.store import open_store
@@ -43,8 +49,8 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None
-                      ) -> dict[str, Credential]:
+def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
+                      address_policy: AddressPolicy | None = None) -> dict[str, Credential]:
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
@@ -52,7 +58,7 @@ def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: 
             out[name] = old  # unchanged: keep its token cache and pool
             continue
         source = build_source(c, cache, name=name, metrics=metrics, store=cache.store)
-        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
+        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), address_policy)
     return out
 
 
@@ -67,9 +73,12 @@ class Proxy:
         self._cache: SecretCache | None = None
         self._audit: AuditLog | None = None
         self._warm_task: asyncio.Task | None = None
+        self._addresses = AddressPolicy.from_config(cfg.server)
+        self._webhook: WebhookSender | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
+        logfilter.install(SCRUBBER)
         self._store = open_store(cfg.secrets)
         await self._store.start()
         vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
@@ -78,14 +87,23 @@ class Proxy:
         metrics = Metrics()
         self._audit = AuditLog(cfg.audit.path)
         self._audit.start()
-        credentials = build_credentials(cfg, self._cache, metrics)
-        state = State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, metrics, self._cache)
+        credentials = build_credentials(cfg, self._cache, metrics, address_policy=self._addresses)
+        state = State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, metrics, self._cache,
+                      alerts=self._alert_monitor(cfg, metrics), limiter=RateLimiter.from_config(cfg))
         self.holder = StateHolder(state)
         for cred in credentials.values():
             await cred.start()
         self._cache.start()
         self._warm_task = asyncio.get_running_loop().create_task(self._warm())
         await self._listen()
+
+    def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
+        if cfg.alerts.webhook_url:
+            failures = metrics.alert_webhook_failures
+            self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
+                                          on_failure=lambda reason: failures.labels(reason).inc())
+            self._webhook.start()
+        return AlertMonitor(cfg.alerts, audit=self._audit, counter=metrics.alerts, webhook=self._webhook)
 
     async def _warm(self) -> None:
         """Read every referenced secret once so the first request does not wait, retrying until all load."""
@@ -116,8 +134,11 @@ class Proxy:
 
     def _server_kwargs(self) -> dict:
         limits = self.cfg.server.limits
+        holder = self.holder
         return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
-                    max_headers=limits.max_headers, auto_decompress=False, access_log=None)
+                    max_headers=limits.max_headers, auto_decompress=False, access_log=None,
+                    header_timeout=limits.header_timeout,
+                    on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
 
     async def _listen(self) -> None:
         holder = self.holder
@@ -126,7 +147,7 @@ class Proxy:
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
             return await handle(request, holder.current)
 
-        runner = web.ServerRunner(web.Server(main_handler, **self._server_kwargs()), handle_signals=False,
+        runner = web.ServerRunner(GuardedServer(main_handler, **self._server_kwargs()), handle_signals=False,
                                   shutdown_timeout=cfg.server.drain_timeout)
         await runner.setup()
         self._runners.append(runner)
@@ -138,7 +159,7 @@ class Proxy:
             async def dedicated(request: web.BaseRequest, _name: str = name) -> web.StreamResponse:
                 return await handle(request, holder.current, dedicated=_name)
 
-            r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
+            r = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
                                  shutdown_timeout=cfg.server.drain_timeout)
             await r.setup()
             self._runners.append(r)
@@ -147,6 +168,10 @@ class Proxy:
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         await self._site(self._admin_runner, cfg.admin.listen, None)
+        for r in self._runners + [self._admin_runner]:
+            for addr in r.addresses:
+                if isinstance(addr, tuple):  # TCP; unix sockets cannot be an upstream
+                    self._addresses.add_own(addr[0], addr[1])
 
     def addresses(self) -> list[str]:
         out = []
@@ -169,6 +194,8 @@ class Proxy:
             await self._admin_runner.cleanup()
         if self._cache is not None:
             await self._cache.close()
+        if self._webhook is not None:
+            await self._webhook.close()
         if self._audit is not None:
             await self._audit.close()
         if self._store is not None:

@@ -78,8 +78,9 @@ class AuditLog:
             os.chmod(path, 0o600)
         self._task: asyncio.Task | None = None
 
-    def write(self, event: AuditEvent) -> None:
-        record = {"ts": round(self._clock(), 3), **asdict(event)}
+    def write(self, event: AuditEvent, **details) -> None:
+        """One line for ``event``; ``details`` are extra typed fields (alerts: addresses, count)."""
+        record = {"ts": round(self._clock(), 3), **asdict(event), **details}
         self.write_record(record)
 
     def write_record(self, record: dict) -> None:

@@ -19,6 +19,7 @@ from proxy.config import CredentialConfig, ExpiredWhen, ServerConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.inject import Injector, injector_for
 from proxy.leakguard import LeakGuard
+from proxy.netguard import AddressPolicy
 from proxy.scrub import SCRUBBER
 from proxy.secret import Secret, SecretRef
 from proxy.secretcache import SecretCache
@@ -129,7 +130,7 @@ class Stats:
 
 class Credential:
     def __init__(self, name: str, cfg: CredentialConfig, server: ServerConfig, source: AuthSource,
-                 leak_guard: str) -> None:
+                 leak_guard: str, address_policy: AddressPolicy | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.base = URL(cfg.upstream)
@@ -143,7 +144,7 @@ class Credential:
         self.stats = Stats()
         ca = cfg.upstream_tls.ca_file if cfg.upstream_tls else None
         self.client = UpstreamClient(connect_timeout=server.connect_timeout, read_timeout=server.read_timeout,
-                                     ssl_ctx=ssl_context(ca))
+                                     ssl_ctx=ssl_context(ca), address_policy=address_policy)
 
     def principal(self, caller: str) -> str:
         return caller if caller in self.per_caller else ""

@@ -27,6 +27,8 @@ class Metrics:
                                    ["credential"], registry=r)
         self.leaks = Counter("credproxy_leaks_redacted_total", "Echoed secrets redacted or blocked", ["credential"], registry=r)
         self.alerts = Counter("credproxy_alerts_total", "Misuse alerts", ["kind"], registry=r)
+        self.alert_webhook_failures = Counter("credproxy_alert_webhook_failures_total",
+                                              "Alert webhook posts dropped or failed", ["reason"], registry=r)
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from proxy.alerts import AlertMonitor
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config
 from proxy.credential import Credential
 from proxy.metrics import Metrics
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
 from proxy.secretcache import SecretCache
 
 
@@ -27,6 +29,8 @@ class State:
     metrics: Metrics
     cache: SecretCache
     ready: bool = True
+    alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carry it into a reloaded State
+    limiter: RateLimiter | None = None  # built from the config: rebuild it on reload
 
 
 @dataclass
