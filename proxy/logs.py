@@ -45,5 +45,7 @@ def setup(level: str = "INFO", stream=None) -> None:
     root.setLevel(level)
     logging.Formatter.converter = time.gmtime
     logging.captureWarnings(True)
+    # A failing handler would print the raw traceback of whatever was being handled to stderr.
+    logging.raiseExceptions = False
     logfilter.install(SCRUBBER)
     logfilter.install_excepthooks(logging.getLogger("credproxy"))

@@ -81,6 +81,7 @@ class RecordingUpstream:
     ``/redirect`` 302 to another host with the received Authorization in the Location query;
     ``/reason`` puts the received Authorization in the reason phrase and a header name;
     ``/gzip`` a gzip-compressed echo; ``/big?n=BYTES`` a long streamed body;
+    ``/forms`` every encoding of the received token in small writes; ``/late?n=BYTES`` the token after filler;
     anything else: ``200 ok``.
     """
 
@@ -124,6 +125,26 @@ class RecordingUpstream:
         if path == "/gzip":
             data = gzip.compress(json.dumps(_echo(request, body)).encode())
             return web.Response(body=data, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if path == "/forms":  # every encoding of the received token, written a few bytes at a time
+            token = auth.partition(" ")[2]
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            for form in canary_forms(token):
+                data = b"<" + form + b">"
+                for i in range(0, len(data), 3):
+                    await resp.write(data[i : i + 3])
+            await resp.write_eof()
+            return resp
+        if path == "/late":  # the token after ``n`` bytes of filler
+            token = auth.partition(" ")[2]
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            n = int(request.query.get("n", "0"))
+            for i in range(0, n, 65536):
+                await resp.write(b"f" * min(65536, n - i))
+            await resp.write(token.encode())
+            await resp.write_eof()
+            return resp
         if path == "/big":
             n = int(request.query.get("n", str(1 << 20)))
             resp = web.StreamResponse()
@@ -216,7 +237,7 @@ class Harness:
                 "auth": {"type": "header", "header": "Authorization", "value": "Bearer {secret}",
                          "secret": "apis/demo#token"},
                 "allow": [{"callers": ["billing"], "paths": ["/anything/**", "/v1/**", "/redirect", "/reason",
-                                                              "/gzip", "/big", "/"]}],
+                                                              "/gzip", "/big", "/forms", "/late", "/"]}],
             }},
         }
         self.config_dict = merge(base, extra or {})
