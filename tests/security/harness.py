@@ -224,7 +224,6 @@ class Harness:
         store.init()
         store.put_sync("apis/demo", "token", Secret(CANARY))
         self.audit_path = tmp / "audit.log"
-        upstream_url = upstream_url.format(proxy=self.url, admin=self.admin_url)  # "{proxy}": credproxy itself
         base = {
             "server": {"listen": f"127.0.0.1:{self.port}",
                        "limits": {"max_body": "64KiB", "header_timeout": "10s"}},
@@ -241,6 +240,8 @@ class Harness:
             }},
         }
         self.config_dict = merge(base, extra or {})
+        for cred in self.config_dict["credentials"].values():  # "{proxy}", "{admin}": credproxy itself
+            cred["upstream"] = cred["upstream"].format(proxy=self.url, admin=self.admin_url)
         self.cfg = config_mod.parse(yaml.safe_dump(self.config_dict), "test.yaml")
         self.proxy = Proxy(self.cfg)
 
@@ -321,3 +322,45 @@ async def read_response(reader: asyncio.StreamReader) -> RawResponse:
             if size == 0:
                 break
     return RawResponse(status, headers, body, head + body)
+
+
+class EchoingBadUpstream(RawUpstream):
+    """Answers with a malformed head that quotes the request's Authorization header, so the
+    client library's parse error (and anything that prints it) carries the secret.
+    A fault-injecting fake: no real server answers like this on demand."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            auth = next((line for line in head.split(b"\r\n") if line.lower().startswith(b"authorization:")), b"")
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Echo: " + auth + b"\x00\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+class SilentUpstream(RawUpstream):
+    """Accepts the request and never answers (an upstream timeout)."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+        self._waiting: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        for task in self._waiting:
+            task.cancel()
+        await super().close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._waiting.add(asyncio.current_task())
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            await asyncio.sleep(30)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
