@@ -360,6 +360,16 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     return out
 
 
+def _without_input(err: dict) -> str:
+    """pydantic's message, minus any echo of the offending value (a tag error quotes it)."""
+    if err["type"] == "union_tag_invalid":
+        return f"must be one of {err['ctx']['expected_tags']}"
+    msg, value = err["msg"], err.get("input")
+    if isinstance(value, str) and value and value in msg:
+        msg = msg.replace(value, "…")
+    return msg
+
+
 def parse(text: str, filename: str = "<config>") -> Config:
     index = _line_index(text)
     try:
@@ -376,9 +386,9 @@ def parse(text: str, filename: str = "<config>") -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors(include_input=False, include_url=False):
+        for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-            problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), err["msg"]))
+            problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), _without_input(err)))
         raise ConfigInvalid(problems) from None
     problems = [Problem(filename, _line_for(index, loc), _dotted(loc), msg) for loc, msg in semantic_problems(cfg)]
     if problems:
