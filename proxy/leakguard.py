@@ -28,10 +28,6 @@ MIN_B64_CORE = 4  # shorter base64 cores would match ordinary text
 _JSON_SHORT = {"\b": b"b", "\f": b"f", "\n": b"n", "\r": b"r", "\t": b"t", '"': b'"', "\\": b"\\", "/": b"/"}
 
 
-class LeakDetected(Exception):
-    pass
-
-
 def _hex_any_case(value: int, width: int) -> bytes:
     out = b""
     for ch in b"%0*X" % (width, value):
