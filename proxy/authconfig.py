@@ -8,6 +8,7 @@ its runtime in ``proxy.credential``.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -61,9 +62,26 @@ class BasicAuth(_Auth):
     password: Ref
 
 
+class AwsSigV4Auth(_Auth):
+    """AWS Signature V4 on every request (``proxy.inject.sigv4``); needs the ``aws`` extra (botocore)."""
+
+    type: Literal["aws_sigv4"]
+    access_key_id: Ref
+    secret_access_key: Ref
+    session_token: Ref | None = None
+    region: str = Field(pattern=r"^[a-z0-9-]{1,64}$")
+    service: str = Field(pattern=r"^[a-z0-9-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _botocore_installed(self) -> "AwsSigV4Auth":
+        if importlib.util.find_spec("botocore") is None:
+            raise ValueError("aws_sigv4 needs botocore: install credproxy[aws]")
+        return self
+
+
 AuthConfig = Annotated[
-    Union[HeaderAuth, QueryAuth, BasicAuth],
+    Union[HeaderAuth, QueryAuth, BasicAuth, AwsSigV4Auth],
     Field(discriminator="type"),
 ]
 
-STATIC_TYPES = frozenset({"header", "query", "basic"})
+STATIC_TYPES = frozenset({"header", "query", "basic", "aws_sigv4"})
