@@ -9,41 +9,24 @@ from then on only correctly signed requests succeed.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
-import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from io import StringIO
-from urllib.parse import quote
 
 import aiohttp
 import boto3
 import pytest
-import yaml
 from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from proxy import config as config_mod
-from proxy.app import Proxy
-from proxy.logs import JsonFormatter
+from _signing_harness import CALLER_TOKEN, Running, assert_nowhere, free_port, logs, start_proxy  # noqa: F401
 from proxy.secret import Secret
-from proxy.store.file import FileStore, generate_key
 
-CALLER_TOKEN = "caller-token-for-sigv4-tests"
 REGION = "us-east-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Moto:
@@ -53,7 +36,7 @@ class Moto:
 
 @pytest.fixture(scope="module")
 def moto():
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -87,60 +70,6 @@ def moto():
         proc.wait(10)
 
 
-@pytest.fixture
-def logs():
-    """Every log record credproxy writes, formatted as it would be on stderr."""
-    buf = StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield buf
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-
-
-class Running:
-    def __init__(self, proxy: Proxy, url: str, admin: str, store: FileStore, audit_path) -> None:
-        self.proxy, self.url, self.admin, self.store, self.audit_path = proxy, url, admin, store, audit_path
-
-
-@pytest.fixture
-async def start_proxy(tmp_path, monkeypatch):
-    monkeypatch.delenv("CREDPROXY_MASTER_KEY", raising=False)
-    started: list[Proxy] = []
-
-    async def start(credentials: dict, secrets: dict[tuple[str, str], str]) -> Running:
-        key_file = tmp_path / "master.key"
-        key_file.write_text(generate_key())
-        key_file.chmod(0o600)
-        port, admin_port = _free_port(), _free_port()
-        data = {
-            "server": {"listen": f"127.0.0.1:{port}"},
-            "admin": {"listen": f"127.0.0.1:{admin_port}"},
-            "secrets": {"backend": "file", "file": {"path": str(tmp_path / "secrets.enc"), "key_file": str(key_file)}},
-            "audit": {"path": str(tmp_path / "audit.log")},
-            "callers": {"app": {"token_sha256": hashlib.sha256(CALLER_TOKEN.encode()).hexdigest()}},
-            "credentials": credentials,
-        }
-        cfg = config_mod.parse(yaml.safe_dump(data))
-        store = FileStore.from_config(cfg.secrets.file)
-        store.init()
-        for (path, field), value in secrets.items():
-            store.put_sync(path, field, Secret(value))
-        proxy = Proxy(cfg)
-        await proxy.start()
-        started.append(proxy)
-        return Running(proxy, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", store,
-                       tmp_path / "audit.log")
-
-    yield start
-    for proxy in started:
-        await proxy.stop()
-
-
 def aws_credential(moto: Moto, service: str, *, secret_path: str = "aws/app", **extra) -> dict:
     auth = {"type": "aws_sigv4", "access_key_id": f"{secret_path}#access_key_id",
             "secret_access_key": f"{secret_path}#secret_access_key", "region": REGION, "service": service}
@@ -160,24 +89,6 @@ def client(running: Running, credential: str, service: str):
 
     c.meta.events.register("before-send", add_caller_token)
     return c
-
-
-def forms(value: str) -> list[str]:
-    return [value, base64.b64encode(value.encode()).decode(), quote(value, safe="")]
-
-
-async def assert_nowhere(running: Running, secret: str, *texts: str) -> None:
-    await asyncio.sleep(0.3)  # the audit log is flushed every 200 ms
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{running.admin}/metrics") as r:
-            metrics = await r.text()
-        async with http.get(f"{running.admin}/v1/credentials") as r:
-            described = await r.text()
-    audit = running.audit_path.read_text() if running.audit_path.exists() else ""
-    for form in forms(secret):
-        for where, text in [("metrics", metrics), ("credentials", described), ("audit", audit),
-                            *((f"text{i}", t) for i, t in enumerate(texts))]:
-            assert form not in text, f"secret found in {where}"
 
 
 async def test_sts_and_s3_through_credproxy(moto, start_proxy, logs):
