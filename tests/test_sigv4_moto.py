@@ -78,6 +78,11 @@ def aws_credential(moto: Moto, service: str, *, secret_path: str = "aws/app", **
             "allow": [{"callers": ["app"], "paths": ["/**"]}], **extra}
 
 
+def read_object(s3, bucket: str, key: str) -> bytes:
+    # The body is read in the worker thread too: credproxy streams it from this test's event loop.
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
 def client(running: Running, credential: str, service: str):
     """A boto3 client that signs nothing and presents only its caller token to credproxy."""
     c = boto3.client(service, endpoint_url=f"{running.url}/{credential}", region_name=REGION,
@@ -104,14 +109,12 @@ async def test_sts_and_s3_through_credproxy(moto, start_proxy, logs):
     await asyncio.to_thread(s3.create_bucket, Bucket="reports")
     small = b"quarterly numbers\n" * 10
     await asyncio.to_thread(s3.put_object, Bucket="reports", Key="q1/summary.txt", Body=small)
-    got = await asyncio.to_thread(s3.get_object, Bucket="reports", Key="q1/summary.txt")
-    assert got["Body"].read() == small
+    assert await asyncio.to_thread(read_object, s3, "reports", "q1/summary.txt") == small
 
     # Larger than replay_max_body: streamed upstream, signed with UNSIGNED-PAYLOAD.
     big = os.urandom(300 * 1024)
     await asyncio.to_thread(s3.put_object, Bucket="reports", Key="raw/blob.bin", Body=big)
-    got = await asyncio.to_thread(s3.get_object, Bucket="reports", Key="raw/blob.bin")
-    assert got["Body"].read() == big
+    assert await asyncio.to_thread(read_object, s3, "reports", "raw/blob.bin") == big
 
     # A key that needs percent-encoding. (moto mis-verifies even boto3's own signatures when the
     # path or query holds escapes such as %3A or %2F, so those are covered in test_sigv4_signer.py.)
