@@ -67,6 +67,7 @@ class Proxy:
         self._cache: SecretCache | None = None
         self._audit: AuditLog | None = None
         self._warm_task: asyncio.Task | None = None
+        self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -106,13 +107,20 @@ class Proxy:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> None:
+    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> str:
+        """Start listening; returns the bound address ("host:port", or "unix:/path")."""
         ctx = server_ssl(tls)
         if listen.unix:
             site = web.UnixSite(runner, listen.unix, ssl_context=ctx)
         else:
             site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=False)
+        before = set(map(str, runner.addresses))
         await site.start()
+        if listen.unix:
+            return str(listen)
+        new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
+        host, port = new[-1][:2]
+        return f"{host}:{port}"
 
     def _server_kwargs(self) -> dict:
         limits = self.cfg.server.limits
@@ -130,7 +138,7 @@ class Proxy:
                                   shutdown_timeout=cfg.server.drain_timeout)
         await runner.setup()
         self._runners.append(runner)
-        await self._site(runner, cfg.server.listen, cfg.server.tls)
+        self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls)
         for name, cred in cfg.credentials.items():
             if cred.listen is None:
                 continue
@@ -142,17 +150,11 @@ class Proxy:
                                  shutdown_timeout=cfg.server.drain_timeout)
             await r.setup()
             self._runners.append(r)
-            await self._site(r, cred.listen, cred.tls or cfg.server.tls)
+            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or cfg.server.tls)
         admin = build_admin_app(holder, cfg.admin.token_file)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
-        await self._site(self._admin_runner, cfg.admin.listen, None)
-
-    def addresses(self) -> list[str]:
-        out = []
-        for r in self._runners + ([self._admin_runner] if self._admin_runner else []):
-            out.extend(str(a) for a in r.addresses)
-        return out
+        self.bound["admin"] = await self._site(self._admin_runner, cfg.admin.listen, None)
 
     async def stop(self) -> None:
         if self.holder is not None:

@@ -11,7 +11,7 @@ import hmac
 import ipaddress
 from dataclasses import dataclass
 
-from multidict import CIMultiDict
+from collections.abc import Mapping
 
 from proxy.config import CallerConfig
 from proxy.errors import Forbidden, Unauthenticated
@@ -54,12 +54,12 @@ class Authenticator:
         self._subjects = {c.cert_subject: name for name, c in (callers or {}).items() if c.cert_subject}
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
 
-    def authenticate(self, headers: CIMultiDict[str], peer_ip: ipaddress._BaseAddress | None,
+    def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
                      peercert: dict | None = None) -> Caller:
-        proxy_auth = headers.getone("Proxy-Authorization", None)
-        auth = headers.getone("Authorization", None)
-        for h in CALLER_HEADERS:
-            headers.popall(h, None)
+        """Identify the caller from the request's own headers (read only; the pipeline
+        removes ``CALLER_HEADERS`` from what it forwards, whatever the outcome)."""
+        proxy_auth = presented.get("Proxy-Authorization")
+        auth = presented.get("Authorization")
         if self.anonymous:
             return Caller(ANONYMOUS)
         name = self._by_token(_bearer(proxy_auth) or _bearer(auth))

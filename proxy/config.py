@@ -285,6 +285,8 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
 
     def claim(listen: Listen, loc: tuple) -> None:
         key = str(listen)
+        if listen.port == 0:  # an ephemeral port never collides
+            return
         if key in listeners:
             out.append((loc, f"listener already used by {_dotted(listeners[key])}"))
         else:
@@ -352,6 +354,8 @@ def parse(text: str, filename: str = "<config>") -> Config:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc += ("type",)
             problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), err["msg"]))
         raise ConfigInvalid(problems) from None
     problems = [Problem(filename, _line_for(index, loc), _dotted(loc), msg) for loc, msg in semantic_problems(cfg)]

@@ -23,8 +23,9 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from _signing_harness import CALLER_TOKEN, Running, assert_nowhere, free_port, logs, start_proxy  # noqa: F401
 from proxy.secret import Secret
+from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
+from tests.helpers import CALLER_TOKENS, free_port
 
 REGION = "us-east-1"
 
@@ -75,7 +76,7 @@ def aws_credential(moto: Moto, service: str, *, secret_path: str = "aws/app", **
             "secret_access_key": f"{secret_path}#secret_access_key", "region": REGION, "service": service}
     auth.update(extra.pop("auth", {}))
     return {"upstream": moto.url, "allow_insecure_upstream": True, "auth": auth,
-            "allow": [{"callers": ["app"], "paths": ["/**"]}], **extra}
+            "allow": [{"callers": [CALLER], "paths": ["/**"]}], **extra}
 
 
 def read_object(s3, bucket: str, key: str) -> bytes:
@@ -90,16 +91,16 @@ def client(running: Running, credential: str, service: str):
                                        retries={"max_attempts": 1, "mode": "standard"}))
 
     def add_caller_token(request, **_):
-        request.headers["Authorization"] = f"Bearer {CALLER_TOKEN}"
+        request.headers["Proxy-Authorization"] = f"Bearer {CALLER_TOKENS[CALLER]}"
 
     c.meta.events.register("before-send", add_caller_token)
     return c
 
 
-async def test_sts_and_s3_through_credproxy(moto, start_proxy, logs):
-    running = await start_proxy(
+async def test_sts_and_s3_through_credproxy(moto, signing_proxy, json_logs):
+    running = await signing_proxy(
         {"sts": aws_credential(moto, "sts"), "s3": aws_credential(moto, "s3", session={"replay_max_body": "64KiB"})},
-        {("aws/app", "access_key_id"): moto.key_id, ("aws/app", "secret_access_key"): moto.secret},
+        {"aws/app#access_key_id": moto.key_id, "aws/app#secret_access_key": moto.secret},
     )
     sts = client(running, "sts", "sts")
     ident = await asyncio.to_thread(sts.get_caller_identity)
@@ -123,25 +124,26 @@ async def test_sts_and_s3_through_credproxy(moto, start_proxy, logs):
     listed = await asyncio.to_thread(s3.list_objects_v2, Bucket="reports")
     assert sorted(o["Key"] for o in listed["Contents"]) == [spaced, "q1/summary.txt", "raw/blob.bin"]
 
-    await assert_nowhere(running, moto.secret, logs.getvalue())
+    await assert_nowhere(running, moto.secret, json_logs.getvalue())
 
 
-async def test_session_token_is_signed_and_sent(moto, start_proxy):
-    running = await start_proxy(
-        {"sts": aws_credential(moto, "sts", secret_path="aws/worker", auth={"session_token": "aws/worker#session_token"})},
-        {("aws/worker", "access_key_id"): moto.temp["AccessKeyId"],
-         ("aws/worker", "secret_access_key"): moto.temp["SecretAccessKey"],
-         ("aws/worker", "session_token"): moto.temp["SessionToken"]},
+async def test_session_token_is_signed_and_sent(moto, signing_proxy):
+    running = await signing_proxy(
+        {"sts": aws_credential(moto, "sts", secret_path="aws/worker",
+                               auth={"session_token": "aws/worker#session_token"})},
+        {"aws/worker#access_key_id": moto.temp["AccessKeyId"],
+         "aws/worker#secret_access_key": moto.temp["SecretAccessKey"],
+         "aws/worker#session_token": moto.temp["SessionToken"]},
     )
     ident = await asyncio.to_thread(client(running, "sts", "sts").get_caller_identity)
     assert ":assumed-role/worker/via-credproxy" in ident["Arn"]
 
 
-async def test_wrong_stored_key_gets_the_upstream_403(moto, start_proxy, logs):
+async def test_wrong_stored_key_gets_the_upstream_403(moto, signing_proxy, json_logs):
     wrong = "wrong" + moto.secret[5:]
-    running = await start_proxy(
+    running = await signing_proxy(
         {"sts": aws_credential(moto, "sts"), "s3": aws_credential(moto, "s3")},
-        {("aws/app", "access_key_id"): moto.key_id, ("aws/app", "secret_access_key"): wrong},
+        {"aws/app#access_key_id": moto.key_id, "aws/app#secret_access_key": wrong},
     )
     with pytest.raises(ClientError) as err:
         await asyncio.to_thread(client(running, "sts", "sts").get_caller_identity)
@@ -150,20 +152,19 @@ async def test_wrong_stored_key_gets_the_upstream_403(moto, start_proxy, logs):
     with pytest.raises(ClientError) as err:
         await asyncio.to_thread(client(running, "s3", "s3").list_buckets)
     assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
-    await asyncio.sleep(0.3)
-    lines = [json.loads(line) for line in running.audit_path.read_text().splitlines()]
-    assert [(a["credential"], a["status"], a["outcome"]) for a in lines] == [("sts", 403, "allowed"), ("s3", 403, "allowed")]
-    await assert_nowhere(running, wrong, logs.getvalue())
+    audit = [(a["credential"], a["status"], a["outcome"]) for a in running.audit()]
+    assert audit == [("sts", 403, "allowed"), ("s3", 403, "allowed")]
+    await assert_nowhere(running, wrong, json_logs.getvalue())
 
 
-async def test_rotated_key_is_picked_up_and_the_request_replayed_with_a_new_signature(moto, start_proxy):
+async def test_rotated_key_is_picked_up_and_the_request_replayed_with_a_new_signature(moto, signing_proxy):
     """The store still holds a retired key when credproxy starts; the operator then writes the
     right one. The upstream's answer matches expired_when, the secret is re-read and the
     request replayed once, signed again with the new key."""
-    running = await start_proxy(
+    running = await signing_proxy(
         {"sts": aws_credential(moto, "sts", session={
             "expired_when": [{"status": 403, "body_contains": "InvalidClientTokenId"}]})},
-        {("aws/app", "access_key_id"): "AKIAIOSFODNN7RETIRED", ("aws/app", "secret_access_key"): "retired-secret"},
+        {"aws/app#access_key_id": "AKIAIOSFODNN7RETIRED", "aws/app#secret_access_key": "retired-secret"},
     )
     sts = client(running, "sts", "sts")
     with pytest.raises(ClientError) as err:  # the retired key is unknown upstream; nothing newer exists yet
@@ -175,23 +176,22 @@ async def test_rotated_key_is_picked_up_and_the_request_replayed_with_a_new_sign
     running.proxy._cache._entries["aws/app"].reread_at = float("-inf")
     ident = await asyncio.to_thread(sts.get_caller_identity)
     assert ident["Arn"].endswith(":user/app")
-    await asyncio.sleep(0.3)
-    last = json.loads(running.audit_path.read_text().splitlines()[-1])
+    last = running.audit()[-1]
     assert (last["status"], last["token_refreshed"]) == (200, True)
 
 
-async def test_caller_signature_headers_and_presigned_params_are_replaced(moto, start_proxy):
+async def test_caller_signature_headers_and_presigned_params_are_replaced(moto, signing_proxy):
     """A caller that sends its own (bogus) SigV4 material: it is removed, not forwarded.
     moto would refuse a request carrying a session token for a long-term key, or a
     presigned-URL signature."""
-    running = await start_proxy(
+    running = await signing_proxy(
         {"s3": aws_credential(moto, "s3")},
-        {("aws/app", "access_key_id"): moto.key_id, ("aws/app", "secret_access_key"): moto.secret},
+        {"aws/app#access_key_id": moto.key_id, "aws/app#secret_access_key": moto.secret},
     )
     s3 = client(running, "s3", "s3")
     await asyncio.to_thread(s3.create_bucket, Bucket="inbox")
     await asyncio.to_thread(s3.put_object, Bucket="inbox", Key="note.txt", Body=b"hello")
-    bogus = {"Authorization": f"Bearer {CALLER_TOKEN}", "X-Amz-Date": "19990101T000000Z",
+    bogus = {**running.caller_headers, "X-Amz-Date": "19990101T000000Z",
              "X-Amz-Security-Token": "caller-made-up-token", "X-Amz-Content-SHA256": "0" * 64,
              "Date": "Fri, 01 Jan 1999 00:00:00 GMT"}
     query = ("X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAFAKE%2F19990101%2Fus-east-1%2Fs3%2Faws4_request"

@@ -5,7 +5,6 @@ that actually arrived."""
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import hashlib
 import hmac
@@ -19,11 +18,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from _signing_harness import CALLER_TOKEN, Running, assert_nowhere, logs, start_proxy  # noqa: F401
 from proxy import config as config_mod
 from proxy.inject.sigv4 import SigV4Injector, canonical_query
 from proxy.outbound import Outbound
 from proxy.secret import Secret
+from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 
 KEY_ID = "AKIDEXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
@@ -80,7 +79,8 @@ def test_caller_signature_material_is_removed_and_content_headers_kept():
     assert out.headers["X-Amz-Date"] == "20150830T123600Z"
     assert out.headers["X-Amz-Content-SHA256"] == hashlib.sha256(b"x").hexdigest()
     assert out.headers["X-Amz-Meta-Owner"] == "billing"
-    assert "SignedHeaders=content-type;host;x-amz-content-sha256;x-amz-date;x-amz-meta-owner," in out.headers["Authorization"]
+    signed = "SignedHeaders=content-type;host;x-amz-content-sha256;x-amz-date;x-amz-meta-owner,"
+    assert signed in out.headers["Authorization"]
 
 
 def test_session_token_is_sent_and_signed():
@@ -109,7 +109,8 @@ def test_each_attempt_gets_a_fresh_signature():
 
 
 def test_query_is_rewritten_in_canonical_encoding():
-    assert canonical_query("b=2&a=x+y&c=%7e&d&prefix=q1/&e=%2f&&k=%C3%A9") == "b=2&a=x%20y&c=~&d=&prefix=q1%2F&e=%2F&k=%C3%A9"
+    assert (canonical_query("b=2&a=x+y&c=%7e&d&prefix=q1/&e=%2f&&k=%C3%A9")
+            == "b=2&a=x%20y&c=~&d=&prefix=q1%2F&e=%2F&k=%C3%A9")
 
 
 @pytest.mark.parametrize("bad,field", [
@@ -133,7 +134,8 @@ def test_config_without_botocore_says_what_to_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "botocore" else real(name, *a))
-    auth = {"type": "aws_sigv4", "access_key_id": "a#b", "secret_access_key": "a#c", "region": "us-east-1", "service": "s3"}
+    auth = {"type": "aws_sigv4", "access_key_id": "a#b", "secret_access_key": "a#c",
+            "region": "us-east-1", "service": "s3"}
     with pytest.raises(config_mod.ConfigInvalid) as err:
         config_mod.parse(json.dumps({"credentials": {"aws": {"upstream": "https://s3.amazonaws.com", "auth": auth}}}))
     assert "install credproxy[aws]" in str(err.value.problems[0])
@@ -205,15 +207,15 @@ async def verifying_upstream(aiohttp_server):
     return server, received
 
 
-async def test_signed_requests_verify_at_the_upstream(start_proxy, verifying_upstream, logs):
+async def test_signed_requests_verify_at_the_upstream(signing_proxy, verifying_upstream, json_logs):
     server, received = verifying_upstream
-    running: Running = await start_proxy({"s3": {
+    running: Running = await signing_proxy({"s3": {
         "upstream": str(server.make_url("/")).rstrip("/"), "allow_insecure_upstream": True,
         "auth": {"type": "aws_sigv4", "access_key_id": "aws/app#id", "secret_access_key": "aws/app#secret",
                  "region": "us-east-1", "service": "s3"},
         "session": {"replay_max_body": "64KiB"},
-        "allow": [{"callers": ["app"], "paths": ["/**"]}],
-    }}, {("aws/app", "id"): KEY_ID, ("aws/app", "secret"): SECRET})
+        "allow": [{"callers": [CALLER], "paths": ["/**"]}],
+    }}, {"aws/app#id": KEY_ID, "aws/app#secret": SECRET})
     big = os.urandom(200 * 1024)
     headers = {**running.caller_headers, "X-Amz-Meta-Team": "billing", "Content-Type": "text/plain"}
     async with aiohttp.ClientSession() as http:
@@ -239,4 +241,4 @@ async def test_signed_requests_verify_at_the_upstream(start_proxy, verifying_ups
     assert received[0]["headers"]["Host"] == f"127.0.0.1:{server.port}"
     assert "Bearer" not in json.dumps([r["headers"] for r in received])  # the caller token never goes upstream
     assert (status_echo, echoed) == (200, "your secret is [REDACTED]")
-    await assert_nowhere(running, SECRET, logs.getvalue(), echoed)
+    await assert_nowhere(running, SECRET, json_logs.getvalue(), echoed)

@@ -19,10 +19,10 @@ import pytest
 import trustme
 from aiohttp import web
 
-from _signing_harness import Running, assert_nowhere, logs, start_proxy  # noqa: F401
 from proxy import config as config_mod
 from proxy.clienttls import build_context, pem_path
 from proxy.secret import Secret
+from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 
 API_TOKEN = "api-token-used-together-with-the-client-cert"
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
@@ -54,7 +54,7 @@ def pki(tmp_path):
 
 
 @pytest.fixture
-async def upstream(aiohttp_server, pki):
+async def mtls_upstream(aiohttp_server, pki):
     """HTTPS upstream that refuses a handshake without a client certificate from the CA,
     and answers with the certificate's common name and whether the API token came along."""
     seen: list[str] = []
@@ -81,7 +81,7 @@ def credential(server, pki, *, with_cert: bool = True) -> dict:
         tls.update(client_cert="tls/client#cert", client_key="tls/client#key")
     return {"upstream": f"https://127.0.0.1:{server.port}", "upstream_tls": tls,
             "auth": {"type": "header", "secret": "api/token#value"},
-            "allow": [{"callers": ["app"], "paths": ["/**"]}]}
+            "allow": [{"callers": [CALLER], "paths": ["/**"]}]}
 
 
 async def get(running: Running, path: str) -> tuple[int, dict]:
@@ -113,13 +113,13 @@ def files_containing(markers: list[str], since: float) -> list[str]:
 
 
 async def test_upstream_accepts_credproxys_certificate_and_refuses_a_call_without(
-        start_proxy, upstream, pki, logs):
-    server, seen = upstream
+        signing_proxy, mtls_upstream, pki, json_logs):
+    server, seen = mtls_upstream
     cert, key, not_after = pki.client("billing-client", days=30)
     started = time.time() - 1
-    running = await start_proxy(
+    running = await signing_proxy(
         {"mtls": credential(server, pki), "nocert": credential(server, pki, with_cert=False)},
-        {("tls/client", "cert"): cert, ("tls/client", "key"): key, ("api/token", "value"): API_TOKEN},
+        {"tls/client#cert": cert, "tls/client#key": key, "api/token#value": API_TOKEN},
     )
     status, body = await get(running, "/mtls/v1/ping")
     assert (status, body) == (200, {"client": "billing-client", "token": True})
@@ -143,16 +143,16 @@ async def test_upstream_accepts_credproxys_certificate_and_refuses_a_call_withou
     # No key material left in any file.
     assert files_containing(key_markers(key), started) == []
     for marker in key_markers(key):
-        await assert_nowhere(running, marker, logs.getvalue(), json.dumps(body))
+        await assert_nowhere(running, marker, json_logs.getvalue(), json.dumps(body))
 
 
-async def test_rotation_is_picked_up_and_a_half_rotated_pair_keeps_the_old_certificate(start_proxy, upstream, pki):
-    server, seen = upstream
+async def test_rotation_is_picked_up_and_a_half_rotated_pair_keeps_the_old_one(signing_proxy, mtls_upstream, pki):
+    server, seen = mtls_upstream
     cert_a, key_a, _ = pki.client("client-a", days=10)
     cert_b, key_b, not_after_b = pki.client("client-b", days=90)
-    running = await start_proxy({"mtls": credential(server, pki)},
-                                {("tls/client", "cert"): cert_a, ("tls/client", "key"): key_a,
-                                 ("api/token", "value"): API_TOKEN})
+    running = await signing_proxy({"mtls": credential(server, pki)},
+                                {"tls/client#cert": cert_a, "tls/client#key": key_a,
+                                 "api/token#value": API_TOKEN})
     cache = running.proxy._cache
     assert (await get(running, "/mtls/x"))[1]["client"] == "client-a"
 
@@ -174,19 +174,19 @@ async def test_rotation_is_picked_up_and_a_half_rotated_pair_keeps_the_old_certi
     assert seen == ["client-a", "client-a", "client-b"]
 
 
-async def test_unusable_or_missing_certificate_answers_503(start_proxy, upstream, pki, logs):
-    server, seen = upstream
+async def test_unusable_or_missing_certificate_answers_503(signing_proxy, mtls_upstream, pki, json_logs):
+    server, seen = mtls_upstream
     cert, key, _ = pki.client("other", days=5)
     _, wrong_key, _ = pki.client("someone-else", days=5)
-    running = await start_proxy(
+    running = await signing_proxy(
         {"mismatch": {**credential(server, pki), "upstream_tls": {
             "ca_file": str(pki.ca_file), "client_cert": "tls/client#cert", "client_key": "tls/other#key"}},
          "garbage": {**credential(server, pki), "upstream_tls": {
              "ca_file": str(pki.ca_file), "client_cert": "tls/client#key", "client_key": "tls/client#key"}},
          "missing": {**credential(server, pki), "upstream_tls": {
              "ca_file": str(pki.ca_file), "client_cert": "tls/absent#cert", "client_key": "tls/absent#key"}}},
-        {("tls/client", "cert"): cert, ("tls/client", "key"): key, ("tls/other", "key"): wrong_key,
-         ("api/token", "value"): API_TOKEN},
+        {"tls/client#cert": cert, "tls/client#key": key, "tls/other#key": wrong_key,
+         "api/token#value": API_TOKEN},
     )
     for name in ("mismatch", "garbage", "missing"):
         status, body = await get(running, f"/{name}/x")
@@ -200,7 +200,7 @@ async def test_unusable_or_missing_certificate_answers_503(start_proxy, upstream
     assert described["garbage"]["upstream_tls"]["last_error"] == "client_cert_invalid"
     assert described["missing"]["upstream_tls"]["last_error"] == "SecretNotFound"
     for marker in key_markers(key) + key_markers(wrong_key):
-        await assert_nowhere(running, marker, logs.getvalue())
+        await assert_nowhere(running, marker, json_logs.getvalue())
 
 
 def test_client_cert_needs_its_key():
@@ -226,8 +226,8 @@ def test_fallback_file_is_private_and_removed(tmp_path):
 
 
 @pytest.mark.parametrize("use_memfd", [True, False])
-async def test_both_loading_paths_give_a_working_context(upstream, pki, tmp_path, use_memfd):
-    server, seen = upstream
+async def test_both_loading_paths_give_a_working_context(mtls_upstream, pki, tmp_path, use_memfd):
+    server, seen = mtls_upstream
     cert, key, _ = pki.client(f"direct-{use_memfd}", days=1)
     ctx = build_context(str(pki.ca_file), Secret(cert), Secret(key), use_memfd=use_memfd, base_dir=str(tmp_path))
     async with aiohttp.ClientSession() as http:
