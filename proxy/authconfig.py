@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.secret import SecretRef
 from proxy.template import Template
@@ -79,9 +79,41 @@ class AwsSigV4Auth(_Auth):
         return self
 
 
+class HmacAuth(_Auth):
+    """A generic HMAC request signature (``proxy.inject.hmacsign``)."""
+
+    type: Literal["hmac"]
+    secret: Ref  # the HMAC key
+    key_encoding: Literal["raw", "base64", "hex"] = "raw"
+    key_id: str | None = None
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    canonical: str = Field(min_length=1)
+    timestamp_format: Literal["unix", "unix_ms", "iso8601", "http_date"] = "unix"
+    headers: dict[str, str] = Field(default_factory=lambda: {"Authorization": "{signature}"}, min_length=1)
+
+    @field_validator("canonical")
+    @classmethod
+    def _canonical_template(cls, v: str) -> str:
+        from proxy.inject import hmacsign
+
+        hmacsign.parse(v, hmacsign.CANONICAL_FIELDS)
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _header_templates(cls, v: dict[str, str]) -> dict[str, str]:
+        from proxy.inject import hmacsign
+
+        parsed = [hmacsign.parse(value, hmacsign.HEADER_FIELDS) for value in v.values()]
+        if not any("signature" in hmacsign.fields(p) for p in parsed):
+            raise ValueError("one of the headers must contain {signature}")
+        return v
+
+
 AuthConfig = Annotated[
-    Union[HeaderAuth, QueryAuth, BasicAuth, AwsSigV4Auth],
+    Union[HeaderAuth, QueryAuth, BasicAuth, AwsSigV4Auth, HmacAuth],
     Field(discriminator="type"),
 ]
 
-STATIC_TYPES = frozenset({"header", "query", "basic", "aws_sigv4"})
+STATIC_TYPES = frozenset({"header", "query", "basic", "aws_sigv4", "hmac"})

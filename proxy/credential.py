@@ -73,7 +73,7 @@ class AuthSource(abc.ABC):
 
 
 class StaticSource(AuthSource):
-    """``header``, ``query``, ``basic``, ``aws_sigv4``: the values are the stored secrets themselves."""
+    """``header``, ``query``, ``basic``, ``aws_sigv4``, ``hmac``: the values are the stored secrets themselves."""
 
     def __init__(self, auth, cache: SecretCache) -> None:
         self._cache = cache
@@ -195,7 +195,7 @@ class Credential:
 
 def build_source(cfg: CredentialConfig, cache: SecretCache, **deps) -> AuthSource:
     """The one place that maps an auth type to its runtime source."""
-    if cfg.auth.type in ("header", "query", "basic", "aws_sigv4"):
+    if cfg.auth.type in ("header", "query", "basic", "aws_sigv4", "hmac"):
         return StaticSource(cfg.auth, cache)
     from proxy.tokens import token_source  # token types live in their own package
 
