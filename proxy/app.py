@@ -58,7 +58,7 @@ def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: 
             source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
         else:
             source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store)
-        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
+        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), cache=cache, metrics=metrics)
     return out
 
 
@@ -130,7 +130,7 @@ class Proxy:
             state = self.holder.current
             failed = 0
             for cred in state.credentials.values():
-                for ref in cred.source.refs():
+                for ref in cred.refs():
                     try:
                         await state.cache.read(ref)
                     except Exception as exc:  # noqa: BLE001 - reported, retried

@@ -15,10 +15,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.authconfig import AuthConfig
-from proxy.types import Duration, ListenAddr, Listen, Size
+from proxy.types import Duration, ListenAddr, Listen, Ref, Size
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -146,6 +146,14 @@ class AllowRule(_Model):
 
 class UpstreamTLSConfig(_Model):
     ca_file: str | None = None
+    client_cert: Ref | None = None  # PEM certificate (chain), presented to the upstream (mTLS)
+    client_key: Ref | None = None  # PEM private key (unencrypted) for client_cert
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "UpstreamTLSConfig":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key are set together")
+        return self
 
 
 class ProbeConfig(_Model):
