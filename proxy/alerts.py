@@ -29,6 +29,7 @@ from yarl import URL
 
 from proxy.audit import AuditEvent, AuditLog
 from proxy.config import AlertsConfig
+from proxy.netguard import AddressPolicy
 
 log = logging.getLogger("credproxy.alerts")
 
@@ -77,7 +78,8 @@ class WebhookSender:
             self._task = None
 
     async def _run(self) -> None:
-        async with aiohttp.ClientSession(timeout=self._timeout, trust_env=False) as session:
+        connector = aiohttp.TCPConnector(socket_factory=AddressPolicy().socket_factory)
+        async with aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=False) as session:
             while True:
                 payload = await self._queue.get()
                 try:

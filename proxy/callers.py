@@ -1,7 +1,8 @@
 """Who is calling: caller tokens (SHA-256 only, constant-time compare), client certificates.
 
-``authenticate`` removes both caller-credential headers from what will be
-forwarded, whatever the outcome. ``check_source`` applies the caller's
+``authenticate`` reads the request's own headers; the pipeline removes both
+caller-credential headers from what it forwards, whatever the outcome.
+``check_source`` applies the caller's
 ``allow_ips`` lock to the socket peer address; it is a separate step so the
 audit line and the misuse alerts name the caller whose token was used from the
 wrong place.
@@ -17,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
-
-from multidict import CIMultiDict
 
 from proxy.config import CallerConfig
 from proxy.errors import Forbidden, Unauthenticated
@@ -82,12 +82,12 @@ class Authenticator:
         self._subjects = [(parse_subject(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
 
-    def authenticate(self, headers: CIMultiDict[str], peer_ip: ipaddress._BaseAddress | None,
+    def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
                      peercert: dict | None = None) -> Caller:
-        proxy_auth = headers.getone("Proxy-Authorization", None)
-        auth = headers.getone("Authorization", None)
-        for h in CALLER_HEADERS:
-            headers.popall(h, None)
+        """Identify the caller from the request's own headers (read only; the pipeline
+        removes ``CALLER_HEADERS`` from what it forwards, whatever the outcome)."""
+        proxy_auth = presented.get("Proxy-Authorization")
+        auth = presented.get("Authorization")
         if self.anonymous:
             return Caller(ANONYMOUS)
         name = self._by_token(_bearer(proxy_auth) or _bearer(auth))

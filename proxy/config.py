@@ -15,10 +15,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.authconfig import AuthConfig
-from proxy.types import Duration, ListenAddr, Listen, Size
+from proxy.types import Duration, ListenAddr, Listen, Ref, Size
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -175,12 +175,34 @@ class AllowRule(_Model):
 
 class UpstreamTLSConfig(_Model):
     ca_file: str | None = None
+    client_cert: Ref | None = None  # PEM certificate (chain), presented to the upstream (mTLS)
+    client_key: Ref | None = None  # PEM private key (unencrypted) for client_cert
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "UpstreamTLSConfig":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key are set together")
+        return self
 
 
 class ProbeConfig(_Model):
     method: str = "GET"
     path: str = "/"
-    expect_status: int = 200
+    expect_status: int = Field(200, ge=100, le=599)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]+", v):
+            raise ValueError("must be an HTTP method name")
+        return v.upper()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with / (upstream-relative, may carry a query)")
+        return v
 
 
 class CredentialConfig(_Model):
@@ -308,6 +330,8 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
 
     def claim(listen: Listen, loc: tuple) -> None:
         key = str(listen)
+        if listen.port == 0:  # an ephemeral port never collides
+            return
         if key in listeners:
             out.append((loc, f"listener already used by {_dotted(listeners[key])}"))
         else:
@@ -340,7 +364,7 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             for c in rule.callers or []:
                 if c != "*" and c not in callers:
                     out.append((base + ("allow", i, "callers"), "names a caller that is not defined under callers"))
-        own_fields = set(cred.auth.ref_fields()) | {"secret"}
+        own_fields = cred.auth.overridable_fields()
         for caller_name, overrides in cred.auth.per_caller.items():
             if caller_name not in callers:
                 out.append((base + ("auth", "per_caller", caller_name), "names a caller that is not defined under callers"))
@@ -388,6 +412,8 @@ def parse(text: str, filename: str = "<config>") -> Config:
         problems = []
         for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+                loc += ("type",)
             problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), _without_input(err)))
         raise ConfigInvalid(problems) from None
     problems = [Problem(filename, _line_for(index, loc), _dotted(loc), msg) for loc, msg in semantic_problems(cfg)]

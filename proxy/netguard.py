@@ -81,7 +81,13 @@ class AddressPolicy:
 
     @classmethod
     def from_config(cls, server) -> "AddressPolicy":
-        return cls(deny_private=server.deny_private_upstreams, deny=server.deny_upstream_networks)
+        policy = cls()
+        policy.configure(server)
+        return policy
+
+    def configure(self, server) -> None:
+        """Apply ``server.deny_private_upstreams`` / ``deny_upstream_networks`` (at start and on reload)."""
+        self.denied = ALWAYS_DENIED + (PRIVATE if server.deny_private_upstreams else ()) + tuple(server.deny_upstream_networks)
 
     def add_own(self, host: str, port: int) -> None:
         """Record one of credproxy's own listening addresses."""

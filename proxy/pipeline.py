@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 
 from proxy import errors, guards
 from proxy.audit import AuditEvent, strip_query_values
+from proxy.callers import CALLER_HEADERS
 from proxy.body import BodyTooLarge, RequestBody, read_body
 from proxy.credential import Credential, Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError, UpstreamTimeout
@@ -72,13 +73,13 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     state.metrics.inflight.inc()
     try:
         guards.check_request(request)
-        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path, state.credentials)
+        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential
-        headers = CIMultiDict(request.headers)
+        headers = strip_hop_by_hop(request.headers)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        # Before hop-by-hop stripping: Proxy-Authorization is hop-by-hop, and it is addressed to us.
-        caller = state.authenticator.authenticate(headers, ip, peercert)
-        headers = strip_hop_by_hop(headers)
+        for name in CALLER_HEADERS:
+            headers.popall(name, None)
+        caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
         state.authenticator.check_source(caller, ip)
         cred = state.credentials.get(route.credential)
@@ -98,9 +99,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         cred.touch()
         limits = state.config.server.limits
         body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
-        response = await forward(request, state, cred, caller.name, route, headers, body, trace)
-        trace.outcome = trace.outcome if trace.outcome == "error" and trace.reason else "allowed"
-        return response
+        return await forward(request, state, cred, caller.name, route, headers, body, trace)
     except ProxyError as exc:
         trace.status, trace.reason = exc.status, exc.reason
         trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
@@ -133,7 +132,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
                     log.info("upstream rejected the credential; replaying once",
                              extra={"request_id": trace.request_id, "credential": cred.name})
                     continue
-        trace.status = upstream.status
+        trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
                            state.metrics.leaks.labels(cred.name), write_timeout=state.config.server.limits.write_timeout)
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2

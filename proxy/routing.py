@@ -12,7 +12,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from proxy.errors import BadRequest, Forbidden
+from proxy.errors import BadRequest
 
 _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
 # pchar minus pct-encoded: kept literally; anything else is percent-encoded.
@@ -81,14 +81,13 @@ def split_target(raw_target: str) -> tuple[str, str]:
     return path, query
 
 
-def route_prefixed(raw_target: str, known: "frozenset[str] | dict") -> Route:
-    """Main listener: ``/<credential>/<rest>``. Unknown names are 403 like any denial."""
+def route_prefixed(raw_target: str) -> Route:
+    """Main listener: ``/<credential>/<rest>``. Whether the name exists is decided after
+    the caller is authenticated, so unauthenticated callers learn nothing about names."""
     path, query = split_target(raw_target)
     canon = canonical_path(path)
-    name, sep, rest = canon[1:].partition("/")
-    if name not in known:
-        raise Forbidden("unknown credential", reason="unknown_credential")
-    return Route(name, "/" + rest, query)
+    name, _, rest = canon[1:].partition("/")
+    return Route(name[:64], "/" + rest, query)
 
 
 def route_dedicated(raw_target: str, credential: str) -> Route:

@@ -20,8 +20,9 @@ _SHAPES = [
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[REDACTED]"),  # JWT
     (re.compile(r"\b00D[A-Za-z0-9]{12,15}![A-Za-z0-9._]{20,}"), "[REDACTED]"),  # Salesforce session ID
     (re.compile(r"\bcp_[A-Za-z0-9_-]{20,}"), "[REDACTED]"),  # credproxy caller token (credproxy callers new)
-    (re.compile(r"(?i)((?:proxy-)?authorization|cookie)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\"'\\\r\n,}]+"), r"\1\2[REDACTED]"),
-    (re.compile(r"(?i)(\\?[\"']?\b(?:" + _SECRET_KEYS + r")\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"'\\&,}]+"), r"\1[REDACTED]"),
+    # A value, not a structure: "token": {...} in an admin answer is left alone.
+    (re.compile(r"(?i)((?:proxy-)?authorization|cookie)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\"'\\\r\n,{}\[]+"), r"\1\2[REDACTED]"),
+    (re.compile(r"(?i)(\\?[\"']?\b(?:" + _SECRET_KEYS + r")\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"'\\&,{}\[]+"), r"\1[REDACTED]"),
 ]
 
 

@@ -33,8 +33,10 @@ class _Cached:
 
 class SecretCache:
     def __init__(self, store: SecretStore, *, refresh_interval: float = 60.0, max_staleness: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_backend_error: Callable[[Exception], None] | None = None) -> None:
         self.store = store
+        self._on_backend_error = on_backend_error or (lambda _exc: None)
         self.refresh_interval = refresh_interval
         self.max_staleness = max_staleness
         self._clock = clock
@@ -67,11 +69,20 @@ class SecretCache:
             fut.add_done_callback(lambda _f: self._inflight.pop(path, None))
         return await asyncio.shield(fut)
 
+    async def refetch(self, path: str) -> SecretEntry:
+        """Read ``path`` from the backend now, bypassing the cache and the re-read rate limit
+        (an operator asked for it)."""
+        return await self._fetch(path)
+
     async def _do_fetch(self, path: str) -> SecretEntry:
         try:
             entry = await self.store.get(path)
-        except (SecretAccessDenied, SecretNotFound):
+        except (SecretAccessDenied, SecretNotFound) as exc:
             self._entries.pop(path, None)
+            self._on_backend_error(exc)
+            raise
+        except SecretBackendError as exc:
+            self._on_backend_error(exc)
             raise
         old = self._entries.get(path)
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
@@ -103,11 +114,13 @@ class SecretCache:
                 continue
             try:
                 version = await self.store.version(path)
-            except (SecretAccessDenied, SecretNotFound):
+            except (SecretAccessDenied, SecretNotFound) as exc:
                 self._entries.pop(path, None)
+                self._on_backend_error(exc)
                 log.warning("secret no longer readable; dropped", extra={"secret_path": path})
                 continue
-            except SecretBackendError:
+            except SecretBackendError as exc:
+                self._on_backend_error(exc)
                 continue  # keep last-known-good; staleness bounds how long
             if version != cached.entry.version:
                 try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -49,8 +50,11 @@ def _system_context() -> ssl.SSLContext:
 
 class UpstreamClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float, ssl_ctx: ssl.SSLContext | None = None,
-                 limit: int = 256, address_policy: AddressPolicy | None = None) -> None:
+                 limit: int = 256, ssl_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
+                 address_policy: AddressPolicy | None = None) -> None:
         self._ssl = ssl_ctx or ssl_context()
+        # Asked before each request (client certificates rotate); pools are kept per context.
+        self._ssl_provider = ssl_provider
         self._addresses = address_policy or AddressPolicy()
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
                                               sock_read=read_timeout)
@@ -69,10 +73,11 @@ class UpstreamClient:
         return self._session
 
     async def send(self, out: Outbound) -> aiohttp.ClientResponse:
+        ssl_ctx = await self._ssl_provider() if self._ssl_provider else self._ssl
         try:
             return await self.session.request(
                 out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False,
-                compress=None, chunked=None,
+                compress=None, chunked=None, ssl=ssl_ctx,
             )
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from None

@@ -72,6 +72,7 @@ ERROR_PATHS = [
     (request("GET /demo/forms"), 200),
     (request("GET /demo/anything/x", auth=False), 401),
     (request("GET /demo/anything/x", "Authorization: Bearer wrong-token", auth=False), 401),
+    (request("GET /demo/anything/x", "Proxy-Authorization: Bearer wrong-token", auth=False), 401),
     (request("GET /nosuch/x"), 403),
     (request("GET /demo/a%2Fb"), 400),
     (request("TRACE /demo/anything/x"), 400),

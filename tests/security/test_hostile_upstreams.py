@@ -140,3 +140,22 @@ async def test_upstream_ok_after_refusals(proxy, upstream):
     resp = await raw_exchange(proxy.port, GET_A)
     assert resp.status == 200
     assert CANARY not in resp.body.decode()
+
+
+
+async def test_token_endpoints_are_checked_like_upstreams(upstream):
+    """Token endpoints use their own client (``TokenHttp``); it checks addresses the same way."""
+    import ipaddress
+
+    from proxy.netguard import AddressPolicy
+    from proxy.tokens.failure import TokenFailure
+    from proxy.tokens.http import TokenHttp
+
+    assert TokenHttp()._addresses.refusal("169.254.169.254", 80) is not None  # always, without any config
+    http = TokenHttp(address_policy=AddressPolicy(deny=[ipaddress.ip_network("127.0.0.0/8")]))
+    try:
+        with pytest.raises(TokenFailure):
+            await http.send("POST", upstream.url + "/oauth/token", headers={}, body=b"grant_type=client_credentials")
+    finally:
+        await http.close()
+    assert upstream.seen == []
