@@ -15,18 +15,27 @@ from functools import partial
 from aiohttp import web
 
 from proxy import config as config_mod
-from proxy.admin import build_admin_app
+from proxy import logfilter
+from proxy.admin import AdminAuth, build_admin_app
+from proxy.alerts import AlertMonitor, WebhookSender
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
 from proxy.credential import Credential, build_source
+from proxy.drain import FINISH_GRACE, drain
+from proxy.httpserver import GuardedServer
 from proxy.metrics import Metrics
-from proxy.pipeline import handle
+from proxy.netguard import AddressPolicy
+from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
+from proxy.reload import ReloadResult, Reloader, source_reusable
+from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
 from proxy.state import State, StateHolder
 from proxy.store import open_store
 from proxy.types import Listen
+from proxy.watch import ConfigWatcher
 
 log = logging.getLogger("credproxy")
 
@@ -43,50 +52,100 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None
-                      ) -> dict[str, Credential]:
+def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
+                      *, source_factory=build_source, keep_objects: bool = True,
+                      address_policy: AddressPolicy | None = None) -> dict[str, Credential]:
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
-        if old is not None and old.cfg == c and old.leak_guard == cfg.leak_guard_for(name):
+        if keep_objects and old is not None and old.cfg == c and old.leak_guard == cfg.leak_guard_for(name):
             out[name] = old  # unchanged: keep its token cache and pool
             continue
-        source = build_source(c, cache, name=name, metrics=metrics, store=cache.store)
-        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
+        if old is not None and source_reusable(old.cfg, c):
+            source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
+        else:
+            source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store)
+        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), cache=cache, metrics=metrics,
+                               address_policy=address_policy)
     return out
 
 
 class Proxy:
-    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None, *, source_factory=build_source,
+                 watch_interval: float | None = 2.0) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.holder: StateHolder | None = None
+        self.source_factory = source_factory
+        self.watch_interval = watch_interval  # None: no config-file watcher
+        self.reloader = Reloader(self)
+        self.admin_auth = AdminAuth()
+        self.dedicated: dict[str, tuple[tuple, web.ServerRunner]] = {}  # name -> ((listen, tls), runner)
+        self._watcher: ConfigWatcher | None = None
         self._runners: list[web.BaseRunner] = []
         self._admin_runner: web.AppRunner | None = None
         self._store = None
         self._cache: SecretCache | None = None
         self._audit: AuditLog | None = None
         self._warm_task: asyncio.Task | None = None
+        self._metrics: Metrics | None = None
+        self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
+        self._addresses = AddressPolicy.from_config(cfg.server)  # shared by every credential's upstream client
+        self._alerts: AlertMonitor | None = None
+        self._webhook: WebhookSender | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
+        logfilter.install(SCRUBBER)
         self._store = open_store(cfg.secrets)
         await self._store.start()
         vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
-        self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
-                                  max_staleness=vault.max_staleness if vault else float("inf"))
         metrics = Metrics()
-        self._cache.on_error(lambda _path: metrics.backend_errors.labels(self._store.name).inc())
+        backend_errors = metrics.backend_errors.labels(self._store.name)
+        self._cache = SecretCache(self._store, refresh_interval=vault.refresh_interval if vault else 60.0,
+                                  max_staleness=vault.max_staleness if vault else float("inf"),
+                                  on_backend_error=lambda _exc: backend_errors.inc())
+        self._metrics = metrics
         self._audit = AuditLog(cfg.audit.path)
         self._audit.start()
-        credentials = build_credentials(cfg, self._cache, metrics)
-        state = State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, metrics, self._cache)
+        self._alerts = self._alert_monitor(cfg, metrics)
+        self.admin_auth.load(cfg.admin.token_file)
+        state = self.build_state(cfg)
         self.holder = StateHolder(state)
-        for cred in credentials.values():
+        for cred in state.credentials.values():
             await cred.start()
         self._cache.start()
-        self._warm_task = asyncio.get_running_loop().create_task(self._warm())
+        self.ensure_warming()
         await self._listen()
+        if self.config_path is not None and self.watch_interval:
+            self.reloader.remember_file()
+            self._watcher = ConfigWatcher(self.config_path, self.reloader, interval=self.watch_interval)
+            self._watcher.start()
+
+    def build_state(self, cfg: Config, reuse: dict[str, Credential] | None = None, *, keep_objects: bool = True) -> State:
+        self._addresses.configure(cfg.server)
+        credentials = build_credentials(cfg, self._cache, self._metrics, reuse, source_factory=self.source_factory,
+                                        keep_objects=keep_objects, address_policy=self._addresses)
+        if self._alerts is not None:
+            self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
+        return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
+                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg))
+
+    def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
+        if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
+            failures = metrics.alert_webhook_failures
+            self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
+                                          on_failure=lambda reason: failures.labels(reason).inc())
+            self._webhook.start()
+        return AlertMonitor(cfg.alerts, audit=self._audit, counter=metrics.alerts, webhook=self._webhook)
+
+    async def reload(self, trigger: str = "api") -> ReloadResult:
+        """Re-read the config file; see ``proxy.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
+        return await self.reloader.reload(trigger)
+
+    def ensure_warming(self) -> None:
+        if self._warm_task is None or self._warm_task.done():
+            self._warm_task = asyncio.get_running_loop().create_task(self._warm())
 
     async def _warm(self) -> None:
         """Read every referenced secret once so the first request does not wait, retrying until all load."""
@@ -95,7 +154,7 @@ class Proxy:
             state = self.holder.current
             failed = 0
             for cred in state.credentials.values():
-                for ref in cred.source.refs():
+                for ref in cred.refs():
                     try:
                         await state.cache.read(ref)
                     except Exception as exc:  # noqa: BLE001 - reported, retried
@@ -108,69 +167,91 @@ class Proxy:
             # Never wait longer than a poll round: a backend that comes back is noticed as soon as rotation would be.
             delay = min(delay * 2, 60.0, max(1.0, state.cache.refresh_interval))
 
-    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> None:
+    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> str:
+        """Start listening; returns the bound address ("host:port", or "unix:/path")."""
         ctx = server_ssl(tls)
         if listen.unix:
             site = web.UnixSite(runner, listen.unix, ssl_context=ctx)
         else:
             site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=False)
+        before = set(map(str, runner.addresses))
         await site.start()
+        if listen.unix:
+            return str(listen)
+        new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
+        host, port = new[-1][:2]
+        self._addresses.add_own(host, port)  # no upstream may be credproxy itself
+        return f"{host}:{port}"
 
     def _server_kwargs(self) -> dict:
         limits = self.cfg.server.limits
+        holder = self.holder
         return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
-                    max_headers=limits.max_headers, auto_decompress=False, access_log=None)
+                    max_headers=limits.max_headers, auto_decompress=False, access_log=None,
+                    header_timeout=limits.header_timeout,
+                    on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
 
     async def _listen(self) -> None:
         holder = self.holder
         cfg = self.cfg
 
         async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
-            return await handle(request, holder.current)
+            with holder.use() as state:
+                return await handle(request, state)
 
-        runner = web.ServerRunner(web.Server(main_handler, **self._server_kwargs()), handle_signals=False,
-                                  shutdown_timeout=cfg.server.drain_timeout)
+        # drain.drain() does the waiting for in-flight requests; shutdown_timeout is only the last grace.
+        runner = web.ServerRunner(GuardedServer(main_handler, **self._server_kwargs()), handle_signals=False,
+                                  shutdown_timeout=FINISH_GRACE)
         await runner.setup()
         self._runners.append(runner)
-        await self._site(runner, cfg.server.listen, cfg.server.tls)
+        self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls)
         for name, cred in cfg.credentials.items():
-            if cred.listen is None:
-                continue
-
-            async def dedicated(request: web.BaseRequest, _name: str = name) -> web.StreamResponse:
-                return await handle(request, holder.current, dedicated=_name)
-
-            r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
-                                 shutdown_timeout=cfg.server.drain_timeout)
-            await r.setup()
-            self._runners.append(r)
-            await self._site(r, cred.listen, cred.tls or cfg.server.tls)
-        admin = build_admin_app(holder, cfg.admin.token_file)
-        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None)
+            if cred.listen is not None:
+                await self.start_dedicated(name, cred)
+        admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
+        self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=FINISH_GRACE)
         await self._admin_runner.setup()
-        await self._site(self._admin_runner, cfg.admin.listen, None)
+        self.bound["admin"] = await self._site(self._admin_runner, cfg.admin.listen, None)
 
-    def addresses(self) -> list[str]:
-        out = []
-        for r in self._runners + ([self._admin_runner] if self._admin_runner else []):
-            out.extend(str(a) for a in r.addresses)
-        return out
+    async def start_dedicated(self, name: str, cred) -> web.ServerRunner:
+        holder = self.holder
+
+        async def dedicated(request: web.BaseRequest) -> web.StreamResponse:
+            with holder.use() as state:
+                return await handle(request, state, dedicated=name)
+
+        r = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
+                             shutdown_timeout=FINISH_GRACE)
+        await r.setup()
+        try:
+            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or self.cfg.server.tls)
+        except BaseException:
+            await r.cleanup()
+            raise
+        self.dedicated[name] = ((cred.listen, cred.tls), r)
+        return r
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.stop()
         if self.holder is not None:
-            self.holder.draining = True
-        for r in self._runners:
-            await r.cleanup()  # stops accepting, then waits up to drain_timeout for in-flight requests
+            self.holder.draining = True  # /readyz answers 503 from here on; reloads are refused
+            async with self.reloader.lock:
+                pass  # a reload already under way finishes (or fails) before the drain starts
+            runners = self._runners + [r for _, r in self.dedicated.values()] + self.reloader.stopping_runners()
+            await drain(runners, self.holder, self.cfg.server.drain_timeout)
         self._runners.clear()
+        self.dedicated.clear()
         if self._warm_task is not None:
             self._warm_task.cancel()
         if self.holder is not None:
-            for cred in self.holder.current.credentials.values():
-                await cred.close()
+            await self.reloader.close_all()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._cache is not None:
             await self._cache.close()
+        if self._webhook is not None:
+            await self._webhook.close()
         if self._audit is not None:
             await self._audit.close()
         if self._store is not None:
@@ -184,11 +265,19 @@ async def serve(config_path: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(proxy.reload("sighup"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await proxy.start()
     log.info("credproxy serving", extra={"listen": str(cfg.server.listen), "admin": str(cfg.admin.listen),
                                          "credentials": len(cfg.credentials)})
     await stop.wait()
-    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": cfg.server.drain_timeout})
+    log.info("shutting down: draining in-flight requests", extra={"drain_timeout_s": proxy.cfg.server.drain_timeout})
     await proxy.stop()
     return 0
 

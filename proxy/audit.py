@@ -66,6 +66,12 @@ def _last_hash(path: Path) -> str:
     return GENESIS
 
 
+def _open_private(path: str):
+    # Created 0600 from the start: no window in which the umask's mode lets others read it.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 class AuditLog:
     def __init__(self, path: str, *, clock=time.time) -> None:
         self.path = path
@@ -73,13 +79,14 @@ class AuditLog:
         self._stdout = path == "-"
         self._prev = GENESIS if self._stdout else _last_hash(Path(path))
         self._buffer: list[str] = []
-        self._fh = None if self._stdout else open(path, "a", encoding="utf-8")  # noqa: SIM115 - owned until close()
+        self._fh = None if self._stdout else _open_private(path)
         if self._fh is not None:
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o600)  # an existing file keeps its mode on open: tighten it too
         self._task: asyncio.Task | None = None
 
-    def write(self, event: AuditEvent) -> None:
-        record = {"ts": round(self._clock(), 3), **asdict(event)}
+    def write(self, event: AuditEvent, **details) -> None:
+        """One line for ``event``; ``details`` are extra typed fields (alerts: addresses, count)."""
+        record = {"ts": round(self._clock(), 3), **asdict(event), **details}
         self.write_record(record)
 
     def write_record(self, record: dict) -> None:

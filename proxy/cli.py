@@ -23,13 +23,14 @@ def _load(path: str):
 
 def cmd_serve(args) -> int:
     from proxy import logs
+    from proxy.admin import AdminTokenError
     from proxy.app import run
 
     logs.setup(args.log_level)
     _load(args.config)  # report problems in the same form as `check` before anything starts
     try:
         return run(args.config)
-    except StoreError as exc:
+    except (StoreError, AdminTokenError) as exc:
         import logging
 
         logging.getLogger("credproxy").error("cannot start: %s", exc)

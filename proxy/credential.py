@@ -15,10 +15,13 @@ from functools import cached_property
 
 from yarl import URL
 
+from proxy.clienttls import ClientTLS
 from proxy.config import CredentialConfig, ExpiredWhen, ServerConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.inject import Injector, injector_for
 from proxy.leakguard import LeakGuard
+from proxy.metrics import Metrics
+from proxy.netguard import AddressPolicy
 from proxy.scrub import SCRUBBER
 from proxy.secret import Secret, SecretRef
 from proxy.secretcache import SecretCache
@@ -71,10 +74,13 @@ class AuthSource(abc.ABC):
 
 
 class StaticSource(AuthSource):
-    """``header``, ``query``, ``basic``: the values are the stored secrets themselves."""
+    """``header``, ``query``, ``basic``, ``aws_sigv4``, ``hmac``: the values are the stored secrets themselves."""
 
-    def __init__(self, auth, cache: SecretCache) -> None:
+    def __init__(self, auth, cache: SecretCache, *, name: str = "", metrics=None) -> None:
         self._cache = cache
+        self._name = name
+        self._metrics = metrics
+        self.last_refresh: float | None = None
         self._own = auth.ref_fields()
         self._template_refs = auth.template_refs()
         self._per_caller = auth.per_caller
@@ -128,6 +134,25 @@ class StaticSource(AuthSource):
     async def revoke(self) -> None:
         self._grants.clear()
 
+    async def refresh(self) -> None:
+        """Re-read every secret from the backend now, e.g. right after an operator rotated one."""
+        started = time.monotonic()
+        try:
+            entries = {path: await self._cache.refetch(path) for path in sorted({r.path for r in self.refs()})}
+            for ref in self.refs():
+                entries[ref.path].get(ref)  # a field missing at the new version fails the refresh too
+        except SecretBackendError as exc:
+            self.last_error = type(exc).__name__
+            if self._metrics is not None:
+                self._metrics.record_refresh(self._name, "secret_unavailable", time.monotonic() - started)
+            raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
+        self.last_refresh = time.time()
+        if self._metrics is not None:
+            self._metrics.record_refresh(self._name, "ok", time.monotonic() - started)
+
+    def state(self) -> dict:
+        return dict(super().state(), last_refresh=self.last_refresh, last_error=self.last_error)
+
 
 @dataclass
 class Stats:
@@ -137,7 +162,8 @@ class Stats:
 
 class Credential:
     def __init__(self, name: str, cfg: CredentialConfig, server: ServerConfig, source: AuthSource,
-                 leak_guard: str) -> None:
+                 leak_guard: str, *, cache: SecretCache | None = None, metrics: Metrics | None = None,
+                 address_policy: AddressPolicy | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.base = URL(cfg.upstream)
@@ -150,8 +176,15 @@ class Credential:
         self.disabled = False
         self.stats = Stats()
         ca = cfg.upstream_tls.ca_file if cfg.upstream_tls else None
+        self.tls: ClientTLS | None = None
+        if cfg.upstream_tls is not None and cfg.upstream_tls.client_cert is not None:
+            if cache is None:
+                raise TypeError("a credential with a client certificate needs the secret cache")
+            self.tls = ClientTLS(name, cfg.upstream_tls, cache,
+                                 expiry_gauge=metrics.upstream_cert_expires if metrics else None)
         self.client = UpstreamClient(connect_timeout=server.connect_timeout, read_timeout=server.read_timeout,
-                                     ssl_ctx=ssl_context(ca))
+                                     ssl_ctx=ssl_context(ca), ssl_provider=self.tls.context if self.tls else None,
+                                     address_policy=address_policy)
 
     def principal(self, caller: str) -> str:
         return caller if caller in self.per_caller else ""
@@ -165,6 +198,10 @@ class Credential:
                 return True
         return False
 
+    def refs(self) -> set[SecretRef]:
+        """Every secret reference this credential reads (readiness and warm-up check them)."""
+        return self.source.refs() | (self.tls.refs() if self.tls else set())
+
     def touch(self) -> None:
         self.stats.requests += 1
         self.stats.last_used = time.time()
@@ -173,21 +210,26 @@ class Credential:
         st = self.source.state()
         if self.disabled:
             st = dict(st, state="disabled")
+        tls = {"upstream_tls": self.tls.describe()} if self.tls else {}
         return {"name": self.name, "upstream": self.cfg.upstream, "auth_type": self.cfg.auth.type, **st,
-                "last_used": self.stats.last_used, "requests": self.stats.requests}
+                "last_used": self.stats.last_used, "requests": self.stats.requests, **tls}
 
     async def start(self) -> None:
         await self.source.start()
+        if self.tls:
+            await self.tls.start()
 
     async def close(self) -> None:
         await self.source.close()
+        if self.tls:
+            await self.tls.close()
         await self.client.close()
 
 
 def build_source(cfg: CredentialConfig, cache: SecretCache, **deps) -> AuthSource:
     """The one place that maps an auth type to its runtime source."""
-    if cfg.auth.type in ("header", "query", "basic"):
-        return StaticSource(cfg.auth, cache)
+    if cfg.auth.type in ("header", "query", "basic", "aws_sigv4", "hmac"):
+        return StaticSource(cfg.auth, cache, name=deps.get("name", ""), metrics=deps.get("metrics"))
     from proxy.tokens import token_source  # token types live in their own package
 
     return token_source(cfg, cache, **deps)

@@ -2,8 +2,9 @@
 
 The canonical path is what policy sees and, byte for byte, what goes upstream:
 unreserved characters are decoded, other escapes upper-cased, dot segments
-resolved. Encoded ``/`` or ``\\``, raw ``\\``, NUL and other control bytes, and
-``..`` that would climb above the root are refused.
+resolved. Encoded ``/`` or ``\\``, raw ``\\``, NUL and other control bytes,
+``..`` that would climb above the root, and dot segments carrying path
+parameters (``..;x``) are refused.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from proxy.errors import BadRequest, Forbidden
+from proxy.errors import BadRequest
 
 _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
 # pchar minus pct-encoded: kept literally; anything else is percent-encoded.
@@ -53,6 +54,9 @@ def canonical_path(raw: str) -> str:
     parts = out.decode("ascii").split("/")[1:]
     for n, seg in enumerate(parts):
         last = n == len(parts) - 1
+        if ";" in seg and seg.split(";", 1)[0] in (".", ".."):
+            # "..;x" is a dot segment to servers that strip path parameters (Tomcat, Jetty)
+            raise BadRequest("dot segment with path parameters")
         if seg == ".":
             if last:
                 segments.append("")
@@ -77,14 +81,13 @@ def split_target(raw_target: str) -> tuple[str, str]:
     return path, query
 
 
-def route_prefixed(raw_target: str, known: "frozenset[str] | dict") -> Route:
-    """Main listener: ``/<credential>/<rest>``. Unknown names are 403 like any denial."""
+def route_prefixed(raw_target: str) -> Route:
+    """Main listener: ``/<credential>/<rest>``. Whether the name exists is decided after
+    the caller is authenticated, so unauthenticated callers learn nothing about names."""
     path, query = split_target(raw_target)
     canon = canonical_path(path)
-    name, sep, rest = canon[1:].partition("/")
-    if name not in known:
-        raise Forbidden("unknown credential", reason="unknown_credential")
-    return Route(name, "/" + rest, query)
+    name, _, rest = canon[1:].partition("/")
+    return Route(name[:64], "/" + rest, query)
 
 
 def route_dedicated(raw_target: str, credential: str) -> Route:

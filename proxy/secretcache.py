@@ -33,24 +33,21 @@ class _Cached:
 
 class SecretCache:
     def __init__(self, store: SecretStore, *, refresh_interval: float = 60.0, max_staleness: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_backend_error: Callable[[Exception], None] | None = None) -> None:
         self.store = store
+        self._on_backend_error = on_backend_error or (lambda _exc: None)
         self.refresh_interval = refresh_interval
         self.max_staleness = max_staleness
         self._clock = clock
         self._entries: dict[str, _Cached] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self._listeners: list[Callable[[str], None]] = []
-        self._error_listeners: list[Callable[[str], None]] = []
         self._poller: asyncio.Task | None = None
 
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(path)`` when a path's secret changed (rotation)."""
         self._listeners.append(fn)
-
-    def on_error(self, fn: Callable[[str], None]) -> None:
-        """Call ``fn(path)`` when the backend fails to answer for a path (metrics)."""
-        self._error_listeners.append(fn)
 
     async def read(self, ref: SecretRef) -> Secret:
         cached = self._entries.get(ref.path)
@@ -72,15 +69,20 @@ class SecretCache:
             fut.add_done_callback(lambda _f: self._inflight.pop(path, None))
         return await asyncio.shield(fut)
 
+    async def refetch(self, path: str) -> SecretEntry:
+        """Read ``path`` from the backend now, bypassing the cache and the re-read rate limit
+        (an operator asked for it)."""
+        return await self._fetch(path)
+
     async def _do_fetch(self, path: str) -> SecretEntry:
         try:
             entry = await self.store.get(path)
-        except (SecretAccessDenied, SecretNotFound):
+        except (SecretAccessDenied, SecretNotFound) as exc:
             self._entries.pop(path, None)
-            self._failed(path)
+            self._on_backend_error(exc)
             raise
-        except SecretBackendError:
-            self._failed(path)
+        except SecretBackendError as exc:
+            self._on_backend_error(exc)
             raise
         old = self._entries.get(path)
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
@@ -116,13 +118,13 @@ class SecretCache:
             return
         try:
             stamp = await self.store.stamp(path)
-        except (SecretAccessDenied, SecretNotFound):
+        except (SecretAccessDenied, SecretNotFound) as exc:
             self._entries.pop(path, None)
+            self._on_backend_error(exc)
             log.warning("secret no longer readable; dropped", extra={"secret_path": path})
-            self._failed(path)
             return
-        except SecretBackendError:
-            self._failed(path)
+        except SecretBackendError as exc:
+            self._on_backend_error(exc)
             return  # keep last-known-good; staleness bounds how long
         if stamp != cached.entry.stamp:
             try:
@@ -131,10 +133,6 @@ class SecretCache:
                 pass  # counted and handled (dropped when denied) by the fetch
         else:
             cached.fetched_at = self._clock()
-
-    def _failed(self, path: str) -> None:
-        for fn in self._error_listeners:
-            fn(path)
 
     async def _poll_forever(self) -> None:
         while True:

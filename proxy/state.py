@@ -1,23 +1,37 @@
 """The running configuration as one immutable-by-convention bundle.
 
 A request takes ``holder.current`` once at its start and finishes on it, so a
-reload (which swaps ``current``) never changes a request mid-flight.
+reload (which swaps ``current``) never changes a request mid-flight. ``use()``
+counts requests per state, so a reload knows when an old state has no request
+left (and its retired credentials can be closed), and shutdown knows when
+nothing is in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from proxy.alerts import AlertMonitor
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config
 from proxy.credential import Credential
 from proxy.metrics import Metrics
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
 from proxy.secretcache import SecretCache
 
 
-@dataclass
+def _idle_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+@dataclass(eq=False)
 class State:
     config: Config
     credentials: dict[str, Credential]
@@ -27,10 +41,52 @@ class State:
     metrics: Metrics
     cache: SecretCache
     ready: bool = True
+    alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
+    limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
-@dataclass
+@dataclass(eq=False)
 class StateHolder:
     current: State
     draining: bool = False
     extras: dict = field(default_factory=dict)
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
+    _tasks: set = field(default_factory=set, repr=False)
+
+    @contextmanager
+    def use(self) -> Iterator[State]:
+        """The state one request runs on, from start to finish."""
+        state = self.current
+        task = asyncio.current_task()
+        state.in_flight += 1
+        self.in_flight += 1
+        self._tasks.add(task)
+        state._idle.clear()
+        self._idle.clear()
+        try:
+            yield state
+        finally:
+            self._tasks.discard(task)
+            state.in_flight -= 1
+            self.in_flight -= 1
+            if not state.in_flight:
+                state._idle.set()
+            if not self.in_flight:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is in flight on any state (current or retired)."""
+        await self._idle.wait()
+
+    def cancel_in_flight(self) -> list[asyncio.Task]:
+        """Cancel every request still running (the drain deadline passed); returns their tasks."""
+        tasks = [t for t in self._tasks if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        return tasks

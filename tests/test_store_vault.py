@@ -20,7 +20,7 @@ from proxy.store.file import FileStore, generate_key, decode_key
 from proxy.store.vault import VaultStore
 from proxy.store.vault_auth import LoginRefused
 from proxy.store.vault_client import VaultUnavailable
-from vault_fixture import OpenBao, bao, fresh_bao, raw_log  # noqa: F401 - fixtures
+from tests.vault_fixture import OpenBao, bao, fresh_bao, raw_log  # noqa: F401 - fixtures
 
 POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
 
@@ -165,14 +165,16 @@ async def test_deploy_policy_allows_exactly_what_credproxy_needs(bao, tmp_path):
         assert await store.put("credproxy/rotating/new", "refresh_token", Secret("rt-0"), cas=0) == 1
         # cluster stanza
         assert await store.put("credproxy/cluster/pol", "token", Secret("shared-2"), cas=1) == 2
-        # denied beyond it
-        for path in ("other/pol", "credproxy/elsewhere"):
+        assert (await store.get("credproxy/elsewhere")).version == 1  # anything under credproxy/ reads
+        # denied beyond it: nothing outside credproxy/, no writes outside rotating/ and cluster/
+        with pytest.raises(SecretAccessDenied):
+            await store.get("other/pol")
+        with pytest.raises(SecretAccessDenied):
+            await store.version("other/pol")
+        for path, version in (("credproxy/secrets/pol", 1), ("credproxy/elsewhere", 1), ("credproxy/new", 0),
+                              ("other/new", 0)):
             with pytest.raises(SecretAccessDenied):
-                await store.get(path)
-        with pytest.raises(SecretAccessDenied):
-            await store.put("credproxy/secrets/pol", "token", Secret("overwrite"), cas=1)
-        with pytest.raises(SecretAccessDenied):
-            await store.put("other/new", "token", Secret("x"), cas=0)
+                await store.put(path, "token", Secret("overwrite"), cas=version)
         assert store.healthy()  # denials did not make it think its own token is bad
     finally:
         await store.close()

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from proxy.config import VaultConfig
 from proxy.store.vault import VaultStore
 from proxy.store.vault_auth import LoginRefused
-from vault_fixture import OpenBao, bao  # noqa: F401 - fixtures
+from tests.vault_fixture import OpenBao, bao  # noqa: F401 - fixtures
 
 POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
 SA_NAMESPACE, SA_NAME, SA_UID = "apps", "credproxy", str(uuid.uuid4())

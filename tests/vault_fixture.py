@@ -3,7 +3,7 @@
 ``OpenBao`` starts, stops (by PID) and restarts the server on the same port, and
 can seal/unseal it. Dev mode keeps everything in memory: after ``restart()`` the
 server is empty again (with the same root token), so a test re-seeds what it needs.
-Import the fixtures into a test module: ``from vault_fixture import bao, fresh_bao``.
+Import the fixtures into a test module: ``from tests.vault_fixture import bao, fresh_bao``.
 """
 
 from __future__ import annotations

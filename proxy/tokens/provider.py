@@ -1,0 +1,74 @@
+"""What every token kind implements, and the secret material a provider reads.
+
+A provider speaks one protocol: it builds the request (plain functions in its
+module), sends it through the token HTTP client, and validates the answer. It
+keeps no token; ``lifecycle`` owns that.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from proxy.errors import SecretBackendError
+from proxy.scrub import SCRUBBER
+from proxy.secret import Secret, SecretRef
+from proxy.secretcache import SecretCache
+from proxy.store.base import SecretStore
+from proxy.tokens.answer import TokenAnswer
+from proxy.tokens.failure import TokenFailure
+from proxy.tokens.http import Answer, TokenHttp
+
+
+@dataclass
+class Material:
+    """The secret references of one principal (own fields, per-caller overrides, template
+    placeholders by ``PATH#FIELD``) and where to read them."""
+
+    principal: str
+    refs: Mapping[str, SecretRef]
+    cache: SecretCache
+    store: SecretStore | None = field(default=None, repr=False)
+
+    def has(self, name: str) -> bool:
+        return name in self.refs
+
+    async def read(self, name: str) -> Secret:
+        try:
+            value = await self.cache.read(self.refs[name])
+        except SecretBackendError as exc:
+            raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {self.refs[name].path}") from None
+        SCRUBBER.register(value.reveal())
+        return value
+
+    async def maybe(self, name: str) -> Secret | None:
+        return await self.read(name) if name in self.refs else None
+
+
+class Provider(abc.ABC):
+    """One token protocol. ``wall`` (epoch seconds, for JWT claims) and ``new_id`` are injectable."""
+
+    def __init__(self, http: TokenHttp, *, wall: Callable[[], float] = time.time,
+                 new_id: Callable[[], str] = lambda: uuid.uuid4().hex) -> None:
+        self.http = http
+        self.wall = wall
+        self.new_id = new_id
+
+    @abc.abstractmethod
+    async def fetch(self, material: Material) -> TokenAnswer:
+        """Obtain a new token; raise ``TokenFailure`` with a fixed reason otherwise."""
+
+    @property
+    def revocable(self) -> bool:
+        return False
+
+    async def revoke(self, token: Secret, material: Material) -> None:
+        """Tell the provider the token is no longer used (RFC 7009) where configured."""
+
+    async def post(self, req) -> Answer:
+        return await self.http.send("POST", req.url, headers={
+            "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json", **req.headers,
+        }, body=req.encoded())

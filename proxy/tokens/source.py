@@ -1,0 +1,143 @@
+"""``TokenSource``: the ``AuthSource`` of every token type — one ``TokenSlot`` per principal.
+
+Reads each principal's secret references (own fields, ``per_caller`` overrides,
+template placeholders by ``PATH#FIELD``), hands them to the provider, wraps each
+new token in the ``Grant`` requests inject, reports metrics, and revokes on
+``revoke()`` and (with ``session.revoke_on_shutdown``) on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from proxy.credential import AuthSource, Grant
+from proxy.errors import CredentialUnavailable
+from proxy.scrub import SCRUBBER
+from proxy.secret import SecretRef
+from proxy.secretcache import SecretCache
+from proxy.tokens.answer import TokenAnswer
+from proxy.tokens.http import TokenHttp
+from proxy.tokens.lifecycle import Settings, Token, TokenSlot
+from proxy.tokens.provider import Material, Provider
+
+log = logging.getLogger("credproxy.tokens")
+
+REVOKE_TIMEOUT = 5.0
+
+
+class TokenSource(AuthSource):
+    kind = "token"
+
+    def __init__(self, name: str, auth, session, provider: Provider, http: TokenHttp, cache: SecretCache, *,
+                 store=None, metrics=None, settings: Settings | None = None) -> None:
+        self.name = name
+        self.auth = auth
+        self.session = session
+        self.provider = provider
+        self.http = http
+        self.cache = cache
+        self.store = store
+        self.metrics = metrics
+        self.settings = settings or Settings(ttl=session.ttl, refresh_before=session.refresh_before)
+        self.slots: dict[str, TokenSlot] = {}
+        self._value_refs = tuple(auth.value.refs)
+        if metrics is not None:
+            metrics.token_expires.labels(name).set_function(self._own_expires_in)
+
+    # --- material ----------------------------------------------------------------------
+
+    def refs_for(self, principal: str) -> dict[str, SecretRef]:
+        overrides = self.auth.per_caller.get(principal, {})
+        refs = dict(self.auth.ref_fields())
+        for ref in self.auth.template_refs():
+            refs[str(ref)] = ref
+        refs.update(overrides)  # by field name, or by PATH#FIELD for template placeholders
+        return refs
+
+    def refs(self) -> set[SecretRef]:
+        out = set(self.refs_for("").values())
+        for principal in self.auth.per_caller:
+            out |= set(self.refs_for(principal).values())
+        return out
+
+    def material(self, principal: str) -> Material:
+        return Material(principal, self.refs_for(principal), self.cache, self.store)
+
+    # --- slots -------------------------------------------------------------------------
+
+    def slot(self, principal: str) -> TokenSlot:
+        slot = self.slots.get(principal)
+        if slot is None:
+            label = self.name if not principal else f"{self.name}/{principal}"
+            slot = TokenSlot(lambda: self._obtain(principal), self.settings, report=self._report, label=label)
+            self.slots[principal] = slot
+        return slot
+
+    async def _obtain(self, principal: str) -> tuple[TokenAnswer, Grant]:
+        material = self.material(principal)
+        answer = await self.provider.fetch(material)
+        SCRUBBER.register(answer.access.reveal())
+        values = {"secret": answer.access}
+        for ref in self._value_refs:  # placeholders besides {secret} in the injected value
+            values[str(ref)] = await material.read(str(ref))
+        return answer, Grant(values, upstream=answer.upstream)
+
+    def _report(self, result: str, duration: float, token: Token | None) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.token_refresh.labels(self.name, result).inc()
+        self.metrics.token_refresh_duration.labels(self.name).observe(duration)
+
+    def _own_expires_in(self) -> float:
+        slot = self.slots.get("")
+        remaining = slot.expires_in() if slot is not None else None
+        return remaining if remaining is not None else 0.0
+
+    # --- AuthSource --------------------------------------------------------------------
+
+    async def grant(self, principal: str) -> Grant:
+        return (await self.slot(principal).get()).grant
+
+    async def expired(self, principal: str, used: Grant) -> bool:
+        return await self.slot(principal).reject(used)
+
+    def state(self) -> dict:
+        slot = self.slots.get("") or next(iter(self.slots.values()), None)
+        if slot is None:
+            return {"state": "expired", "expires_in_s": None, "last_refresh": None, "last_error": None}
+        remaining = slot.expires_in()
+        return {"state": slot.state(), "expires_in_s": round(remaining, 3) if remaining is not None else None,
+                "last_refresh": slot.last_refresh, "last_error": slot.last_error}
+
+    async def refresh(self) -> None:
+        principals = set(self.slots) | {""}
+        results = await asyncio.gather(*(self.slot(p).refresh_now() for p in principals), return_exceptions=True)
+        for r in results:
+            if isinstance(r, CredentialUnavailable):
+                raise r
+
+    async def revoke(self) -> None:
+        """Drop every principal's token, and revoke it at the provider where configured."""
+        dropped = [(p, tok) for p, slot in self.slots.items() if (tok := slot.drop()) is not None]
+        if not self.provider.revocable:
+            return
+        for principal, tok in dropped:
+            try:
+                await asyncio.wait_for(self.provider.revoke(tok.grant.values["secret"], self.material(principal)),
+                                       REVOKE_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 - best effort; the token is dropped locally anyway
+                log.warning("token revocation failed", extra={"credential": self.name, "error": type(exc).__name__})
+
+    async def start(self) -> None:
+        if self.session.prefetch:  # the credential's own token; per-caller ones stay lazy
+            slot = self.slot("")
+            slot.keep_fresh = True
+            slot.start()
+
+    async def close(self) -> None:
+        for slot in self.slots.values():
+            await slot.close()
+        if self.session.revoke_on_shutdown:
+            await self.revoke()
+        await self.http.close()
