@@ -113,7 +113,7 @@ def is_ready(holder: StateHolder) -> tuple[bool, list[str]]:
     state = holder.current
     missing = []
     for name, cred in state.credentials.items():
-        if any(not state.cache.cached(ref.path) for ref in cred.source.refs()):
+        if any(not state.cache.cached(ref.path) for ref in cred.refs()):
             missing.append(name)
     return not missing, missing
 

@@ -16,16 +16,22 @@ from functools import partial
 from aiohttp import web
 
 from proxy import config as config_mod
+from proxy import logfilter
 from proxy.admin import AdminAuth, build_admin_app
+from proxy.alerts import AlertMonitor, WebhookSender
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
 from proxy.credential import Credential, build_source
 from proxy.drain import FINISH_GRACE, drain
+from proxy.httpserver import GuardedServer
 from proxy.metrics import Metrics
-from proxy.pipeline import handle
+from proxy.netguard import AddressPolicy
+from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
 from proxy.reload import ReloadResult, Reloader, source_reusable
+from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
 from proxy.state import State, StateHolder
 from proxy.store import open_store
@@ -48,7 +54,8 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
 
 
 def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
-                      *, source_factory=build_source, keep_objects: bool = True) -> dict[str, Credential]:
+                      *, source_factory=build_source, keep_objects: bool = True,
+                      address_policy: AddressPolicy | None = None) -> dict[str, Credential]:
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
@@ -59,7 +66,8 @@ def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: 
             source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
         else:
             source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store)
-        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name))
+        out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), cache=cache, metrics=metrics,
+                               address_policy=address_policy)
     return out
 
 
@@ -86,9 +94,13 @@ class Proxy:
         self._warm_task: asyncio.Task | None = None
         self._metrics: Metrics | None = None
         self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
+        self._addresses = AddressPolicy.from_config(cfg.server)  # shared by every credential's upstream client
+        self._alerts: AlertMonitor | None = None
+        self._webhook: WebhookSender | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
+        logfilter.install(SCRUBBER)
         self._store = open_store(cfg.secrets)
         await self._store.start()
         vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
@@ -100,6 +112,7 @@ class Proxy:
         self._metrics = metrics
         self._audit = AuditLog(cfg.audit.path)
         self._audit.start()
+        self._alerts = self._alert_monitor(cfg, metrics)
         self.admin_auth.load(cfg.admin.token_file)
         state = self.build_state(cfg)
         self.holder = StateHolder(state)
@@ -114,10 +127,21 @@ class Proxy:
             self._watcher.start()
 
     def build_state(self, cfg: Config, reuse: dict[str, Credential] | None = None, *, keep_objects: bool = True) -> State:
+        self._addresses.configure(cfg.server)
         credentials = build_credentials(cfg, self._cache, self._metrics, reuse, source_factory=self.source_factory,
-                                        keep_objects=keep_objects)
+                                        keep_objects=keep_objects, address_policy=self._addresses)
+        if self._alerts is not None:
+            self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
-                     self._cache)
+                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg))
+
+    def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
+        if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
+            failures = metrics.alert_webhook_failures
+            self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
+                                          on_failure=lambda reason: failures.labels(reason).inc())
+            self._webhook.start()
+        return AlertMonitor(cfg.alerts, audit=self._audit, counter=metrics.alerts, webhook=self._webhook)
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
         """Re-read the config file; see ``proxy.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
@@ -134,7 +158,7 @@ class Proxy:
             state = self.holder.current
             failed = 0
             for cred in state.credentials.values():
-                for ref in cred.source.refs():
+                for ref in cred.refs():
                     try:
                         await state.cache.read(ref)
                     except Exception as exc:  # noqa: BLE001 - reported, retried
@@ -144,7 +168,8 @@ class Proxy:
             if not failed:
                 return
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            # Never wait longer than a poll round: a backend that comes back is noticed as soon as rotation would be.
+            delay = min(delay * 2, 60.0, max(1.0, state.cache.refresh_interval))
 
     async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> str:
         """Start listening; returns the bound address ("host:port", or "unix:/path")."""
@@ -159,12 +184,16 @@ class Proxy:
             return str(listen)
         new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
         host, port = new[-1][:2]
+        self._addresses.add_own(host, port)  # no upstream may be credproxy itself
         return f"{host}:{port}"
 
     def _server_kwargs(self) -> dict:
         limits = self.cfg.server.limits
+        holder = self.holder
         return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
-                    max_headers=limits.max_headers, auto_decompress=False, access_log=None)
+                    max_headers=limits.max_headers, auto_decompress=False, access_log=None,
+                    header_timeout=limits.header_timeout,
+                    on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
 
     async def _listen(self) -> None:
         holder = self.holder
@@ -175,7 +204,7 @@ class Proxy:
                 return await handle(request, state)
 
         # drain.drain() does the waiting for in-flight requests; shutdown_timeout is only the last grace.
-        runner = web.ServerRunner(web.Server(main_handler, **self._server_kwargs()), handle_signals=False,
+        runner = web.ServerRunner(GuardedServer(main_handler, **self._server_kwargs()), handle_signals=False,
                                   shutdown_timeout=FINISH_GRACE)
         await runner.setup()
         self._runners.append(runner)
@@ -195,7 +224,7 @@ class Proxy:
             with holder.use() as state:
                 return await handle(request, state, dedicated=name)
 
-        r = web.ServerRunner(web.Server(dedicated, **self._server_kwargs()), handle_signals=False,
+        r = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
                              shutdown_timeout=FINISH_GRACE)
         await r.setup()
         try:
@@ -225,6 +254,8 @@ class Proxy:
             await self._admin_runner.cleanup()
         if self._cache is not None:
             await self._cache.close()
+        if self._webhook is not None:
+            await self._webhook.close()
         if self._audit is not None:
             await self._audit.close()
         if self._store is not None:

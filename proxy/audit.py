@@ -83,6 +83,13 @@ class _FileLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
+def _open_private(path: str):
+    # Created 0600 from the start: no window in which the umask's mode lets others read it.
+    # Readable too: a writer re-reads the tail when another process appended (serve --workers).
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(fd, "a+b")
+
+
 class AuditLog:
     """Buffered, hash-chained JSON lines.
 
@@ -100,19 +107,22 @@ class AuditLog:
         self._pending: list[tuple[dict, str]] = []  # (record, its chained line)
         self._base = GENESIS  # the hash the first pending line is chained onto: the file's tail at our last write
         self._size = 0  # the file's size after our last write; any other size means another writer appended
-        self._fh = None if self._stdout else open(path, "a+b")  # noqa: SIM115 - owned until close(); readable for the tail
+        self._fh = None if self._stdout else _open_private(path)
         if self._fh is not None:
-            os.chmod(path, 0o600)
+            os.chmod(path, 0o600)  # an existing file keeps its mode on open: tighten it too
             with _FileLock(self._fh.fileno()):
                 self._base = _tail_hash(self._fh.fileno())
                 self._size = os.fstat(self._fh.fileno()).st_size
         self._prev = self._base
         self._task: asyncio.Task | None = None
 
-    def write(self, event: AuditEvent) -> None:
+    def write(self, event: AuditEvent, **details) -> None:
+        """One line for ``event``; ``details`` are extra typed fields (alerts: addresses, count)."""
         record = {"ts": round(self._clock(), 3)}
         for name in _EVENT_FIELDS:  # not dataclasses.asdict: it deep-copies, and this runs on every request
             record[name] = getattr(event, name)
+        if details:
+            record.update(details)
         self.write_record(record)
 
     def write_record(self, record: dict) -> None:

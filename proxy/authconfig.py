@@ -8,9 +8,10 @@ its runtime in ``proxy.credential``.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.secret import SecretRef
 from proxy.template import Template
@@ -175,10 +176,59 @@ class SessionLoginAuth(_TokenAuth):
         return super().overridable_fields() | {str(r) for r in self.template_refs()}
 
 
+class AwsSigV4Auth(_Auth):
+    """AWS Signature V4 on every request (``proxy.inject.sigv4``); needs the ``aws`` extra (botocore)."""
+
+    type: Literal["aws_sigv4"]
+    access_key_id: Ref
+    secret_access_key: Ref
+    session_token: Ref | None = None
+    region: str = Field(pattern=r"^[a-z0-9-]{1,64}$")
+    service: str = Field(pattern=r"^[a-z0-9-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _botocore_installed(self) -> "AwsSigV4Auth":
+        if importlib.util.find_spec("botocore") is None:
+            raise ValueError("aws_sigv4 needs botocore: install credproxy[aws]")
+        return self
+
+
+class HmacAuth(_Auth):
+    """A generic HMAC request signature (``proxy.inject.hmacsign``)."""
+
+    type: Literal["hmac"]
+    secret: Ref  # the HMAC key
+    key_encoding: Literal["raw", "base64", "hex"] = "raw"
+    key_id: str | None = None
+    algorithm: Literal["sha1", "sha256", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    canonical: str = Field(min_length=1)
+    timestamp_format: Literal["unix", "unix_ms", "iso8601", "http_date"] = "unix"
+    headers: dict[str, str] = Field(default_factory=lambda: {"Authorization": "{signature}"}, min_length=1)
+
+    @field_validator("canonical")
+    @classmethod
+    def _canonical_template(cls, v: str) -> str:
+        from proxy.inject import hmacsign
+
+        hmacsign.parse(v, hmacsign.CANONICAL_FIELDS)
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _header_templates(cls, v: dict[str, str]) -> dict[str, str]:
+        from proxy.inject import hmacsign
+
+        parsed = [hmacsign.parse(value, hmacsign.HEADER_FIELDS) for value in v.values()]
+        if not any("signature" in hmacsign.fields(p) for p in parsed):
+            raise ValueError("one of the headers must contain {signature}")
+        return v
+
+
 AuthConfig = Annotated[
     Union[HeaderAuth, QueryAuth, BasicAuth, OAuth2ClientCredentialsAuth, OAuth2RefreshTokenAuth,
-          OAuth2JwtBearerAuth, SessionLoginAuth],
+          OAuth2JwtBearerAuth, SessionLoginAuth, AwsSigV4Auth, HmacAuth],
     Field(discriminator="type"),
 ]
 
-STATIC_TYPES = frozenset({"header", "query", "basic"})
+STATIC_TYPES = frozenset({"header", "query", "basic", "aws_sigv4", "hmac"})

@@ -59,10 +59,10 @@ async def read_body(request: web.BaseRequest, *, max_body: int, buffer_max: int)
     while len(prefix) <= buffer_max:
         chunk = await content.readany()
         if not chunk:
-            if len(prefix) > max_body:
-                raise PayloadTooLarge("body over max_body")
             return RequestBody(bytes(prefix))
         prefix += chunk
+        if len(prefix) > max_body:  # refused before anything goes upstream
+            raise PayloadTooLarge("body over max_body")
     if len(prefix) > max_body:
         raise PayloadTooLarge("body over max_body")
     body = RequestBody(bytes(prefix))

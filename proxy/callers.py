@@ -1,7 +1,16 @@
 """Who is calling: caller tokens (SHA-256 only, constant-time compare), client certificates.
 
-``authenticate`` removes both caller-credential headers from what will be
-forwarded, whatever the outcome.
+``authenticate`` reads the request's own headers; the pipeline removes both
+caller-credential headers from what it forwards, whatever the outcome.
+``check_source`` applies the caller's
+``allow_ips`` lock to the socket peer address; it is a separate step so the
+audit line and the misuse alerts name the caller whose token was used from the
+wrong place.
+
+A ``cert_subject`` such as ``"CN=billing"`` or ``"CN=billing,O=acme"`` names
+attributes the verified client certificate's subject must carry (it may carry
+more, such as the issuing CA's ``O``/``OU``). A certificate that matches more
+than one caller identifies none.
 """
 
 from __future__ import annotations
@@ -9,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from dataclasses import dataclass
-
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from proxy.config import CallerConfig
 from proxy.errors import Forbidden, Unauthenticated
@@ -34,24 +42,44 @@ def _bearer(value: str | None) -> str | None:
     return token.strip()
 
 
-def cert_subject(peercert: dict | None) -> str | None:
-    """``CN=billing,O=acme`` from the ssl module's peer certificate dict."""
+_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
+          "localityName": "L", "stateOrProvinceName": "ST", "domainComponent": "DC", "emailAddress": "EMAILADDRESS",
+          "serialNumber": "SERIALNUMBER", "userId": "UID"}
+Attributes = frozenset[tuple[str, str]]
+
+
+def cert_attributes(peercert: dict | None) -> Attributes:
+    """``{("CN", "billing"), ("O", "acme")}`` from the ssl module's verified peer certificate dict."""
     if not peercert:
-        return None
-    parts = []
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
-                     "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}.get(key, key)
-            parts.append(f"{short}={value}")
-    return ",".join(parts)
+        return frozenset()
+    return frozenset((_SHORT.get(key, key).upper(), value) for rdn in peercert.get("subject", ()) for key, value in rdn)
+
+
+def parse_subject(text: str) -> Attributes:
+    """``"CN=billing, O=acme"`` (RFC 4514 order-free; ``\\,`` escapes a comma in a value)."""
+    out, part, escaped = [], "", False
+    for ch in text + ",":
+        if escaped:
+            part, escaped = part + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            if part.strip():
+                key, sep, value = part.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError("cert_subject must be ATTR=value pairs such as CN=billing,O=acme")
+                out.append((key.strip().upper(), value.strip()))
+            part = ""
+        else:
+            part += ch
+    return frozenset(out)
 
 
 class Authenticator:
     def __init__(self, callers: dict[str, CallerConfig] | None) -> None:
         self.anonymous = callers is None
         self._tokens = [(name, bytes.fromhex(c.token_sha256)) for name, c in (callers or {}).items() if c.token_sha256]
-        self._subjects = {c.cert_subject: name for name, c in (callers or {}).items() if c.cert_subject}
+        self._subjects = [(parse_subject(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
 
     def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
@@ -63,14 +91,20 @@ class Authenticator:
         if self.anonymous:
             return Caller(ANONYMOUS)
         name = self._by_token(_bearer(proxy_auth) or _bearer(auth))
-        if name is None and peercert is not None:
-            name = self._subjects.get(cert_subject(peercert) or "")
+        if name is None and peercert:
+            name = self._by_cert(cert_attributes(peercert))
         if name is None:
             raise Unauthenticated("no valid caller token or certificate", reason="bad_caller_token")
-        nets = self._nets.get(name)
+        return Caller(name)
+
+    def check_source(self, caller: Caller, peer_ip: ipaddress._BaseAddress | None) -> None:
+        nets = self._nets.get(caller.name)
         if nets is not None and (peer_ip is None or not any(peer_ip in n for n in nets)):
             raise Forbidden("caller used from a source address outside allow_ips", reason="source_ip")
-        return Caller(name)
+
+    def _by_cert(self, attributes: Attributes) -> str | None:
+        matches = [name for wanted, name in self._subjects if wanted and wanted <= attributes]
+        return matches[0] if len(matches) == 1 else None
 
     def _by_token(self, token: str | None) -> str | None:
         if token is None:

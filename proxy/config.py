@@ -15,10 +15,10 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.authconfig import AuthConfig
-from proxy.types import Duration, ListenAddr, Listen, Size
+from proxy.types import Duration, ListenAddr, Listen, Ref, Size
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,6 +41,7 @@ class Limits(_Model):
     max_headers: int = 100
     max_body: Size = 1 << 30
     header_timeout: Duration = 10.0  # slowloris: the whole request head must arrive in this time
+    write_timeout: Duration = 60.0  # slow readers: a caller that takes no response bytes this long is cut off
 
 
 class ServerConfig(_Model):
@@ -50,6 +51,8 @@ class ServerConfig(_Model):
     limits: Limits = Limits()
     connect_timeout: Duration = 10.0  # upstream TCP+TLS connect
     read_timeout: Duration = 60.0  # upstream: time to the response head, and between body reads
+    deny_private_upstreams: bool = False  # also refuse upstream addresses in private ranges (see proxy.netguard)
+    deny_upstream_networks: list[IPNet] = Field(default_factory=list)  # further ranges never connected to
 
 
 class AdminConfig(_Model):
@@ -70,6 +73,14 @@ class VaultAuthConfig(_Model):
     mount: str | None = None  # auth mount path; defaults to the method name
     role: str | None = None
     jwt_file: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "VaultAuthConfig":
+        needs = {"approle": ("role_id_file", "secret_id_file"), "kubernetes": ("role",)}.get(self.method, ())
+        missing = [f for f in needs if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"auth method {self.method} needs {' and '.join(missing)}")
+        return self
 
 
 class VaultConfig(_Model):
@@ -93,10 +104,26 @@ class AuditConfig(_Model):
     path: str = "audit.log"
 
 
+class RateLimit(_Model):
+    """A token bucket: ``rps`` requests per second on average, bursts of up to ``burst``."""
+
+    rps: float = Field(gt=0)
+    burst: int | None = Field(default=None, ge=1)  # default: rps rounded up
+
+
+class AlertsConfig(_Model):
+    multi_ip_window: Duration = 300.0  # one caller from a second source address within this window
+    denied_threshold: int = Field(default=10, ge=1)  # this many denied requests ...
+    denied_window: Duration = 60.0  # ... within this window, from one caller or address
+    webhook_url: str | None = None  # optional: each alert is POSTed here as JSON, off the request path
+    webhook_timeout: Duration = 5.0
+
+
 class CallerConfig(_Model):
     token_sha256: str | None = None
     allow_ips: list[IPNet] | None = None
     cert_subject: str | None = None
+    rate_limit: RateLimit | None = None
 
     @field_validator("token_sha256")
     @classmethod
@@ -104,6 +131,16 @@ class CallerConfig(_Model):
         if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
             raise ValueError("must be the 64-hex-digit SHA-256 of the caller token (see: credproxy callers new)")
         return v.lower() if v else v
+
+    @field_validator("cert_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None:
+            from proxy.callers import parse_subject  # callers builds on this module
+
+            if not parse_subject(v):
+                raise ValueError("cert_subject must be ATTR=value pairs such as CN=billing,O=acme")
+        return v
 
 
 class ExpiredWhen(_Model):
@@ -146,6 +183,14 @@ class AllowRule(_Model):
 
 class UpstreamTLSConfig(_Model):
     ca_file: str | None = None
+    client_cert: Ref | None = None  # PEM certificate (chain), presented to the upstream (mTLS)
+    client_key: Ref | None = None  # PEM private key (unencrypted) for client_cert
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> "UpstreamTLSConfig":
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key are set together")
+        return self
 
 
 class ProbeConfig(_Model):
@@ -179,6 +224,7 @@ class CredentialConfig(_Model):
     allow_insecure_upstream: bool = False
     upstream_tls: UpstreamTLSConfig | None = None
     probe: ProbeConfig | None = None
+    rate_limit: RateLimit | None = None
 
 
 class Config(_Model):
@@ -189,6 +235,7 @@ class Config(_Model):
     callers: dict[str, CallerConfig] | None = None
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
     leak_guard: LeakGuard = "redact"
+    alerts: AlertsConfig = AlertsConfig()
 
     def leak_guard_for(self, name: str) -> str:
         return self.credentials[name].leak_guard or self.leak_guard
@@ -339,7 +386,20 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     if cfg.secrets.vault is not None:
         for msg in _url_problems(cfg.secrets.vault.address, True):
             out.append((("secrets", "vault", "address"), msg))
+    if cfg.alerts.webhook_url is not None:
+        for msg in _url_problems(cfg.alerts.webhook_url, True):
+            out.append((("alerts", "webhook_url"), msg))
     return out
+
+
+def _without_input(err: dict) -> str:
+    """pydantic's message, minus any echo of the offending value (a tag error quotes it)."""
+    if err["type"] == "union_tag_invalid":
+        return f"must be one of {err['ctx']['expected_tags']}"
+    msg, value = err["msg"], err.get("input")
+    if isinstance(value, str) and value and value in msg:
+        msg = msg.replace(value, "…")
+    return msg
 
 
 def parse(text: str, filename: str = "<config>") -> Config:
@@ -358,11 +418,11 @@ def parse(text: str, filename: str = "<config>") -> Config:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
         problems = []
-        for err in exc.errors(include_input=False, include_url=False):
+        for err in exc.errors(include_url=False):
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
             if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
                 loc += ("type",)
-            problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), err["msg"]))
+            problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), _without_input(err)))
         raise ConfigInvalid(problems) from None
     problems = [Problem(filename, _line_for(index, loc), _dotted(loc), msg) for loc, msg in semantic_problems(cfg)]
     if problems:

@@ -15,10 +15,13 @@ from functools import cached_property
 
 from yarl import URL
 
+from proxy.clienttls import ClientTLS
 from proxy.config import CredentialConfig, ExpiredWhen, ServerConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.inject import Injector, injector_for
 from proxy.leakguard import LeakGuard
+from proxy.metrics import Metrics
+from proxy.netguard import AddressPolicy
 from proxy.scrub import SCRUBBER
 from proxy.secret import Secret, SecretRef
 from proxy.secretcache import SecretCache
@@ -71,7 +74,7 @@ class AuthSource(abc.ABC):
 
 
 class StaticSource(AuthSource):
-    """``header``, ``query``, ``basic``: the values are the stored secrets themselves."""
+    """``header``, ``query``, ``basic``, ``aws_sigv4``, ``hmac``: the values are the stored secrets themselves."""
 
     def __init__(self, auth, cache: SecretCache, *, name: str = "", metrics=None) -> None:
         self._cache = cache
@@ -123,10 +126,18 @@ class StaticSource(AuthSource):
         return g
 
     async def expired(self, principal: str, used: Grant) -> bool:
-        changed = False
-        for ref in set(self.refs_for(principal).values()):
-            changed |= await self._cache.reread(ref.path)
-        return changed
+        refs = self.refs_for(principal)
+        for ref in set(refs.values()):
+            await self._cache.reread(ref.path)
+        # Replay when what is current now differs from what this request sent, whether the
+        # re-read above or the background poller found the new version.
+        try:
+            for name, ref in refs.items():
+                if await self._cache.read(ref) != used.values.get(name):
+                    return True
+        except SecretBackendError:
+            pass
+        return False
 
     async def revoke(self) -> None:
         self._grants.clear()
@@ -159,7 +170,8 @@ class Stats:
 
 class Credential:
     def __init__(self, name: str, cfg: CredentialConfig, server: ServerConfig, source: AuthSource,
-                 leak_guard: str) -> None:
+                 leak_guard: str, *, cache: SecretCache | None = None, metrics: Metrics | None = None,
+                 address_policy: AddressPolicy | None = None) -> None:
         self.name = name
         self.cfg = cfg
         self.base = URL(cfg.upstream)
@@ -173,8 +185,15 @@ class Credential:
         self.disabled = False
         self.stats = Stats()
         ca = cfg.upstream_tls.ca_file if cfg.upstream_tls else None
+        self.tls: ClientTLS | None = None
+        if cfg.upstream_tls is not None and cfg.upstream_tls.client_cert is not None:
+            if cache is None:
+                raise TypeError("a credential with a client certificate needs the secret cache")
+            self.tls = ClientTLS(name, cfg.upstream_tls, cache,
+                                 expiry_gauge=metrics.upstream_cert_expires if metrics else None)
         self.client = UpstreamClient(connect_timeout=server.connect_timeout, read_timeout=server.read_timeout,
-                                     ssl_ctx=ssl_context(ca))
+                                     ssl_ctx=ssl_context(ca), ssl_provider=self.tls.context if self.tls else None,
+                                     address_policy=address_policy)
 
     def principal(self, caller: str) -> str:
         return caller if caller in self.per_caller else ""
@@ -188,6 +207,10 @@ class Credential:
                 return True
         return False
 
+    def refs(self) -> set[SecretRef]:
+        """Every secret reference this credential reads (readiness and warm-up check them)."""
+        return self.source.refs() | (self.tls.refs() if self.tls else set())
+
     def touch(self) -> None:
         self.stats.requests += 1
         self.stats.last_used = time.time()
@@ -196,20 +219,25 @@ class Credential:
         st = self.source.state()
         if self.disabled:
             st = dict(st, state="disabled")
+        tls = {"upstream_tls": self.tls.describe()} if self.tls else {}
         return {"name": self.name, "upstream": self.cfg.upstream, "auth_type": self.cfg.auth.type, **st,
-                "last_used": self.stats.last_used, "requests": self.stats.requests}
+                "last_used": self.stats.last_used, "requests": self.stats.requests, **tls}
 
     async def start(self) -> None:
         await self.source.start()
+        if self.tls:
+            await self.tls.start()
 
     async def close(self) -> None:
         await self.source.close()
+        if self.tls:
+            await self.tls.close()
         await self.client.close()
 
 
 def build_source(cfg: CredentialConfig, cache: SecretCache, **deps) -> AuthSource:
     """The one place that maps an auth type to its runtime source."""
-    if cfg.auth.type in ("header", "query", "basic"):
+    if cfg.auth.type in ("header", "query", "basic", "aws_sigv4", "hmac"):
         return StaticSource(cfg.auth, cache, name=deps.get("name", ""), metrics=deps.get("metrics"))
     from proxy.tokens import token_source  # token types live in their own package
 

@@ -84,6 +84,11 @@ class ConflictError(StoreError):
     """A compare-and-set write lost against a concurrent writer."""
 
 
+# After a malformed or oversized request the connection's framing cannot be trusted
+# (nor is an unread body worth draining): answer, then close.
+CLOSE_AFTER = frozenset({400, 413, 431})
+
+
 def error_body(code: str, message: str, request_id: str) -> bytes:
     return json.dumps({"error": code, "message": message, "request_id": request_id}).encode()
 
@@ -92,9 +97,12 @@ def to_response(exc: ProxyError, request_id: str) -> web.Response:
     headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(exc.retry_after)))
-    return web.Response(
+    resp = web.Response(
         status=exc.status,
         body=error_body(exc.code, exc.message, request_id),
         content_type="application/json",
         headers=headers,
     )
+    if exc.status in CLOSE_AFTER:
+        resp.force_close()
+    return resp

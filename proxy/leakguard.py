@@ -1,8 +1,17 @@
 """Streaming redaction of injected secrets echoed back by an upstream.
 
-Each secret is searched raw, base64 (standard and URL-safe, at every 3-byte
-alignment) and URL-encoded, also when split across chunk boundaries: the last
-``longest - 1`` bytes of each chunk are held back until the next one arrives.
+Each secret is searched
+
+- as text, where every character other than an ASCII letter or digit may also
+  appear percent-encoded (either hex case), as ``+`` for a space, or
+  JSON-escaped (``\\/``, ``\\"``, ``\\uXXXX``) — so a URL-encoded, form-encoded
+  or JSON-echoed copy is found, however much of it was escaped;
+- base64-encoded (standard and URL-safe, with or without padding, at each of
+  the three byte alignments the secret can have inside a longer encoded text).
+
+Every pattern has a fixed maximum length, so the stream redactor can decide
+each position once the ``longest - 1`` bytes after it have arrived: its output
+is the same as redacting the whole body at once, however the body is chunked.
 """
 
 from __future__ import annotations
@@ -10,52 +19,84 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, quote_plus
 
 from proxy.needles import may_match, needles
 
 REDACTED = b"[REDACTED]"
+MIN_SECRET = 4  # shorter values would redact ordinary text; no real secret is this short
 MIN_B64_CORE = 4  # shorter base64 cores would match ordinary text
 
+# JSON's two-character escapes: the character after the backslash.
+_JSON_SHORT = {"\b": b"b", "\f": b"f", "\n": b"n", "\r": b"r", "\t": b"t", '"': b'"', "\\": b"\\", "/": b"/"}
 
-class LeakDetected(Exception):
-    pass
+
+def _hex_any_case(value: int, width: int) -> bytes:
+    out = b""
+    for ch in b"%0*X" % (width, value):
+        c = bytes([ch])
+        out += b"[" + c + c.lower() + b"]" if c.isalpha() else c
+    return out
 
 
-def _forms(secret: bytes) -> set[bytes]:
-    forms = {secret}
-    text = secret.decode("utf-8", "surrogateescape")
-    forms.add(quote(text, safe="").encode())
-    forms.add(quote_plus(text, safe="").encode())
-    forms.add(quote(text).encode())
+def _char_pattern(c: str) -> tuple[bytes, int]:
+    """A regex for one character of a secret and every escaped form of it, with its longest length."""
+    raw = c.encode("utf-8", "surrogateescape")
+    if c.isascii() and c.isalnum():
+        return raw, 1
+    alts = {re.escape(raw): len(raw), b"".join(b"%" + _hex_any_case(b, 2) for b in raw): 3 * len(raw)}
+    if c == " ":
+        alts[rb"\+"] = 1
+    if c in _JSON_SHORT:
+        alts[rb"\\" + re.escape(_JSON_SHORT[c])] = 2
+    cp = ord(c)
+    if not 0xDC80 <= cp <= 0xDCFF:  # a lone undecodable byte has no JSON form
+        if cp < 0x10000:
+            alts[rb"\\u" + _hex_any_case(cp, 4)] = 6
+        else:
+            cp -= 0x10000
+            alts[rb"\\u" + _hex_any_case(0xD800 + (cp >> 10), 4) + rb"\\u" + _hex_any_case(0xDC00 + (cp & 0x3FF), 4)] = 12
+    return b"(?:" + b"|".join(alts) + b")", max(alts.values())
+
+
+def _text_pattern(secret: str) -> tuple[bytes, int]:
+    parts = [_char_pattern(c) for c in secret]
+    return b"".join(p for p, _ in parts), sum(n for _, n in parts)
+
+
+def _base64_forms(secret: bytes) -> set[bytes]:
+    forms = set()
     for shift in range(3):
         # base64 of the secret as it appears after ``shift`` unknown leading bytes:
         # drop the output characters that depend on the unknown neighbours.
-        enc_std = base64.b64encode(b"\0" * shift + secret)
-        enc_url = base64.urlsafe_b64encode(b"\0" * shift + secret)
-        lead = {0: 0, 1: 2, 2: 3}[shift]
-        tail_bits = (shift + len(secret)) % 3
-        trail = {0: 0, 1: 3, 2: 2}[tail_bits]  # characters touched by padding/next bytes
-        for enc in (enc_std, enc_url):
-            core = enc[lead : len(enc) - trail] if trail else enc[lead:]
-            core = core.rstrip(b"=")
+        lead = (0, 2, 3)[shift]
+        trail = (0, 3, 2)[(shift + len(secret)) % 3]  # characters touched by padding or the next bytes
+        for enc in (base64.b64encode(b"\0" * shift + secret), base64.urlsafe_b64encode(b"\0" * shift + secret)):
+            core = (enc[lead : len(enc) - trail] if trail else enc[lead:]).rstrip(b"=")
             if len(core) >= MIN_B64_CORE:
                 forms.add(core)
-        forms.add(base64.b64encode(secret))
-    return {f for f in forms if f}
+    forms.add(base64.b64encode(secret))
+    forms.add(base64.urlsafe_b64encode(secret))
+    return forms
+
+
+def patterns(secret: str) -> list[tuple[bytes, int]]:
+    """(regex, longest match) for every form of one secret."""
+    out = [_text_pattern(secret)]
+    out += [(re.escape(f), len(f)) for f in _base64_forms(secret.encode("utf-8", "surrogateescape"))]
+    return out
 
 
 class LeakGuard:
     """Compiled patterns for one set of secrets (per credential and principal)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        forms: set[bytes] = set()
+        found: dict[bytes, int] = {}
         for s in secrets:
-            if s:
-                forms |= _forms(s.encode("utf-8", "surrogateescape"))
-        ordered = sorted(forms, key=len, reverse=True)
-        self.longest = len(ordered[0]) if ordered else 0
-        self._re = re.compile(b"|".join(re.escape(f) for f in ordered)) if ordered else None
+            if s and len(s) >= MIN_SECRET:
+                found.update(patterns(s))
+        ordered = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
+        self.longest = ordered[0][1] if ordered else 0
+        self._re = re.compile(b"|".join(p for p, _ in ordered)) if ordered else None
         self._needles = needles(self._re)
 
     def may_match(self, data: bytes) -> bool:
@@ -80,6 +121,8 @@ class LeakGuard:
 
 
 class StreamRedactor:
+    """Redacts a body fed in chunks; ``feed`` holds back at most ``longest - 1`` bytes."""
+
     def __init__(self, guard: LeakGuard) -> None:
         self._re = guard._re
         self._may_match = guard.may_match
@@ -90,19 +133,24 @@ class StreamRedactor:
     def feed(self, chunk: bytes) -> bytes:
         if self._re is None:
             return chunk
-        buf = self._tail + chunk
+        buf = self._tail + chunk if self._tail else chunk
+        # A match may start at a position only once every pattern fits after it;
+        # later positions wait for more bytes, so chunking never changes a decision.
+        decided = len(buf) - self._keep
         if not self._may_match(buf):
-            cut = max(len(buf) - self._keep, 0)
+            cut = max(decided, 0)
             self._tail = buf[cut:]
             return buf[:cut]
         out = []
         pos = 0
         for m in self._re.finditer(buf):
+            if m.start() >= decided:
+                break
             out.append(buf[pos : m.start()])
             out.append(REDACTED)
             self.count += 1
             pos = m.end()
-        cut = max(pos, len(buf) - self._keep)
+        cut = max(pos, decided)
         out.append(buf[pos:cut])
         self._tail = buf[cut:]
         return b"".join(out)

@@ -1,4 +1,9 @@
-"""JSON-lines logging on stderr, with every record passed through the scrubber first."""
+"""JSON-lines logging on stderr, with every record passed through the scrubber first.
+
+The formatter scrubs its own output; ``setup`` also installs the scrubbing
+filter (``proxy.logfilter``) on every logger and handler, so records are clean
+before any handler sees them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import sys
 import time
 import traceback
 
+from proxy import logfilter
 from proxy.scrub import SCRUBBER
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
@@ -26,6 +32,8 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value if isinstance(value, (int, float, bool, type(None))) else str(value)
         if record.exc_info:
             out["exc"] = "".join(traceback.format_exception(*record.exc_info))
+        elif record.exc_text:  # the scrubbing filter keeps only the text of the exception
+            out["exc"] = record.exc_text
         return SCRUBBER.scrub(json.dumps(out, ensure_ascii=False, default=str))
 
 
@@ -36,3 +44,8 @@ def setup(level: str = "INFO", stream=None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.Formatter.converter = time.gmtime
+    logging.captureWarnings(True)
+    # A failing handler would print the raw traceback of whatever was being handled to stderr.
+    logging.raiseExceptions = False
+    logfilter.install(SCRUBBER)
+    logfilter.install_excepthooks(logging.getLogger("credproxy"))

@@ -3,9 +3,43 @@ status classes, fixed reasons), never from request data."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class FunctionGauge:
+    """A one-label gauge computed at scrape time: one function per label value.
+
+    Registering a function for a label replaces the previous one; ``remove`` only
+    removes the caller's own function, so a replaced owner cannot drop its successor.
+    """
+
+    def __init__(self, name: str, doc: str, label: str, registry: CollectorRegistry) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self._fns: dict[str, Callable[[], float | None]] = {}
+        registry.register(self)
+
+    def set_function(self, value: str, fn: Callable[[], float | None]) -> None:
+        self._fns[value] = fn
+
+    def remove(self, value: str, fn: Callable[[], float | None]) -> None:
+        if self._fns.get(value) == fn:
+            del self._fns[value]
+
+    def describe(self):
+        return [GaugeMetricFamily(self.name, self.doc, labels=[self.label])]
+
+    def collect(self):
+        family = GaugeMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, fn in sorted(self._fns.items()):
+            v = fn()
+            if v is not None:
+                family.add_metric([value], v)
+        yield family
 
 
 def status_class(status: int) -> str:
@@ -27,9 +61,14 @@ class Metrics:
                                    ["credential"], registry=r)
         self.leaks = Counter("credproxy_leaks_redacted_total", "Echoed secrets redacted or blocked", ["credential"], registry=r)
         self.alerts = Counter("credproxy_alerts_total", "Misuse alerts", ["kind"], registry=r)
+        self.alert_webhook_failures = Counter("credproxy_alert_webhook_failures_total",
+                                              "Alert webhook posts dropped or failed", ["reason"], registry=r)
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
+        self.upstream_cert_expires = FunctionGauge("credproxy_upstream_cert_expires_in_seconds",
+                                                   "Seconds until the upstream client certificate expires",
+                                                   "credential", r)
         self.last_reload_ok = Gauge("credproxy_config_last_reload_successful",
                                     "1 when the last reload attempt was applied, 0 when it was rejected", registry=r)
         self.last_reload_ok.set(1)

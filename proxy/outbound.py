@@ -24,7 +24,8 @@ class Outbound:
     @property
     def url(self) -> URL:
         prefix = self.base.raw_path.rstrip("/")
-        return URL.build(scheme=self.base.scheme, host=self.base.raw_host, port=self.base.explicit_port,
+        # host_subcomponent keeps the brackets of an IPv6 literal, which an encoded build needs
+        return URL.build(scheme=self.base.scheme, host=self.base.host_subcomponent, port=self.base.explicit_port,
                          path=prefix + self.path, query_string=self.query, encoded=True)
 
     @property

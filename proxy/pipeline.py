@@ -1,7 +1,8 @@
 """The request path, top to bottom.
 
-caller -> route -> authenticate -> policy -> material -> inject -> upstream
--> (expired? refresh once, replay once) -> relay with leak guard -> audit.
+request shape -> route -> authenticate -> source lock -> policy -> rate limit
+-> material -> inject -> upstream -> (expired? refresh once, replay once)
+-> relay with leak guard -> audit -> misuse alerts.
 
 Every step that can refuse raises a ``ProxyError``; ``errors.to_response`` is the
 one place that turns it into a status and fixed message. The audit line is
@@ -21,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import errors
+from proxy import errors, guards
 from proxy.audit import AuditEvent, strip_query_values
 from proxy.callers import CALLER_HEADERS
 from proxy.body import BodyTooLarge, RequestBody, read_body
@@ -77,6 +78,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     route: Route | None = None
     state.metrics.inflight.inc()
     try:
+        guards.check_request(request)
         route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential
         headers = strip_hop_by_hop(request.headers)
@@ -85,6 +87,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
             headers.popall(name, None)
         caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
+        state.authenticator.check_source(caller, ip)
         cred = state.credentials.get(route.credential)
         if cred is None:
             raise Forbidden("unknown credential", reason="unknown_credential")
@@ -92,8 +95,11 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
             raise Forbidden("no allow rule matches", reason="policy")
         if cred.disabled:
             raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
+        if state.limiter is not None:
+            state.limiter.acquire(caller.name, cred.name)
         for name in _CALLER_DROP:
             headers.popall(name, None)
+        guards.drop_spoofable(headers)
         for name in cred.injector.removes:
             headers.popall(name, None)
         cred.touch()
@@ -134,7 +140,8 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
                     continue
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
-                           state.metrics.child(state.metrics.leaks, cred.name))
+                           state.metrics.child(state.metrics.leaks, cred.name),
+                           write_timeout=state.config.server.limits.write_timeout)
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 
 
@@ -178,13 +185,25 @@ def _record(state: State, request: web.BaseRequest, route: Route | None, trace: 
     query = route.query if route else raw_path[2]
     if query:
         path += "?" + strip_query_values(query)
-    state.audit.write(AuditEvent(
+    event = AuditEvent(
         request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None,
         credential=trace.credential if route else None, method=request.method, path=path,
         status=trace.status, outcome=trace.outcome, reason=trace.reason or trace.outcome,
         duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed,
-    ))
+    )
+    state.audit.write(event)
+    if state.alerts is not None:
+        state.alerts.observe(event)
     cred_label = trace.credential if route and trace.credential in state.credentials else "-"
     caller_label = trace.caller or "-"
     state.metrics.child(state.metrics.requests, cred_label, caller_label, str(trace.status)).inc()
     state.metrics.child(state.metrics.duration, cred_label).observe(duration)
+
+
+def record_refused(state: State, request: web.BaseRequest, exc: ProxyError, request_id: str) -> None:
+    """Audit a request aiohttp's parser refused before the handler ran: nothing about it is trustworthy."""
+    ip = peer_ip(request)
+    event = AuditEvent(request_id=request_id, caller=None, client_ip=str(ip) if ip else None, credential=None,
+                       method="-", path="-", status=exc.status, outcome="error", reason=exc.reason, duration_ms=0.0)
+    state.audit.write(event)
+    state.metrics.requests.labels("-", "-", str(exc.status)).inc()

@@ -1,20 +1,30 @@
 """Relay the upstream answer to the caller: status, headers and body, streamed,
 through the leak guard.
 
-``redact``: echoed secrets become ``[REDACTED]`` (Content-Length is dropped since
-the length may change). ``block``: the first ``BLOCK_BUFFER`` bytes are held
-before anything is sent, so a leak there answers 502; a leak found later aborts
-the connection (the caller sees a truncated answer, never the secret).
+``redact``: echoed secrets become ``[REDACTED]`` — in header values, header
+names, the reason phrase and the body (Content-Length is dropped since the
+length may change). ``block``: the first ``BLOCK_BUFFER`` bytes are held
+before anything is sent, so a leak there answers 502; a leak found later
+aborts the connection (the caller sees a truncated answer, never the secret).
 Compressed bodies are not decompressed: ``redact`` passes them on unscanned,
 ``block`` refuses them (502), since it cannot prove them clean.
 
+An upstream answer whose framing credproxy would have to guess at — a
+transfer coding other than a single ``chunked``, or an unrequested ``1xx``
+such as ``101 Switching Protocols`` — answers 502 (aiohttp's parser already
+refuses Content-Length with Transfer-Encoding and conflicting lengths).
+A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
+upstream connection open) is disconnected.
+
 Small answers (a ``Content-Length`` up to ``WHOLE_BODY_MAX``, typical of JSON
 APIs) are read whole, scanned once and sent with their (new) length: no chunked
-framing, one write, and a failure while reading them is a clean 502/504.
+framing, one write, the upstream connection released before the caller reads,
+and a failure while reading them is a clean 502/504.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -28,6 +38,7 @@ from proxy.upstream import strip_hop_by_hop
 log = logging.getLogger("credproxy.relay")
 
 BLOCK_BUFFER = 1 << 20
+DEFAULT_WRITE_TIMEOUT = 60.0
 WHOLE_BODY_MAX = 64 * 1024
 _NO_BODY = {204, 304}
 
@@ -36,52 +47,78 @@ class LeakBlocked(UpstreamError):
     pass
 
 
+class CallerStalled(Exception):
+    """The caller took no response bytes within the write timeout."""
+
+
+def check_framing(upstream: aiohttp.ClientResponse) -> None:
+    if upstream.status < 200:
+        raise UpstreamError(f"unrequested {upstream.status} answer", reason="upstream_bad_framing")
+    te = upstream.headers.getall("Transfer-Encoding", [])
+    if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
+        raise UpstreamError("transfer coding other than a single chunked", reason="upstream_bad_framing")
+
+
+def is_compressed(headers) -> bool:
+    codings = {c.strip().lower() for v in headers.getall("Content-Encoding", []) for c in v.split(",")}
+    return bool(codings - {"identity", ""})
+
+
 def _header_text(headers: CIMultiDict[str]) -> bytes:
     """All names and values as one text, for one quick check before scanning header by header."""
     return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
 
 
-def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard, mode: str) -> int:
+def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMultiDict[str], int]:
     if not guard.may_match(_header_text(headers)):
-        return 0
+        return headers, 0
     found = 0
-    for key in list(headers.keys()):
-        values = headers.getall(key)
-        new = []
-        for v in values:
-            red, n = guard.redact_text(v)
-            found += n
-            new.append(red)
-        if any(a != b for a, b in zip(values, new)):
-            headers.popall(key)
-            for v in new:
-                headers.add(key, v)
-    if found and mode == "block":
-        raise LeakBlocked("secret echoed in a response header", reason="leak_blocked")
-    return found
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        _, hits = guard.redact_text(key)
+        if hits:  # a header named after the secret cannot be renamed meaningfully: drop it
+            found += hits
+            continue
+        value, hits = guard.redact_text(value)
+        found += hits
+        out.add(key, value)
+    return out, found
+
+
+def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, int]:
+    """The upstream's reason phrase if it is plain printable text (else the standard one), redacted."""
+    if not reason or not reason.isascii() or not reason.isprintable():
+        return None, 0
+    return guard.redact_text(reason) if guard is not None else (reason, 0)
 
 
 async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes, guard: LeakGuard,
-                mode: str, trace, leak_counter) -> web.StreamResponse:
+                mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> web.StreamResponse:
     try:
+        check_framing(upstream)
         headers = strip_hop_by_hop(upstream.headers)
         scanning = mode != "off" and guard.active
-        compressed = upstream.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+        compressed = is_compressed(upstream.headers)
+        reason, found = _reason(upstream.reason, guard if scanning else None)
         if scanning:
-            found = _guard_headers(headers, guard, mode)
-            if found:
-                leak_counter.inc(found)
-            if compressed and mode == "block" and request.method != "HEAD":
-                raise LeakBlocked("compressed body cannot be scanned under block", reason="leak_unscannable")
+            headers, in_headers = _guard_headers(headers, guard)
+            found += in_headers
+        if found:
+            leak_counter.inc(found)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response head", reason="leak_blocked")
+        if scanning and compressed and mode == "block" and request.method != "HEAD":
+            raise LeakBlocked("compressed body cannot be scanned under block", reason="leak_unscannable")
         scan_body = scanning and not compressed
-        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY and upstream.status >= 200
+        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
         redactor = guard.stream() if scan_body else None
         length = upstream.content_length
         if has_body and length is not None and length <= WHOLE_BODY_MAX:
-            return await _relay_whole(upstream, head, headers, guard if scan_body else None, mode, leak_counter)
+            return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
+                                      leak_counter)
 
         held = b""
         if redactor is not None and mode == "block" and has_body:
@@ -93,7 +130,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
             if probe.count:
                 leak_counter.inc(probe.count)
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     except BaseException:
         upstream.release()
         raise
@@ -102,23 +139,22 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         if not has_body:
             await response.write_eof()
             return response
-        for chunk in _chain(held, head):
-            await _write(response, redactor, chunk, mode, trace)
+        for chunk in (held, head):
+            await _write(response, redactor, chunk, mode, write_timeout)
         async for chunk in upstream.content.iter_any():
-            await _write(response, redactor, chunk, mode, trace)
+            await _write(response, redactor, chunk, mode, write_timeout)
         if redactor is not None:
             tail = redactor.flush()
             if redactor.count and mode == "block":
                 raise LeakBlocked("secret echoed late in the response body", reason="leak_blocked")
-            if tail:
-                await response.write(tail)
+            await _write(response, None, tail, mode, write_timeout)
             if redactor.count:
                 leak_counter.inc(redactor.count)
         await response.write_eof()
         return response
-    except (aiohttp.ClientError, TimeoutError, LeakBlocked, ConnectionError) as exc:
-        trace.outcome, trace.reason = "error", getattr(exc, "reason", None) or "upstream_body_failed"
-        log.warning("response aborted mid-stream", extra={"request_id": trace.request_id,
+    except (aiohttp.ClientError, TimeoutError, LeakBlocked, ConnectionError, CallerStalled) as exc:
+        trace.outcome, trace.reason = "error", _abort_reason(exc)
+        log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
                                                           "error": type(exc).__name__})
         if request.transport is not None:
             request.transport.abort()
@@ -127,7 +163,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         upstream.release()
 
 
-async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str],
+async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
                        guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
     """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
     try:
@@ -145,28 +181,45 @@ async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: C
             if mode == "block":
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
     headers.popall("Content-Length", None)
-    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=data)
+    return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
 
 
-def _chain(*parts: bytes):
-    return [p for p in parts if p]
+def _abort_reason(exc: BaseException) -> str:
+    if isinstance(exc, LeakBlocked):
+        return exc.reason
+    if isinstance(exc, CallerStalled):
+        return "caller_write_timeout"
+    if isinstance(exc, ConnectionError):
+        return "caller_disconnected"
+    return "upstream_body_failed"
 
 
-async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, chunk: bytes, mode: str, trace) -> None:
+async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, chunk: bytes, mode: str,
+                 write_timeout: float) -> None:
     if redactor is not None:
         before = redactor.count
         chunk = redactor.feed(chunk)
         if mode == "block" and redactor.count > before:
             raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
-    if chunk:
-        await response.write(chunk)
+    if not chunk:
+        return
+    try:
+        async with asyncio.timeout(write_timeout):
+            await response.write(chunk)
+    except TimeoutError:
+        raise CallerStalled() from None
 
 
 async def _read_upto(upstream: aiohttp.ClientResponse, head: bytes, limit: int) -> bytes:
     buf = bytearray(head)
-    while len(buf) < limit:
-        chunk = await upstream.content.read(limit - len(buf))
-        if not chunk:
-            break
-        buf += chunk
+    try:
+        while len(buf) < limit:
+            chunk = await upstream.content.read(limit - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError:
+        raise UpstreamTimeout("upstream body timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
     return bytes(buf)

@@ -44,10 +44,10 @@ from proxy.state import State
 log = logging.getLogger("credproxy.reload")
 
 # Credential settings that do not change how material is obtained: a change to them keeps the token cache.
-SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe"})
+SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe", "rate_limit"})
 # Bound when the process starts; a change needs a restart.
 RESTART_REQUIRED = (("server", "listen"), ("server", "tls"), ("server", "limits"), ("admin", "listen"),
-                    ("secrets",), ("audit",))
+                    ("secrets",), ("audit",), ("alerts", "webhook_url"))
 WARM_TIMEOUT = 5.0
 
 

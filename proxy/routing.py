@@ -2,8 +2,9 @@
 
 The canonical path is what policy sees and, byte for byte, what goes upstream:
 unreserved characters are decoded, other escapes upper-cased, dot segments
-resolved. Encoded ``/`` or ``\\``, raw ``\\``, NUL and other control bytes, and
-``..`` that would climb above the root are refused.
+resolved. Encoded ``/`` or ``\\``, raw ``\\``, NUL and other control bytes,
+``..`` that would climb above the root, and dot segments carrying path
+parameters (``..;x``) are refused.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def canonical_path(raw: str) -> str:
     parts = out.decode("ascii").split("/")[1:]
     for n, seg in enumerate(parts):
         last = n == len(parts) - 1
+        if ";" in seg and seg.split(";", 1)[0] in (".", ".."):
+            # "..;x" is a dot segment to servers that strip path parameters (Tomcat, Jetty)
+            raise BadRequest("dot segment with path parameters")
         if seg == ".":
             if last:
                 segments.append("")

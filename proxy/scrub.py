@@ -1,7 +1,9 @@
 """The log scrubber: active secret values and token shapes never reach a log line.
 
 Secrets register themselves here when they are injected (values are kept as
-compiled patterns, never logged); shape rules catch what was never registered.
+compiled patterns, never logged); shape rules catch what was never registered:
+bearer/basic credentials, JWTs, Salesforce session IDs, credproxy caller tokens,
+and ``key=value`` / ``"key": "value"`` pairs whose key names a secret.
 """
 
 from __future__ import annotations
@@ -9,14 +11,18 @@ from __future__ import annotations
 import re
 import threading
 
-from proxy.leakguard import LeakGuard
+from proxy.leakguard import MIN_SECRET, LeakGuard
 
+_SECRET_KEYS = (r"access_token|refresh_token|id_token|client_secret|client_assertion|password|passwd|"
+                r"session_?id|sessionid|secret|api[_-]?key|x-api-key|private_key|assertion|token")
 _SHAPES = [
-    (re.compile(r"(?i)\b(bearer|basic|token)\s+[A-Za-z0-9\-._~+/=]{8,}"), r"\1 [REDACTED]"),
+    (re.compile(r"(?i)\b(bearer|basic|token|negotiate)(\s+)[A-Za-z0-9\-._~+/=]{8,}"), r"\1\2[REDACTED]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[REDACTED]"),  # JWT
     (re.compile(r"\b00D[A-Za-z0-9]{12,15}![A-Za-z0-9._]{20,}"), "[REDACTED]"),  # Salesforce session ID
-    (re.compile(r"(?i)(\"?(?:access_token|refresh_token|client_secret|password|session_?id|secret)\"?\s*[:=]\s*\"?)[^\s\"&,}]+"),
-     r"\1[REDACTED]"),
+    (re.compile(r"\bcp_[A-Za-z0-9_-]{20,}"), "[REDACTED]"),  # credproxy caller token (credproxy callers new)
+    # A value, not a structure: "token": {...} in an admin answer is left alone.
+    (re.compile(r"(?i)((?:proxy-)?authorization|cookie)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\"'\\\r\n,{}\[]+"), r"\1\2[REDACTED]"),
+    (re.compile(r"(?i)(\\?[\"']?\b(?:" + _SECRET_KEYS + r")\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"'\\&,{}\[]+"), r"\1[REDACTED]"),
 ]
 
 
@@ -27,7 +33,7 @@ class Scrubber:
         self._guard = LeakGuard(())
 
     def register(self, *values: str) -> None:
-        new = {v for v in values if v and len(v) >= 4} - self._values
+        new = {v for v in values if v and len(v) >= MIN_SECRET} - self._values
         if not new:
             return
         with self._lock:

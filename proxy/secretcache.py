@@ -1,7 +1,7 @@
 """In-memory cache of secret entries read from the store.
 
 Requests never wait on the backend for a secret that is cached. A background
-poller re-reads paths whose version changed (``refresh_interval``); an upstream
+poller re-reads paths whose version stamp changed (``refresh_interval``); an upstream
 "expired" answer asks for an immediate re-read, rate-limited per path.
 When the backend fails, last-known-good entries keep serving for up to
 ``max_staleness``; an explicit access-denied drops the entry at once.
@@ -86,7 +86,7 @@ class SecretCache:
             raise
         old = self._entries.get(path)
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
-        if old is not None and old.entry.version != entry.version:
+        if old is not None and old.entry.stamp != entry.stamp:
             log.info("secret rotated", extra={"secret_path": path, "version": entry.version})
             for fn in self._listeners:
                 fn(path)
@@ -100,35 +100,39 @@ class SecretCache:
             return False
         if cached is not None:
             cached.reread_at = now
-        old_version = cached.entry.version if cached else None
+        old_stamp = cached.entry.stamp if cached else None
         try:
             entry = await self._fetch(path)
         except SecretBackendError:
             return False
-        return entry.version != old_version
+        return entry.stamp != old_stamp
 
     async def poll_once(self) -> None:
-        for path in list(self._entries):
-            cached = self._entries.get(path)
-            if cached is None:
-                continue
+        # Paths are checked side by side: one slow or failing path must not hold up the others
+        # (the store bounds how many calls really run at once).
+        await asyncio.gather(*(self._check(path) for path in list(self._entries)))
+
+    async def _check(self, path: str) -> None:
+        cached = self._entries.get(path)
+        if cached is None:
+            return
+        try:
+            stamp = await self.store.stamp(path)
+        except (SecretAccessDenied, SecretNotFound) as exc:
+            self._entries.pop(path, None)
+            self._on_backend_error(exc)
+            log.warning("secret no longer readable; dropped", extra={"secret_path": path})
+            return
+        except SecretBackendError as exc:
+            self._on_backend_error(exc)
+            return  # keep last-known-good; staleness bounds how long
+        if stamp != cached.entry.stamp:
             try:
-                version = await self.store.version(path)
-            except (SecretAccessDenied, SecretNotFound) as exc:
-                self._entries.pop(path, None)
-                self._on_backend_error(exc)
-                log.warning("secret no longer readable; dropped", extra={"secret_path": path})
-                continue
-            except SecretBackendError as exc:
-                self._on_backend_error(exc)
-                continue  # keep last-known-good; staleness bounds how long
-            if version != cached.entry.version:
-                try:
-                    await self._fetch(path)
-                except SecretBackendError:
-                    continue
-            else:
-                cached.fetched_at = self._clock()
+                await self._fetch(path)
+            except SecretBackendError:
+                pass  # counted and handled (dropped when denied) by the fetch
+        else:
+            cached.fetched_at = self._clock()
 
     async def _poll_forever(self) -> None:
         while True:

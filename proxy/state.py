@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from proxy.alerts import AlertMonitor
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config
 from proxy.credential import Credential
 from proxy.metrics import Metrics
 from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
 from proxy.secretcache import SecretCache
 
 
@@ -39,6 +41,8 @@ class State:
     metrics: Metrics
     cache: SecretCache
     ready: bool = True
+    alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
+    limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
 

@@ -2,18 +2,22 @@
 
 Redirects are passed through, never followed; bodies are not decompressed; the
 environment's proxy settings are ignored; hop-by-hop headers are dropped both
-ways. Transport failures become ``UpstreamError`` / ``UpstreamTimeout``.
+ways; every address is checked by the ``netguard.AddressPolicy`` as it is
+connected to. Transport failures become ``UpstreamError`` / ``UpstreamTimeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.netguard import AddressDenied, AddressPolicy
 from proxy.outbound import Outbound
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -36,16 +40,27 @@ def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMul
 
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    if not ca_file:
+        return _system_context()
     ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
+    ctx.load_verify_locations(cafile=ca_file)
     return ctx
+
+
+@functools.cache
+def _system_context() -> ssl.SSLContext:
+    # Loading the system CAs takes ~0.1 s; credentials without their own CA share one context.
+    return ssl.create_default_context()
 
 
 class UpstreamClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float, ssl_ctx: ssl.SSLContext | None = None,
-                 limit: int = 256) -> None:
+                 limit: int = 256, ssl_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
+                 address_policy: AddressPolicy | None = None) -> None:
         self._ssl = ssl_ctx or ssl_context()
+        # Asked before each request (client certificates rotate); pools are kept per context.
+        self._ssl_provider = ssl_provider
+        self._addresses = address_policy or AddressPolicy()
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
                                               sock_read=read_timeout)
         self._limit = limit
@@ -54,7 +69,8 @@ class UpstreamClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl, enable_cleanup_closed=True)
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl, enable_cleanup_closed=True,
+                                             socket_factory=self._addresses.socket_factory)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False,
                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
@@ -62,14 +78,17 @@ class UpstreamClient:
         return self._session
 
     async def send(self, out: Outbound) -> aiohttp.ClientResponse:
+        ssl_ctx = await self._ssl_provider() if self._ssl_provider else self._ssl
         try:
             return await self.session.request(
                 out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False,
-                compress=None, chunked=None,
+                compress=None, chunked=None, ssl=ssl_ctx,
             )
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from None
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressDenied):
+                raise UpstreamError(exc.os_error.why, reason="upstream_address_denied") from None
             raise UpstreamError(f"connect failed: {type(exc).__name__}", reason="upstream_connect") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise UpstreamError(f"upstream request failed: {type(exc).__name__}", reason="upstream_failed") from None

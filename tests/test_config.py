@@ -65,7 +65,7 @@ def test_example_config_is_valid():
     ("  example:", "  bad.name:", "c.yaml:7: credentials.bad.name: credential names must match"),
     ("secret: apis/example#token", "secret: apis/example-token",
      "c.yaml:11: credentials.example.auth.secret: Value error, must be a secret reference PATH#FIELD"),
-    ("type: header", "type: telepathy", "c.yaml:10: credentials.example.auth.type: Input tag 'telepathy'"),
+    ("type: header", "type: telepathy", "c.yaml:10: credentials.example.auth.type: must be one of 'header'"),
     ("callers: [billing]", "callers: [ghost]",
      "c.yaml:16: credentials.example.allow[0].callers: names a caller that is not defined under callers"),
     ("ttl: 2h", "ttl: two hours", "c.yaml:13: credentials.example.session.ttl: Value error, must be a duration"),

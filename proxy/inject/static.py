@@ -61,6 +61,14 @@ def injector_for(auth) -> Injector:
         return QueryInjector(auth.param)
     if auth.type == "basic":
         return BasicInjector()
+    if auth.type == "aws_sigv4":
+        from proxy.inject.sigv4 import SigV4Injector  # botocore is an optional extra: import only when used
+
+        return SigV4Injector(auth.region, auth.service)
+    if auth.type == "hmac":
+        from proxy.inject.hmacsign import HmacInjector
+
+        return HmacInjector(auth)
     header = getattr(auth, "header", None) or "Authorization"
     value = getattr(auth, "value", None) or Template.parse("Bearer {secret}")
     return HeaderInjector(header, value)

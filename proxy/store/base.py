@@ -12,10 +12,18 @@ from proxy.secret import Secret, SecretRef
 
 @dataclass(frozen=True)
 class SecretEntry:
-    """All fields of one secret path, and its version (KV v2 style, starts at 1)."""
+    """All fields of one secret path, and its version (KV v2 style, starts at 1).
+
+    ``created`` (where the backend has it: Vault's created_time) tells two versions with
+    the same number apart, as after a path is deleted and written anew."""
 
     fields: Mapping[str, Secret] = field(repr=False)
     version: int
+    created: str | None = None
+
+    @property
+    def stamp(self) -> tuple[int, str | None]:
+        return self.version, self.created
 
     def get(self, ref: SecretRef) -> Secret:
         try:
@@ -43,6 +51,10 @@ class SecretStore(abc.ABC):
     async def version(self, path: str) -> int:
         """The current version at ``path`` (cheap where the backend allows: metadata only)."""
         return (await self.get(path)).version
+
+    async def stamp(self, path: str) -> tuple[int, str | None]:
+        """What the poller compares with ``SecretEntry.stamp`` to see a change."""
+        return await self.version(path), None
 
     async def start(self) -> None:
         """Connect / log in. Called once before serving."""

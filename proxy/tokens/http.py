@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from proxy.netguard import AddressPolicy
 from proxy.tokens.failure import TokenFailure
 from proxy.upstream import ssl_context
 
@@ -28,8 +29,11 @@ class Answer:
 
 class TokenHttp:
     def __init__(self, *, ca_file: str | None = None, connect_timeout: float = 10.0, total_timeout: float = 30.0,
-                 ssl_ctx: ssl.SSLContext | None = None) -> None:
+                 ssl_ctx: ssl.SSLContext | None = None, address_policy: AddressPolicy | None = None) -> None:
         self._ssl = ssl_ctx or ssl_context(ca_file)
+        # Token endpoints get the always-refused ranges too (metadata, link-local): a login
+        # answer may name the next URL.
+        self._addresses = address_policy or AddressPolicy()
         self._timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
                                               sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -38,7 +42,8 @@ class TokenHttp:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16), timeout=self._timeout, trust_env=False,
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16, socket_factory=self._addresses.socket_factory),
+                timeout=self._timeout, trust_env=False,
                 cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True,
             )
         return self._session

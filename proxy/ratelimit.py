@@ -1,0 +1,66 @@
+"""Rate limits per caller and per credential: token buckets, answered with 429.
+
+A request takes one token from its caller's bucket and one from its
+credential's bucket (where configured), both or neither: a request refused by
+one bucket does not drain the other. Buckets refill continuously at ``rps``
+up to ``burst``. ``Retry-After`` is the whole seconds until both buckets have
+a token again. Checked after policy, so denied requests do not use up a
+caller's budget (they are counted by the misuse alerts instead).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from proxy.config import RateLimit
+from proxy.errors import RateLimited
+
+
+class TokenBucket:
+    def __init__(self, rps: float, burst: int, now: float) -> None:
+        self.rps = rps
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is available (0: one is available now)."""
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rps)
+        self._stamp = now
+        return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rps
+
+    def take(self) -> None:
+        self._tokens -= 1
+
+
+def _bucket(limit: RateLimit, now: float) -> TokenBucket:
+    return TokenBucket(limit.rps, limit.burst or max(1, math.ceil(limit.rps)), now)
+
+
+class RateLimiter:
+    def __init__(self, callers: Mapping[str, RateLimit], credentials: Mapping[str, RateLimit], *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        now = clock()
+        self._callers = {name: _bucket(limit, now) for name, limit in callers.items()}
+        self._credentials = {name: _bucket(limit, now) for name, limit in credentials.items()}
+
+    @classmethod
+    def from_config(cls, cfg, *, clock: Callable[[], float] = time.monotonic) -> "RateLimiter":
+        return cls({n: c.rate_limit for n, c in (cfg.callers or {}).items() if c.rate_limit},
+                   {n: c.rate_limit for n, c in cfg.credentials.items() if c.rate_limit}, clock=clock)
+
+    def acquire(self, caller: str, credential: str) -> None:
+        pairs = [(kind, b) for kind, b in (("caller", self._callers.get(caller)),
+                                           ("credential", self._credentials.get(credential))) if b is not None]
+        if not pairs:
+            return
+        now = self._clock()
+        waits = [(b.wait(now), kind) for kind, b in pairs]
+        wait, kind = max(waits)
+        if wait > 0:
+            raise RateLimited(f"{kind} rate limit", reason=f"rate_limited_{kind}", retry_after=math.ceil(wait))
+        for _, b in pairs:
+            b.take()

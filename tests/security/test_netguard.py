@@ -1,0 +1,83 @@
+"""The connect-time address policy: which addresses are refused, and that the check
+sits where DNS rebinding cannot get around it."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import aiohttp
+import pytest
+from aiohttp.abc import AbstractResolver
+
+from proxy.netguard import AddressDenied, AddressPolicy
+
+
+@pytest.mark.parametrize("ip", ["169.254.169.254", "169.254.0.1", "fe80::1", "::ffff:169.254.169.254",
+                                "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "fd00:ec2::254", "100.100.100.200",
+                                "0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255", "240.0.0.1"])
+def test_always_refused(ip):
+    assert AddressPolicy().refusal(ip, 80) is not None
+
+
+@pytest.mark.parametrize("ip", ["10.0.0.1", "172.16.5.5", "192.168.1.1", "100.64.0.1", "fd12::1", "::ffff:10.0.0.1"])
+def test_private_ranges_only_when_configured(ip):
+    assert AddressPolicy().refusal(ip, 443) is None
+    assert AddressPolicy(deny_private=True).refusal(ip, 443) is not None
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", "::1", "93.184.216.34", "2606:2800:220:1::1"])
+def test_loopback_and_public_stay_allowed(ip):
+    assert AddressPolicy(deny_private=True).refusal(ip, 443) is None
+
+
+def test_own_listeners_are_refused():
+    policy = AddressPolicy()
+    policy.add_own("127.0.0.1", 8080)
+    policy.add_own("0.0.0.0", 9090)
+    assert policy.refusal("127.0.0.1", 8080) is not None
+    assert policy.refusal("127.0.0.1", 8081) is None
+    # a wildcard listener is reachable at every local address, loopback or not
+    assert policy.refusal("127.0.0.2", 9090) is not None
+    try:
+        local = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        local = None  # no resolvable host name here: loopback above covers the rule
+    if local is not None:
+        assert policy.refusal(local, 9090) is not None
+    assert policy.refusal("93.184.216.34", 9090) is None
+
+
+def test_operator_ranges():
+    policy = AddressPolicy(deny=[ipaddress.ip_network("203.0.113.0/24")])
+    assert policy.refusal("203.0.113.7", 443) is not None and policy.refusal("203.0.114.7", 443) is None
+
+
+class FlippingResolver(AbstractResolver):
+    """Answers a name with a harmless address first and a metadata address after — a
+    DNS-rebinding attacker's resolver. A fault-injecting fake: no DNS server does this on demand."""
+
+    def __init__(self, first: str, port: int) -> None:
+        self.answers = [first, "169.254.169.254"]
+        self.port = port
+
+    async def resolve(self, host, port=0, family=socket.AF_INET):
+        ip = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return [{"hostname": host, "host": ip, "port": self.port, "family": socket.AF_INET, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_name_rebound_to_metadata_is_refused_at_connect(upstream):
+    policy = AddressPolicy()
+    connector = aiohttp.TCPConnector(resolver=FlippingResolver("127.0.0.1", upstream.port), use_dns_cache=False,
+                                     force_close=True, socket_factory=policy.socket_factory)
+    async with aiohttp.ClientSession(connector=connector) as s:
+        async with s.get(f"http://api.example.test:{upstream.port}/first") as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.ClientConnectorError) as err:
+            await s.get(f"http://api.example.test:{upstream.port}/second")
+    assert isinstance(err.value.os_error, AddressDenied)
+    assert [s.path for s in upstream.seen] == ["/first"]
