@@ -40,6 +40,10 @@ from proxy.watch import ConfigWatcher
 
 log = logging.getLogger("credproxy")
 
+# aiohttp's default of 128 pending connections drops SYNs when thousands of callers connect at once (they
+# retry after 1 s, 3 s, ...); the kernel caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
     if tls is None:
@@ -175,9 +179,10 @@ class Proxy:
         """Start listening; returns the bound address ("host:port", or "unix:/path")."""
         ctx = server_ssl(tls)
         if listen.unix:
-            site = web.UnixSite(runner, listen.unix, ssl_context=ctx)
+            site = web.UnixSite(runner, listen.unix, ssl_context=ctx, backlog=LISTEN_BACKLOG)
         else:
-            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=self.reuse_port)
+            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=self.reuse_port,
+                               backlog=LISTEN_BACKLOG)
         before = set(map(str, runner.addresses))
         await site.start()
         if listen.unix:

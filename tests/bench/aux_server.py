@@ -7,6 +7,7 @@ that counts its calls, and an upload sink that counts bytes.
 import asyncio
 import itertools
 import sys
+import time
 
 from aiohttp import web
 
@@ -14,12 +15,13 @@ TOKEN_DELAY_S = 0.02  # a token endpoint is a network round trip away
 
 
 def build(lifetime: float) -> web.Application:
-    counts = {"token": 0, "upload_bytes": 0}
+    counts = {"token": 0, "token_times": [], "upload_bytes": 0}  # times: CLOCK_MONOTONIC, as the harness reads it
     serial = itertools.count(1)
 
     async def token(request: web.Request) -> web.Response:
         await request.read()
         counts["token"] += 1
+        counts["token_times"].append(time.monotonic())
         await asyncio.sleep(TOKEN_DELAY_S)
         return web.json_response({"access_token": f"bench-access-token-{next(serial):06d}", "token_type": "Bearer",
                                   "expires_in": lifetime})

@@ -48,8 +48,10 @@ def write_store(workdir: Path) -> tuple[Path, Path]:
     return workdir / "secrets.enc", key_file
 
 
-def config(workdir: Path, *, port: int, admin_port: int, upstream: str, aux: str, with_tokens: bool) -> Path:
-    store, key = write_store(workdir)
+def config(workdir: Path, tag: str, *, port: int, admin_port: int, upstream: str, aux: str,
+           with_tokens: bool, token_session: dict | None = None) -> Path:
+    """``credproxy-<tag>.yaml`` (with its own audit file) using the store ``write_store`` made."""
+    store, key = workdir / "secrets.enc", workdir / "master.key"
     rules = [
         {"callers": ["reports"], "methods": ["GET"], "paths": ["/v1/reports/**"]},
         {"callers": ["support"], "methods": ["GET"], "paths": ["/v1/customers/*", "/v1/customers/*/notes"]},
@@ -77,19 +79,18 @@ def config(workdir: Path, *, port: int, admin_port: int, upstream: str, aux: str
             "upstream": upstream, "allow_insecure_upstream": True,
             "auth": {"type": "oauth2_client_credentials", "token_url": f"{aux}/token", "client_id": "bench",
                      "client_secret": "apis/oauth#client_secret"},
-            # no proactive refresh: the token really expires and every request arriving then waits on one refresh
-            "session": {"refresh_before": "0s"},
+            "session": token_session or {},
             "allow": rules,
         }
     cfg = {
         "server": {"listen": f"127.0.0.1:{port}", "drain_timeout": "5s"},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "secrets": {"backend": "file", "file": {"path": str(store), "key_file": str(key)}},
-        "audit": {"path": str(workdir / "audit.log")},
+        "audit": {"path": str(workdir / f"audit-{tag}.log")},
         "leak_guard": "redact",
         "callers": {name: {"token_sha256": hashlib.sha256(tok.encode()).hexdigest()} for name, tok in CALLERS.items()},
         "credentials": creds,
     }
-    path = workdir / "credproxy.yaml"
+    path = workdir / f"credproxy-{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -81,13 +81,13 @@ def main() -> int:
     if shutil.which("py-spy") is None:
         print("pip install py-spy", file=sys.stderr)
         return 2
-    bench = Bench(argparse.Namespace(skip_big=True, keep=False, duration=a.seconds, warmup=2))
+    bench = Bench(argparse.Namespace(skip_big=True, keep=False))
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     try:
         bench.start_fixtures()
-        cp = bench.start_credproxy()
-        url = f"http://127.0.0.1:{bench.ports['cp']}/bench{a.path}"
+        cp, base = bench.start_credproxy("profile")
+        url = f"{base}/bench{a.path}"
         wrk(url, connections=a.connections, seconds=2, cpus=LOAD_CPU, token=credproxy_rig.CALLER_TOKEN)
         load = threading.Thread(target=wrk, args=(url,), kwargs=dict(
             connections=a.connections, seconds=a.seconds + 2, cpus=LOAD_CPU, token=credproxy_rig.CALLER_TOKEN))
