@@ -92,10 +92,10 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: dict, args) -> str:
-    m = results["machine"]
+def markdown(results: dict) -> str:
+    m, how = results["machine"], results["method"]
     out = [f"Run {results['started']} on {m['cores']} x {m['cpu']}, Python {m['python']}, aiohttp {m['aiohttp']}, "
-           f"{m['loop']}; {args.duration:g} s of measurement per cell in {args.rounds} rounds, the targets of a load "
+           f"{m['loop']}; {how['duration_s']:g} s of measurement per cell in {how['rounds']} rounds, the targets of a load "
            f"measured round-robin, the median round shown. "
            f"{quietness(results)}.", "",
            "| target | load | req/s | p50 ms | p99 ms | MiB/s | peak RSS MiB | CPU µs/req | vs bare req/s | vs bare p99 "
@@ -161,6 +161,9 @@ def chart(results: dict, path: Path) -> None:
             ax.set_xticks(range(len(values)), names, rotation=20, ha="right", fontsize=8)
             ax.set_title(f"{load} - {label}", fontsize=10)
             ax.bar_label(bars, fmt="%.0f" if key != "p99_ms" else "%.1f", fontsize=7)
+            if row == 0:
+                ax.set_yscale("log")  # nginx is an order of magnitude ahead: on a linear scale the rest is flat
+                ax.set_title(f"{load} - {label} (log scale)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
     fig.suptitle("credproxy vs nginx and a bare aiohttp proxy (loopback, proxy pinned to one core)", fontsize=11)
     fig.tight_layout()
@@ -176,3 +179,14 @@ def publish(md: str, png: Path, docs: Path) -> None:
     text = page.read_text() if page.exists() else "# Benchmark\n\n<!-- results:start -->\n<!-- results:end -->\n"
     block = "<!-- results:start -->\n" + md + "<!-- results:end -->"
     page.write_text(re.sub(r"<!-- results:start -->.*?<!-- results:end -->", lambda _m: block, text, flags=re.S))
+
+
+if __name__ == "__main__":  # re-render the table and chart of a saved run: python report.py results/latest.json
+    import json
+    import sys
+
+    saved = Path(sys.argv[1])
+    data = json.loads(saved.read_text())
+    saved.with_suffix(".md").write_text(markdown(data))
+    chart(data, saved.with_suffix(".png"))
+    print(summary(data))

@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(bench.results, indent=2))
-    md = report.markdown(bench.results, args)
+    md = report.markdown(bench.results)
     (out / "latest.md").write_text(md)
     report.chart(bench.results, out / "latest.png")
     print()
