@@ -14,7 +14,7 @@ import logging
 from proxy.credential import AuthSource, Grant
 from proxy.errors import CredentialUnavailable
 from proxy.scrub import SCRUBBER
-from proxy.secret import SecretRef
+from proxy.secret import Secret, SecretRef
 from proxy.secretcache import SecretCache
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.http import TokenHttp
@@ -30,7 +30,7 @@ class TokenSource(AuthSource):
     kind = "token"
 
     def __init__(self, name: str, auth, session, provider: Provider, http: TokenHttp, cache: SecretCache, *,
-                 store=None, metrics=None, settings: Settings | None = None) -> None:
+                 store=None, metrics=None, settings: Settings | None = None, cluster=None) -> None:
         self.name = name
         self.auth = auth
         self.session = session
@@ -41,6 +41,8 @@ class TokenSource(AuthSource):
         self.metrics = metrics
         self.settings = settings or Settings(ttl=session.ttl, refresh_before=session.refresh_before)
         self.slots: dict[str, TokenSlot] = {}
+        self.cluster = cluster  # a ClusterTokens (cluster.backend: vault): replicas share their tokens
+        self._refused: dict[str, Secret] = {}  # principal -> the token the upstream refused, until the next fetch
         self._value_refs = tuple(auth.value.refs)
         if metrics is not None:
             metrics.token_expires.labels(name).set_function(self._own_expires_in)
@@ -76,7 +78,12 @@ class TokenSource(AuthSource):
 
     async def _obtain(self, principal: str) -> tuple[TokenAnswer, Grant]:
         material = self.material(principal)
-        answer = await self.provider.fetch(material)
+        if self.cluster is None:
+            answer = await self.provider.fetch(material)
+        else:
+            answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(material),
+                                               refresh_before=self.settings.refresh_before,
+                                               rejected=self._refused.pop(principal, None))
         SCRUBBER.register(answer.access.reveal())
         values = {"secret": answer.access}
         for ref in self._value_refs:  # placeholders besides {secret} in the injected value
@@ -100,6 +107,8 @@ class TokenSource(AuthSource):
         return (await self.slot(principal).get()).grant
 
     async def expired(self, principal: str, used: Grant) -> bool:
+        if self.cluster is not None and isinstance(used.values.get("secret"), Secret):
+            self._refused[principal] = used.values["secret"]  # not to be taken again from the shared record
         return await self.slot(principal).reject(used)
 
     def state(self) -> dict:
