@@ -172,7 +172,7 @@ async def test_a_refresher_that_hangs_holding_the_lease_delays_the_others_at_mos
     assert answer.access.reveal() == endpoint.issued[0] and len(endpoint.issued) == 1
     assert 0.5 < waited <= lease_timeout + 1.0, waited  # waited for the lease, then took over
     assert stored(bao, "credproxy/cluster/ledger")["access_token"] == endpoint.issued[0]
-    assert "lease ran out before its holder stored a token; taking over" in raw_log.text
+    assert "lease ran out before its holder stored the token; taking over" in raw_log.text
     assert_nowhere(endpoint.issued, raw_log.text)
 
 
@@ -205,7 +205,7 @@ async def test_vault_unreachable_or_denying_falls_back_to_a_local_refresh(bao, r
     endpoint = Endpoint()
     answer = await denied.obtain("crm", "", endpoint.fetch, refresh_before=300)
     assert answer.access.reveal() == endpoint.issued[0]
-    assert "cluster: vault not usable; refreshing this replica's token locally" in raw_log.text
+    assert "cluster: vault not usable; this replica refreshes on its own" in raw_log.text
     # Nothing listening: the store cannot log in, the coordinator still answers.
     token_file = tmp_path / "t"
     token_file.write_text("hvs.unused")

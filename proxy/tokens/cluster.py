@@ -116,7 +116,7 @@ class ClusterTokens:
         try:
             return await self._coordinated(path, fetch, refresh_before, rejected)
         except VaultUnusable as exc:
-            log.warning("cluster: vault not usable; refreshing this replica's token locally",
+            log.warning("cluster: vault not usable; this replica refreshes on its own",
                         extra={"credential": credential, "cluster_path": path, "error": str(exc)})
             return await fetch()
 
@@ -130,14 +130,14 @@ class ClusterTokens:
             if rec.leased(now) and rec.holder != self.replica_id:
                 await asyncio.sleep(self._poll_interval())  # another replica is fetching it
                 continue
-            if rec.holder is not None and rec.holder != self.replica_id:
-                log.warning("cluster: lease ran out before its holder stored a token; taking over",
-                            extra={"cluster_path": path, "holder": rec.holder})
             try:
                 leased = await self._write(path, {"holder": self.replica_id,
                                                   "lease_until": repr(now + self.lease_timeout)}, rec.version)
             except ConflictError:
                 continue  # another replica wrote first: see what it wrote
+            if rec.holder is not None and rec.holder != self.replica_id:
+                log.warning("cluster: lease ran out before its holder stored the token; taking over",
+                            extra={"cluster_path": path, "holder": rec.holder})
             return await self._fetch_and_store(path, fetch, leased)
         raise VaultUnusable("no token or lease settled in time")
 
@@ -159,13 +159,13 @@ class ClusterTokens:
         try:
             version = await self._write(path, fields, leased)
         except ConflictError:
-            log.info("cluster: lease was taken over while fetching; token kept by this replica only",
+            log.info("cluster: lease was taken over while fetching; the new token stays with this replica",
                      extra={"cluster_path": path})
         except VaultUnusable as exc:
-            log.warning("cluster: token could not be stored; kept by this replica only",
+            log.warning("cluster: storing the new token failed; it stays with this replica",
                         extra={"cluster_path": path, "error": str(exc)})
         else:
-            log.info("cluster: token refreshed and shared", extra={"cluster_path": path, "version": version,
+            log.info("cluster: refreshed and shared the token", extra={"cluster_path": path, "version": version,
                                                                    "expires_in_s": round(answer.expires_in, 3)})
         return answer
 
@@ -201,5 +201,7 @@ def cluster_for(cfg: ClusterConfig, store) -> ClusterTokens | None:
     """The coordinator for ``cluster.backend`` (None: each replica refreshes its own tokens)."""
     if cfg.backend != "vault":
         return None
-    log.info("cluster: sharing tokens through vault", extra={"cluster_path": cfg.path.strip("/")})
-    return ClusterTokens(store, cfg)
+    coordinator = ClusterTokens(store, cfg)
+    log.info("cluster: sharing tokens through vault", extra={"cluster_path": coordinator.root,
+                                                             "replica": coordinator.replica_id})
+    return coordinator
