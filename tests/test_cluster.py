@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from proxy import config
@@ -24,6 +25,7 @@ from proxy.secret import Secret
 from proxy.store.vault import VaultStore
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.cluster import ClusterTokens, cluster_for
+from tests.tokens_fixtures import Client, ca_file, oauth, tls_ca  # noqa: F401 - fixtures
 from tests.vault_fixture import bao, free_port, raw_log  # noqa: F401 - fixtures
 from tests.vault_harness import assert_nowhere, eventually
 
@@ -228,3 +230,55 @@ async def test_a_damaged_record_is_replaced(bao, replicas):
     answer = await node.obtain("odd", "", endpoint.fetch, refresh_before=300)
     assert answer.access.reveal() == endpoint.issued[0]
     assert stored(bao, "credproxy/cluster/odd")["access_token"] == endpoint.issued[0]
+
+
+async def test_operator_refresh_and_revoke_are_not_undone_by_the_shared_record(bao, oauth, ca_file, tmp_path,
+                                                                                raw_log):
+    """Two in-process proxies on one credential: an admin refresh fetches a new token (and shares
+    it) instead of re-reading the stored one; after a revoke the dropped token is not taken back."""
+    from proxy.app import Proxy
+    from tests.tokens_oauth_server import ResourceServer
+
+    oauth.db.clients["app"] = Client("app", secret="cs-CANARY-cluster-admin")
+    api = await ResourceServer(oauth.db).start()
+    bao.policy("credproxy", POLICY)
+    bao.put("credproxy/shared/app", {"client_secret": "cs-CANARY-cluster-admin"})
+    token_file = tmp_path / "vault-token"
+    token_file.write_text(bao.token(["credproxy"]))
+    proxies, bases = [], []
+    try:
+        for i in range(2):
+            port = free_port()
+            doc = {"server": {"listen": f"127.0.0.1:{port}"}, "admin": {"listen": f"127.0.0.1:{free_port()}"},
+                   "secrets": {"backend": "vault", "vault": {"address": bao.address, "auth": {
+                       "method": "token", "token_file": str(token_file)}}},
+                   "cluster": {"backend": "vault"}, "audit": {"path": str(tmp_path / f"audit-{i}.log")},
+                   "credentials": {"admintest": {
+                       "upstream": api.url, "allow_insecure_upstream": True, "upstream_tls": {"ca_file": ca_file},
+                       "auth": {"type": "oauth2_client_credentials", "token_url": oauth.token_url,
+                                "client_id": "app", "client_secret": "credproxy/shared/app#client_secret"},
+                       "allow": [{"paths": ["/**"]}]}}}
+            proxy = Proxy(config.parse(json.dumps(doc)))
+            await proxy.start()
+            proxies.append(proxy)
+            bases.append(f"http://127.0.0.1:{port}/admintest/v1/x")
+        async with aiohttp.ClientSession() as http:
+            async def used(i: int) -> str:
+                async with http.get(bases[i]) as r:
+                    assert r.status == 200
+                return api.seen[-1].token
+
+            assert await used(0) == await used(1) == oauth.db.issued[0]
+            sources = [p.holder.current.credentials["admintest"].source for p in proxies]
+            await sources[0].refresh()  # the admin "refresh": a new token, shared
+            assert len(oauth.db.issued) == 2 and await used(0) == oauth.db.issued[1]
+            await sources[1].revoke()  # drops its old token; the stored one is newer and is taken
+            assert await used(1) == oauth.db.issued[1] and len(oauth.db.issued) == 2
+            await sources[0].revoke()  # drops the stored one: the next request fetches anew
+            assert await used(0) == oauth.db.issued[2] and len(oauth.db.issued) == 3
+    finally:
+        for proxy in proxies:
+            await proxy.stop()
+        await api.stop()
+    assert_nowhere(oauth.db.issued + ["cs-CANARY-cluster-admin"], raw_log.text,
+                   *(p.read_text() for p in tmp_path.glob("audit-*.log")))

@@ -194,7 +194,7 @@ async def test_three_replicas_under_load_refresh_once_per_expiry(cluster, oauth)
 async def test_a_refused_token_is_refreshed_once_and_a_killed_refresher_holds_the_others_up_at_most_the_lease(
         cluster, oauth, bao):
     lease_timeout = 2.0
-    start, api, canaries = cluster
+    start, _api, canaries = cluster
     oauth.db.expires_in = 60  # long-lived: only the upstream's refusals cause refreshes here
     replicas = await start(3, lease_timeout=f"{lease_timeout:g}s")
     async with aiohttp.ClientSession() as http:

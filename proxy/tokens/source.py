@@ -106,9 +106,16 @@ class TokenSource(AuthSource):
     async def grant(self, principal: str) -> Grant:
         return (await self.slot(principal).get()).grant
 
+    def _not_shared_again(self, principal: str, token) -> None:
+        """Cluster mode: a token refused, revoked or refreshed by the operator is not to be taken
+        again from the shared record by the next fetch."""
+        value = token.grant.values.get("secret") if token is not None else None
+        if self.cluster is not None and isinstance(value, Secret):
+            self._refused[principal] = value
+
     async def expired(self, principal: str, used: Grant) -> bool:
         if self.cluster is not None and isinstance(used.values.get("secret"), Secret):
-            self._refused[principal] = used.values["secret"]  # not to be taken again from the shared record
+            self._refused[principal] = used.values["secret"]
         return await self.slot(principal).reject(used)
 
     def state(self) -> dict:
@@ -121,6 +128,8 @@ class TokenSource(AuthSource):
 
     async def refresh(self) -> None:
         principals = set(self.slots) | {""}
+        for p in principals:
+            self._not_shared_again(p, self.slots[p].token if p in self.slots else None)
         results = await asyncio.gather(*(self.slot(p).refresh_now() for p in principals), return_exceptions=True)
         for r in results:
             if isinstance(r, CredentialUnavailable):
@@ -129,6 +138,8 @@ class TokenSource(AuthSource):
     async def revoke(self) -> None:
         """Drop every principal's token, and revoke it at the provider where configured."""
         dropped = [(p, tok) for p, slot in self.slots.items() if (tok := slot.drop()) is not None]
+        for p, tok in dropped:
+            self._not_shared_again(p, tok)
         if not self.provider.revocable:
             return
         for principal, tok in dropped:
