@@ -234,7 +234,7 @@ async def test_a_refused_token_is_refreshed_once_and_a_killed_refresher_holds_th
     waits = [round(t, 3) for _, t in results]
     print(f"\nkilled refresher: survivors waited {waits}s (lease_timeout {lease_timeout:g}s)")
     assert [s for s, _ in results] == [200] * 6
-    assert max(waits) <= lease_timeout + 1.0, waits
+    assert max(waits) <= lease_timeout + 1.5, waits  # the lease left, then one token request and the replay
     # The dead replica's request reached the endpoint; of the survivors, exactly one took over.
     assert grants(oauth) == 4
     takeovers = [r.log.read_text().count("taking over") for r in replicas[1:]]
