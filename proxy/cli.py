@@ -28,8 +28,17 @@ def cmd_serve(args) -> int:
 
     logs.setup(args.log_level)
     _load(args.config)  # report problems in the same form as `check` before anything starts
+    options = {}
+    if args.worker_index is not None:
+        from proxy.workers import worker_options
+
+        options = worker_options(args.worker_index, args.worker_admin)
+    elif args.workers != 1:
+        from proxy.workers import supervise
+
+        return supervise(args.config, args.workers, log_level=args.log_level)
     try:
-        return run(args.config)
+        return run(args.config, **options)
     except (StoreError, AdminTokenError) as exc:
         import logging
 
@@ -133,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the proxy in the foreground")
     s.add_argument("-c", "--config", required=True)
     s.add_argument("--log-level", default="INFO")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="N worker processes sharing the listening ports (SO_REUSEPORT); see README, Performance")
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the --workers supervisor
+    s.add_argument("--worker-admin", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("check", help="validate a config file without starting")

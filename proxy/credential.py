@@ -85,9 +85,17 @@ class StaticSource(AuthSource):
         self._template_refs = auth.template_refs()
         self._per_caller = auth.per_caller
         self._grants: dict[str, tuple[tuple[int, ...], Grant]] = {}
+        self._refs: dict[str, dict[str, SecretRef]] = {}
         self.last_error: str | None = None
 
     def refs_for(self, principal: str) -> dict[str, SecretRef]:
+        """The references ``principal`` reads (computed once per principal: they come from config; do not modify)."""
+        refs = self._refs.get(principal)
+        if refs is None:
+            refs = self._refs[principal] = self._refs_from_config(principal)
+        return refs
+
+    def _refs_from_config(self, principal: str) -> dict[str, SecretRef]:
         refs = dict(self._own)
         refs.update(self._per_caller.get(principal, {}))
         for ref in self._template_refs:
@@ -172,6 +180,7 @@ class Credential:
         self.leak_guard = leak_guard
         self.expired_when: tuple[ExpiredWhen, ...] = tuple(cfg.session.expired_when)
         self.needs_body_peek = any(m.body_contains for m in self.expired_when)
+        self._expired_statuses = frozenset(m.status for m in self.expired_when)  # checked on every answer
         self.per_caller = frozenset(cfg.auth.per_caller)
         self.disabled = False
         self.stats = Stats()
@@ -190,7 +199,7 @@ class Credential:
         return caller if caller in self.per_caller else ""
 
     def expired_status(self, status: int) -> bool:
-        return any(m.status == status for m in self.expired_when)
+        return status in self._expired_statuses
 
     def is_expired(self, status: int, body_head: bytes) -> bool:
         for m in self.expired_when:

@@ -25,6 +25,7 @@ address, host, scheme or path to the upstream are removed by
 
 from __future__ import annotations
 
+from itertools import chain
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -41,7 +42,6 @@ SPOOFABLE = (
     "X-Client-IP", "X-Originating-IP", "X-Remote-IP", "X-Remote-Addr", "True-Client-IP", "CF-Connecting-IP",
     "Fastly-Client-IP", "X-Cluster-Client-IP", "X-Original-URL", "X-Rewrite-URL", "X-Original-Host", "X-Host",
 )
-_BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
 
 
 def check_request(request: web.BaseRequest) -> None:
@@ -69,9 +69,10 @@ def check_framing(headers, version) -> None:
 
 
 def check_header_bytes(raw_headers) -> None:
-    for name, value in raw_headers:
-        if any(b in name or b in value for b in _BAD_HEADER_BYTES):
-            raise BadRequest("CR, LF or NUL in a header", reason="bad_header")
+    # One scan of all names and values joined (at C speed) rather than a generator per header: every request.
+    joined = b"".join(chain.from_iterable(raw_headers))
+    if b"\r" in joined or b"\n" in joined or b"\x00" in joined:
+        raise BadRequest("CR, LF or NUL in a header", reason="bad_header")
 
 
 def check_upgrade(headers) -> None:

@@ -20,6 +20,8 @@ import base64
 import re
 from collections.abc import Iterable
 
+from proxy.needles import may_match, needles
+
 REDACTED = b"[REDACTED]"
 MIN_SECRET = 4  # shorter values would redact ordinary text; no real secret is this short
 MIN_B64_CORE = 4  # shorter base64 cores would match ordinary text
@@ -95,13 +97,18 @@ class LeakGuard:
         ordered = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
         self.longest = ordered[0][1] if ordered else 0
         self._re = re.compile(b"|".join(p for p, _ in ordered)) if ordered else None
+        self._needles = needles(self._re)
+
+    def may_match(self, data: bytes) -> bool:
+        """False only when ``data`` certainly holds no secret form (checked at memory speed)."""
+        return self._needles is None or may_match(self._needles, data)
 
     @property
     def active(self) -> bool:
         return self._re is not None
 
     def redact(self, data: bytes) -> tuple[bytes, int]:
-        if self._re is None:
+        if self._re is None or not self.may_match(data):
             return data, 0
         return self._re.subn(REDACTED, data)
 
@@ -118,6 +125,7 @@ class StreamRedactor:
 
     def __init__(self, guard: LeakGuard) -> None:
         self._re = guard._re
+        self._may_match = guard.may_match
         self._keep = max(guard.longest - 1, 0)
         self._tail = b""
         self.count = 0
@@ -129,6 +137,10 @@ class StreamRedactor:
         # A match may start at a position only once every pattern fits after it;
         # later positions wait for more bytes, so chunking never changes a decision.
         decided = len(buf) - self._keep
+        if not self._may_match(buf):
+            cut = max(decided, 0)
+            self._tail = buf[cut:]
+            return buf[:cut]
         out = []
         pos = 0
         for m in self._re.finditer(buf):

@@ -74,6 +74,7 @@ class Metrics:
         self.last_reload_ok.set(1)
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
                               ["credential"], registry=r)
+        self._children: dict[tuple, object] = {}
 
     def record_refresh(self, credential: str, result: str, seconds: float) -> None:
         """One refresh of a credential's material (token fetch, or secret re-read for static types);
@@ -95,6 +96,16 @@ class Metrics:
             present = {sample.labels["credential"] for family in gauge.collect() for sample in family.samples}
             for gone in present - names:
                 gauge.remove(gone)
+
+    def child(self, metric, *labels: str):
+        """``metric.labels(*labels)``, remembered (only for series that are never removed): ``labels()``
+        validates and takes a lock on every call, and the request path asks for the same few children
+        (label values come from config) every time."""
+        key = (id(metric), labels)  # metrics live as long as this object
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

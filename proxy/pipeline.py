@@ -11,10 +11,11 @@ written in ``finally`` for allowed, denied and failed requests alike.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -59,15 +60,20 @@ def peer_ip(request: web.BaseRequest) -> ipaddress.IPv4Address | ipaddress.IPv6A
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if not peer or not isinstance(peer, tuple):
         return None
+    return _parse_ip(peer[0])
+
+
+@functools.lru_cache(maxsize=4096)  # callers come from a few addresses; parsing one costs more than the lookup
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(peer[0])
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
     return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
 async def handle(request: web.BaseRequest, state: State, dedicated: str | None = None) -> web.StreamResponse:
-    trace = Trace(uuid.uuid4().hex, time.monotonic())
+    trace = Trace(secrets.token_hex(16), time.monotonic())  # 128 random bits, as uuid4 but a fraction of its cost
     ip = peer_ip(request)
     route: Route | None = None
     state.metrics.inflight.inc()
@@ -119,7 +125,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
         out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
         started = time.monotonic()
         upstream = await _send(cred, out, body)
-        state.metrics.upstream_duration.labels(cred.name).observe(time.monotonic() - started)
+        state.metrics.child(state.metrics.upstream_duration, cred.name).observe(time.monotonic() - started)
         head = b""
         if attempt == 1 and cred.expired_status(upstream.status):
             if cred.needs_body_peek:
@@ -134,7 +140,8 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
                     continue
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
-                           state.metrics.leaks.labels(cred.name), write_timeout=state.config.server.limits.write_timeout)
+                           state.metrics.child(state.metrics.leaks, cred.name),
+                           write_timeout=state.config.server.limits.write_timeout)
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 
 
@@ -189,8 +196,8 @@ def _record(state: State, request: web.BaseRequest, route: Route | None, trace: 
         state.alerts.observe(event)
     cred_label = trace.credential if route and trace.credential in state.credentials else "-"
     caller_label = trace.caller or "-"
-    state.metrics.requests.labels(cred_label, caller_label, str(trace.status)).inc()
-    state.metrics.duration.labels(cred_label).observe(duration)
+    state.metrics.child(state.metrics.requests, cred_label, caller_label, str(trace.status)).inc()
+    state.metrics.child(state.metrics.duration, cred_label).observe(duration)
 
 
 def record_refused(state: State, request: web.BaseRequest, exc: ProxyError, request_id: str) -> None:

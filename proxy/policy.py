@@ -53,6 +53,7 @@ def _compile_rule(rule: AllowRule) -> _Rule:
 class Policy:
     def __init__(self, rules: dict[str, tuple[_Rule, ...]]) -> None:
         self._rules = rules
+        self._for_caller: dict[tuple[str, str], tuple[_Rule, ...]] = {}  # (credential, caller) -> rules naming them
 
     @classmethod
     def compile(cls, cfg: Config) -> "Policy":
@@ -60,4 +61,12 @@ class Policy:
 
     def allowed(self, caller: str, credential: str, method: str, path: str,
                 ip: ipaddress._BaseAddress | None = None) -> bool:
-        return any(r.permits(caller, method, path, ip) for r in self._rules.get(credential, ()))
+        rules = self._for_caller.get((credential, caller))
+        if rules is None:  # once per (credential, caller): both come from config, so this stays small
+            rules = tuple(r for r in self._rules.get(credential, ()) if r.callers is None or caller in r.callers)
+            if credential in self._rules:
+                self._for_caller[(credential, caller)] = rules
+        for r in rules:
+            if r.permits(caller, method, path, ip):
+                return True
+        return False

@@ -15,6 +15,11 @@ such as ``101 Switching Protocols`` — answers 502 (aiohttp's parser already
 refuses Content-Length with Transfer-Encoding and conflicting lengths).
 A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
 upstream connection open) is disconnected.
+
+Small answers (a ``Content-Length`` up to ``WHOLE_BODY_MAX``, typical of JSON
+APIs) are read whole, scanned once and sent with their (new) length: no chunked
+framing, one write, the upstream connection released before the caller reads,
+and a failure while reading them is a clean 502/504.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger("credproxy.relay")
 
 BLOCK_BUFFER = 1 << 20
 DEFAULT_WRITE_TIMEOUT = 60.0
+WHOLE_BODY_MAX = 64 * 1024
 _NO_BODY = {204, 304}
 
 
@@ -58,7 +64,14 @@ def is_compressed(headers) -> bool:
     return bool(codings - {"identity", ""})
 
 
+def _header_text(headers: CIMultiDict[str]) -> bytes:
+    """All names and values as one text, for one quick check before scanning header by header."""
+    return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
+
+
 def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMultiDict[str], int]:
+    if not guard.may_match(_header_text(headers)):
+        return headers, 0
     found = 0
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
@@ -102,6 +115,10 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         if scan_body and has_body:
             headers.popall("Content-Length", None)
         redactor = guard.stream() if scan_body else None
+        length = upstream.content_length
+        if has_body and length is not None and length <= WHOLE_BODY_MAX:
+            return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
+                                      leak_counter)
 
         held = b""
         if redactor is not None and mode == "block" and has_body:
@@ -144,6 +161,27 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         return response
     finally:
         upstream.release()
+
+
+async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
+                       guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
+    """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
+    try:
+        data = head + await upstream.read()
+    except TimeoutError:
+        raise UpstreamTimeout("upstream body timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
+    finally:
+        upstream.release()
+    if guard is not None:
+        data, found = guard.redact(data)
+        if found:
+            leak_counter.inc(found)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    headers.popall("Content-Length", None)
+    return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
 
 
 def _abort_reason(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ parameters (``..;x``) are refused.
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass
 
@@ -19,6 +20,9 @@ _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode()
 _KEEP = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _FORBIDDEN_DECODED = frozenset({0x2F, 0x5C}) | frozenset(range(0x20)) | {0x7F}
+# Paths made only of characters kept as they are, with no escapes: canonical already unless a
+# segment starts with "." (checked separately), which is nearly every real request.
+_PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +33,8 @@ class Route:
 
 
 def canonical_path(raw: str) -> str:
+    if _PLAIN.fullmatch(raw) and "/." not in raw:
+        return raw
     data = raw.encode("utf-8", "surrogateescape")
     if not data.startswith(b"/"):
         raise BadRequest("request target is not origin-form")

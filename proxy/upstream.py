@@ -27,11 +27,16 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 
 
 def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = set()
-    for value in headers.getall("Connection", []):
-        named |= {t.strip().lower() for t in value.split(",") if t.strip()}
-    drop = HOP_BY_HOP | named
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    # Copy, then remove by name: both run in C, unlike a per-header Python filter (on every request, twice).
+    out = CIMultiDict(headers)
+    for value in headers.getall("Connection", ()):
+        for token in value.split(","):
+            token = token.strip()
+            if token:
+                out.popall(token, None)
+    for name in HOP_BY_HOP:
+        out.popall(name, None)
+    return out
 
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:

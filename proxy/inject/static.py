@@ -27,9 +27,10 @@ class HeaderInjector(Injector):
         self.header = header
         self.template = template
         self.removes = (header,)
+        self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
 
     def inject(self, out: Outbound, material: Material) -> None:
-        refs = {ref: material[str(ref)] for ref in self.template.refs}
+        refs = {ref: material[key] for ref, key in self._refs}
         value = self.template.render(material.get("secret"), refs)
         out.headers.popall(self.header, None)
         out.headers[self.header] = value

@@ -6,6 +6,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from proxy.relay import WHOLE_BODY_MAX
+
 from .harness import CALLER_TOKEN, CANARY, RawUpstream, assert_clean, raw_exchange
 
 AUTH = {"Authorization": f"Bearer {CALLER_TOKEN}"}
@@ -46,14 +48,20 @@ async def test_bad_upstream_framing_is_a_502(answer, mode, make_proxy):
         await bad.close()
 
 
-async def test_truncated_upstream_body_is_never_passed_off_as_complete(make_proxy):
-    bad = await RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this").start()
+@pytest.mark.parametrize("length", [100, 100_000])
+async def test_truncated_upstream_body_is_never_passed_off_as_complete(make_proxy, length):
+    """A small answer (read whole before anything is sent) becomes a 502; a streamed one is cut off."""
+    bad = await RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nonly-this" % length).start()
     try:
         proxy = await make_proxy(bad.url)
         async with aiohttp.ClientSession() as s:
-            with pytest.raises(aiohttp.ClientPayloadError):
+            if length <= WHOLE_BODY_MAX:
                 async with s.get(proxy.url + "/demo/anything/a", headers=AUTH) as r:
-                    await r.read()
+                    assert r.status == 502 and (await r.json())["error"] == "upstream_error"
+            else:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    async with s.get(proxy.url + "/demo/anything/a", headers=AUTH) as r:
+                        await r.read()
         [line] = proxy.audit()
         assert (line["outcome"], line["reason"]) == ("error", "upstream_body_failed")
     finally:
