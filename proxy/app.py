@@ -35,6 +35,7 @@ from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
 from proxy.state import State, StateHolder
 from proxy.store import open_store
+from proxy.tokens.cluster import cluster_for
 from proxy.types import Listen
 from proxy.watch import ConfigWatcher
 
@@ -59,7 +60,7 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
 
 def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
                       *, source_factory=build_source, keep_objects: bool = True,
-                      address_policy: AddressPolicy | None = None) -> dict[str, Credential]:
+                      address_policy: AddressPolicy | None = None, cluster=None) -> dict[str, Credential]:
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
@@ -69,7 +70,8 @@ def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: 
         if old is not None and source_reusable(old.cfg, c):
             source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
         else:
-            source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store)
+            shared = {"cluster": cluster} if cluster is not None else {}  # cluster.backend: vault
+            source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store, **shared)
         out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), cache=cache, metrics=metrics,
                                address_policy=address_policy)
     return out
@@ -93,6 +95,7 @@ class Proxy:
         self._runners: list[web.BaseRunner] = []
         self._admin_runner: web.AppRunner | None = None
         self._store = None
+        self._cluster = None  # ClusterTokens when replicas share tokens (read at start)
         self._cache: SecretCache | None = None
         self._audit: AuditLog | None = None
         self._warm_task: asyncio.Task | None = None
@@ -107,6 +110,7 @@ class Proxy:
         logfilter.install(SCRUBBER)
         self._store = open_store(cfg.secrets)
         await self._store.start()
+        self._cluster = cluster_for(cfg.cluster, self._store)
         vault = cfg.secrets.vault if cfg.secrets.backend == "vault" else None
         metrics = Metrics()
         backend_errors = metrics.backend_errors.labels(self._store.name)
@@ -133,7 +137,8 @@ class Proxy:
     def build_state(self, cfg: Config, reuse: dict[str, Credential] | None = None, *, keep_objects: bool = True) -> State:
         self._addresses.configure(cfg.server)
         credentials = build_credentials(cfg, self._cache, self._metrics, reuse, source_factory=self.source_factory,
-                                        keep_objects=keep_objects, address_policy=self._addresses)
+                                        keep_objects=keep_objects, address_policy=self._addresses,
+                                        cluster=self._cluster)
         if self._alerts is not None:
             self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,

@@ -100,6 +100,14 @@ class SecretsConfig(_Model):
     vault: VaultConfig | None = None
 
 
+class ClusterConfig(_Model):
+    """Replicas sharing minted tokens (SPEC §9); see proxy.tokens.cluster."""
+
+    backend: Literal["none", "vault"] = "none"
+    path: str = "credproxy/cluster"  # under secrets.vault.kv_mount
+    lease_timeout: Duration = Field(default=10.0, gt=0)  # a refresher that died holds the others up at most this long
+
+
 class AuditConfig(_Model):
     path: str = "audit.log"
 
@@ -236,6 +244,7 @@ class Config(_Model):
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
     leak_guard: LeakGuard = "redact"
     alerts: AlertsConfig = AlertsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def leak_guard_for(self, name: str) -> str:
         return self.credentials[name].leak_guard or self.leak_guard
@@ -386,6 +395,10 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     if cfg.secrets.vault is not None:
         for msg in _url_problems(cfg.secrets.vault.address, True):
             out.append((("secrets", "vault", "address"), msg))
+    if cfg.cluster.backend == "vault" and cfg.secrets.backend != "vault":
+        out.append((("cluster", "backend"), "cluster backend vault needs secrets.backend: vault"))
+    if not cfg.cluster.path.strip("/") or ".." in cfg.cluster.path.split("/"):
+        out.append((("cluster", "path"), "must be a path under the KV mount"))
     if cfg.alerts.webhook_url is not None:
         for msg in _url_problems(cfg.alerts.webhook_url, True):
             out.append((("alerts", "webhook_url"), msg))

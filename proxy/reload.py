@@ -18,7 +18,7 @@ Triggered by SIGHUP, ``POST /v1/reload`` and the config-file watcher; one at a t
 - Listeners: dedicated listeners that are new are started before the swap, and
   removed or moved ones stop accepting at the swap and close once their
   requests are done. The main and admin listeners, ``server.tls``,
-  ``server.limits``, ``secrets`` and ``audit`` are bound at start: a change to
+  ``server.limits``, ``secrets``, ``audit`` and ``cluster`` are bound at start: a change to
   them is reported under ``restart_required`` (and logged as a warning) and takes
   effect at the next restart; the rest of the new config is applied.
 """
@@ -47,7 +47,7 @@ log = logging.getLogger("credproxy.reload")
 SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe", "rate_limit"})
 # Bound when the process starts; a change needs a restart.
 RESTART_REQUIRED = (("server", "listen"), ("server", "tls"), ("server", "limits"), ("admin", "listen"),
-                    ("secrets",), ("audit",), ("alerts", "webhook_url"))
+                    ("secrets",), ("audit",), ("alerts", "webhook_url"), ("cluster",))
 WARM_TIMEOUT = 5.0
 
 

@@ -16,7 +16,11 @@ from proxy.leakguard import MIN_SECRET, LeakGuard
 _SECRET_KEYS = (r"access_token|refresh_token|id_token|client_secret|client_assertion|password|passwd|"
                 r"session_?id|sessionid|secret|api[_-]?key|x-api-key|private_key|assertion|token")
 _SHAPES = [
-    (re.compile(r"(?i)\b(bearer|basic|token|negotiate)(\s+)[A-Za-z0-9\-._~+/=]{8,}"), r"\1\2[REDACTED]"),
+    (re.compile(r"(?i)\b(bearer|basic|negotiate)(\s+)[A-Za-z0-9\-._~+/=]{8,}"), r"\1\2[REDACTED]"),
+    # "Token <value>" (an Authorization scheme) but not prose such as "token obtained":
+    # the value must be long or contain a digit.
+    (re.compile(r"(?i)\b(token)(\s+)(?=[A-Za-z0-9\-._~+/=]{20,}|[A-Za-z0-9\-._~+/=]*\d)[A-Za-z0-9\-._~+/=]{8,}"),
+     r"\1\2[REDACTED]"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), "[REDACTED]"),  # JWT
     (re.compile(r"\b00D[A-Za-z0-9]{12,15}![A-Za-z0-9._]{20,}"), "[REDACTED]"),  # Salesforce session ID
     (re.compile(r"\bcp_[A-Za-z0-9_-]{20,}"), "[REDACTED]"),  # credproxy caller token (credproxy callers new)

@@ -53,7 +53,17 @@ async def test_rotated_refresh_token_is_written_back_with_cas_under_rotating(bao
         with pytest.raises(ConflictError, match="credproxy/rotating/app is at version 2, expected 1"):
             await store.put("credproxy/rotating/app", "refresh_token", Secret("stale-replica"), cas=1)
         vault_token = store.keeper.token.reveal()
-    assert_nowhere([rt1, rt2, CLIENT_SECRET, secret_id, vault_token], raw_log.text, run.audit.read_text(), *run.bodies)
+    # A restarted proxy (no in-memory state) must use the stored rt2: the test server accepts
+    # each refresh token once, so a proxy still holding rt1 would fail here.
+    async with running(tmp_path, vault, creds) as again:
+        assert await call(again, "/api/v1/b") == 200
+        stored = bao.root().secrets.kv.v2.read_secret_version(path="credproxy/rotating/app",
+                                                             raise_on_deleted_version=True)["data"]
+        rt3 = stored["data"]["refresh_token"]
+        assert rt3 not in (rt1, rt2) and stored["metadata"]["version"] == 3
+        vault_token2 = again.proxy._store.keeper.token.reveal()
+    assert_nowhere([rt1, rt2, rt3, CLIENT_SECRET, secret_id, vault_token, vault_token2], raw_log.text,
+                   run.audit.read_text(), *run.bodies, *again.bodies)
 
 
 async def test_rotated_refresh_token_outside_the_writable_prefix_is_refused_by_the_policy(

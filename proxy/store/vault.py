@@ -126,9 +126,14 @@ class VaultStore(SecretStore):
         except SecretNotFound:
             try:
                 # Missing, or its latest version deleted: Vault's cas counts the deleted version too.
-                return await self._call(f"vault metadata read {path}", path, self._metadata_version(path)), {}
+                version = await self._call(f"vault metadata read {path}", path, self._metadata_version(path))
             except SecretNotFound:
                 return 0, {}
+            try:
+                # Written by someone else between the two reads? Then these are its fields, not none.
+                entry = await self.get(path)
+            except SecretNotFound:
+                return version, {}
         return entry.version, dict(entry.fields)
 
     def _metadata_version(self, path: str) -> Callable[[hvac.Client], int]:
@@ -138,7 +143,18 @@ class VaultStore(SecretStore):
 
         return metadata
 
-    async def _write(self, path: str, fields: dict[str, Secret], cas: int) -> int:
+    # --- whole records (cluster token sharing) ---------------------------------------
+
+    async def record(self, path: str) -> tuple[int, dict[str, Secret]]:
+        """Every field at ``path`` and the version a check-and-set write must name
+        (0 when the path was never written)."""
+        return await self._current(path)
+
+    async def write_record(self, path: str, fields: dict[str, Secret], *, cas: int) -> int:
+        """Replace every field at ``path`` if it is still at version ``cas``, else ConflictError."""
+        return await self._write(path, fields, cas, quiet=True)
+
+    async def _write(self, path: str, fields: dict[str, Secret], cas: int, *, quiet: bool = False) -> int:
         def write(client: hvac.Client) -> int:
             try:
                 answer = client.secrets.kv.v2.create_or_update_secret(
@@ -151,7 +167,7 @@ class VaultStore(SecretStore):
             return int(expect_dict(answer, "vault write")["data"]["version"])
 
         version = await self._call(f"vault write {path}", path, write)
-        log.info("secret written to vault", extra={"secret_path": path, "version": version})
+        log.log(logging.DEBUG if quiet else logging.INFO, "secret written to vault", extra={"secret_path": path, "version": version})
         return version
 
     # --- the one way a call is made -------------------------------------------------

@@ -20,11 +20,11 @@ __all__ = ["Settings", "TokenSlot", "TokenSource", "TokenUnavailable", "token_so
 
 
 def token_source(cfg, cache, *, name: str, metrics=None, store=None, settings: Settings | None = None,
-                 http: TokenHttp | None = None, **provider_kw) -> TokenSource:
+                 http: TokenHttp | None = None, cluster=None, **provider_kw) -> TokenSource:
     """The runtime of ``cfg`` (a ``CredentialConfig`` with a token auth type).
 
     ``settings`` (clock, randomness), ``http`` (timeouts) and ``provider_kw`` (``wall``,
-    ``new_id``) are injectable for tests."""
+    ``new_id``) are injectable for tests. ``cluster`` (a ``ClusterTokens``) shares tokens between replicas."""
     auth = cfg.auth
     ca_file = cfg.upstream_tls.ca_file if cfg.upstream_tls else None
     http = http or TokenHttp(ca_file=ca_file)
@@ -41,4 +41,4 @@ def token_source(cfg, cache, *, name: str, metrics=None, store=None, settings: S
     else:
         raise ValueError(f"no token runtime for auth type {auth.type!r}")
     return TokenSource(name, auth, cfg.session, provider, http, cache, store=store, metrics=metrics,
-                       settings=settings)
+                       settings=settings, cluster=cluster)

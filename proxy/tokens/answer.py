@@ -35,6 +35,7 @@ class TokenAnswer:
     expires_in: float | None = None
     refresh_token: Secret | None = field(default=None, repr=False)
     upstream: URL | None = None
+    lifetime: float | None = None  # the whole lifetime when issued earlier (a token shared by another replica)
 
 
 def check_status(answer: Answer, what: str = "token endpoint") -> None:

@@ -200,8 +200,9 @@ class TokenSlot:
         finally:
             self._task = None
         life = answer.expires_in if answer.expires_in is not None else self.settings.ttl
-        tok = Token(grant, obtained_at=started, expires_at=started + life, lifetime=life)
-        window = min(self.settings.refresh_before, life / 2)
+        whole = max(life, answer.lifetime or life)  # a shared token keeps the windows of its whole lifetime
+        tok = Token(grant, obtained_at=started, expires_at=started + life, lifetime=whole)
+        window = min(self.settings.refresh_before, whole / 2)
         self.refresh_at = tok.expires_at - window * (1 - REFRESH_JITTER * self.settings.rng())
         self.token = tok
         self.failures, self.not_before, self.last_error = 0, -math.inf, None

@@ -14,7 +14,7 @@ import logging
 from proxy.credential import AuthSource, Grant
 from proxy.errors import CredentialUnavailable
 from proxy.scrub import SCRUBBER
-from proxy.secret import SecretRef
+from proxy.secret import Secret, SecretRef
 from proxy.secretcache import SecretCache
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.http import TokenHttp
@@ -30,7 +30,7 @@ class TokenSource(AuthSource):
     kind = "token"
 
     def __init__(self, name: str, auth, session, provider: Provider, http: TokenHttp, cache: SecretCache, *,
-                 store=None, metrics=None, settings: Settings | None = None) -> None:
+                 store=None, metrics=None, settings: Settings | None = None, cluster=None) -> None:
         self.name = name
         self.auth = auth
         self.session = session
@@ -41,6 +41,8 @@ class TokenSource(AuthSource):
         self.metrics = metrics
         self.settings = settings or Settings(ttl=session.ttl, refresh_before=session.refresh_before)
         self.slots: dict[str, TokenSlot] = {}
+        self.cluster = cluster  # a ClusterTokens (cluster.backend: vault): replicas share their tokens
+        self._refused: dict[str, Secret] = {}  # principal -> the token the upstream refused, until the next fetch
         self._value_refs = tuple(auth.value.refs)
         if metrics is not None:
             metrics.token_expires.labels(name).set_function(self._own_expires_in)
@@ -76,7 +78,12 @@ class TokenSource(AuthSource):
 
     async def _obtain(self, principal: str) -> tuple[TokenAnswer, Grant]:
         material = self.material(principal)
-        answer = await self.provider.fetch(material)
+        if self.cluster is None:
+            answer = await self.provider.fetch(material)
+        else:
+            answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(material),
+                                               refresh_before=self.settings.refresh_before,
+                                               rejected=self._refused.pop(principal, None))
         SCRUBBER.register(answer.access.reveal())
         values = {"secret": answer.access}
         for ref in self._value_refs:  # placeholders besides {secret} in the injected value
@@ -99,7 +106,16 @@ class TokenSource(AuthSource):
     async def grant(self, principal: str) -> Grant:
         return (await self.slot(principal).get()).grant
 
+    def _not_shared_again(self, principal: str, token) -> None:
+        """Cluster mode: a token refused, revoked or refreshed by the operator is not to be taken
+        again from the shared record by the next fetch."""
+        value = token.grant.values.get("secret") if token is not None else None
+        if self.cluster is not None and isinstance(value, Secret):
+            self._refused[principal] = value
+
     async def expired(self, principal: str, used: Grant) -> bool:
+        if self.cluster is not None and isinstance(used.values.get("secret"), Secret):
+            self._refused[principal] = used.values["secret"]
         return await self.slot(principal).reject(used)
 
     def state(self) -> dict:
@@ -112,6 +128,8 @@ class TokenSource(AuthSource):
 
     async def refresh(self) -> None:
         principals = set(self.slots) | {""}
+        for p in principals:
+            self._not_shared_again(p, self.slots[p].token if p in self.slots else None)
         results = await asyncio.gather(*(self.slot(p).refresh_now() for p in principals), return_exceptions=True)
         for r in results:
             if isinstance(r, CredentialUnavailable):
@@ -120,6 +138,8 @@ class TokenSource(AuthSource):
     async def revoke(self) -> None:
         """Drop every principal's token, and revoke it at the provider where configured."""
         dropped = [(p, tok) for p, slot in self.slots.items() if (tok := slot.drop()) is not None]
+        for p, tok in dropped:
+            self._not_shared_again(p, tok)
         if not self.provider.revocable:
             return
         for principal, tok in dropped:
