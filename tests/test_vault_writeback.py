@@ -42,6 +42,7 @@ async def test_rotated_refresh_token_is_written_back_with_cas_under_rotating(bao
     creds = {"api": token_cred(api.url, refresh_auth(oauth, "credproxy/rotating/app#refresh_token"), ca_file)}
     creds["api"]["allow"] = [{"paths": ["/**"]}]
     async with running(tmp_path, vault, creds) as run:
+        await eventually(lambda: run.proxy._cache.cached("credproxy/oauth/app"))  # logged in, secrets read
         assert await call(run, "/api/v1/a") == 200
         stored = bao.root().secrets.kv.v2.read_secret_version(path="credproxy/rotating/app",
                                                              raise_on_deleted_version=True)["data"]
@@ -56,6 +57,7 @@ async def test_rotated_refresh_token_is_written_back_with_cas_under_rotating(bao
     # A restarted proxy (no in-memory state) must use the stored rt2: the test server accepts
     # each refresh token once, so a proxy still holding rt1 would fail here.
     async with running(tmp_path, vault, creds) as again:
+        await eventually(lambda: again.proxy._cache.cached("credproxy/oauth/app"))
         assert await call(again, "/api/v1/b") == 200
         stored = bao.root().secrets.kv.v2.read_secret_version(path="credproxy/rotating/app",
                                                              raise_on_deleted_version=True)["data"]
