@@ -30,6 +30,7 @@ from yarl import URL
 from proxy.audit import AuditEvent, AuditLog
 from proxy.config import AlertsConfig
 from proxy.netguard import AddressPolicy
+from proxy.tasks import stop_task
 
 log = logging.getLogger("credproxy.alerts")
 
@@ -69,13 +70,8 @@ class WebhookSender:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         connector = aiohttp.TCPConnector(socket_factory=AddressPolicy().socket_factory)

@@ -16,6 +16,8 @@ import sys
 import time
 from dataclasses import dataclass, fields
 
+from proxy.tasks import stop_task
+
 GENESIS = "0" * 64
 FLUSH_INTERVAL = 0.2
 FLUSH_LINES = 256
@@ -169,13 +171,8 @@ class AuditLog:
             self._task = asyncio.get_running_loop().create_task(self._flush_forever())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         self.flush()
         if self._fh is not None:
             self._fh.close()

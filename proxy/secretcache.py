@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from proxy.errors import SecretAccessDenied, SecretBackendError, SecretNotFound
 from proxy.secret import Secret, SecretRef
 from proxy.store.base import SecretEntry, SecretStore
+from proxy.tasks import stop_task
 
 log = logging.getLogger("credproxy.secrets")
 
@@ -147,10 +148,5 @@ class SecretCache:
             self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            try:
-                await self._poller
-            except asyncio.CancelledError:
-                pass
-            self._poller = None
+        await stop_task(self._poller)
+        self._poller = None

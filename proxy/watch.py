@@ -16,6 +16,8 @@ import logging
 import os
 from pathlib import Path
 
+from proxy.tasks import stop_task
+
 log = logging.getLogger("credproxy.watch")
 
 
@@ -75,10 +77,5 @@ class ConfigWatcher:
             self._task = asyncio.get_running_loop().create_task(self._run(_signature(self.path)))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from proxy.errors import SecretBackendError, StoreError
 from proxy.secret import Secret
 from proxy.store.vault_auth import Login
+from proxy.tasks import stop_task
 
 log = logging.getLogger("credproxy.vault")
 
@@ -98,13 +99,8 @@ class TokenKeeper:
     async def close(self) -> None:
         self._closing = True  # the loop also stops by itself, should a cancellation get lost
         self._wake.set()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
         self._drop()
 
     async def _run(self) -> None:
