@@ -20,7 +20,7 @@ from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, authenticate
 from proxy.tokens.failure import TokenFailure
 from proxy.tokens.provider import Material, Provider
-from proxy.tokens.revocation import revocation_request, send_revocation
+from proxy.tokens.revocation import ClientRevocation
 
 log = logging.getLogger("credproxy.tokens")
 
@@ -32,7 +32,7 @@ def token_request(auth, refresh_token: Secret) -> FormRequest:
     return FormRequest(auth.token_url, form)
 
 
-class RefreshTokenProvider(Provider):
+class RefreshTokenProvider(ClientRevocation, Provider):
     def __init__(self, auth, http, *, credential: str = "", **kw) -> None:
         super().__init__(http, **kw)
         self.auth = auth
@@ -83,14 +83,3 @@ class RefreshTokenProvider(Provider):
         self._unsaved.pop(ref, None)
         log.info("rotated refresh token stored", extra={"credential": self.credential, "secret_path": ref.path,
                                                          "version": new_version})
-
-    @property
-    def revocable(self) -> bool:
-        return bool(self.auth.revocation_url)
-
-    async def revoke(self, token: Secret, material: Material) -> None:
-        if not self.auth.revocation_url:
-            return
-        req = revocation_request(self.auth.revocation_url, token)
-        await authenticate(req, self.auth, material, now=self.wall(), jti=self.new_id())
-        await send_revocation(self, req, self.credential)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from proxy.secret import Secret
-from proxy.tokens.clientauth import FormRequest
+from proxy.tokens.clientauth import FormRequest, authenticate
 from proxy.tokens.failure import TokenFailure
 
 log = logging.getLogger("credproxy.tokens")
@@ -32,3 +32,19 @@ async def send_revocation(provider, req: FormRequest, credential: str) -> bool:
     log.log(logging.INFO if ok else logging.WARNING, "token revocation answered",
             extra={"credential": credential, "status": answer.status})
     return ok
+
+
+class ClientRevocation:
+    """``revocable``/``revoke`` for OAuth2 clients that authenticate at the revocation
+    endpoint the same way as at the token endpoint (mixed into their Provider)."""
+
+    @property
+    def revocable(self) -> bool:
+        return bool(self.auth.revocation_url)
+
+    async def revoke(self, token: Secret, material) -> None:
+        if not self.auth.revocation_url:
+            return
+        req = revocation_request(self.auth.revocation_url, token)
+        await authenticate(req, self.auth, material, now=self.wall(), jti=self.new_id())
+        await send_revocation(self, req, self.credential)
