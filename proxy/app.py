@@ -11,7 +11,6 @@ import gc
 import logging
 import signal
 import ssl
-from functools import partial
 
 from aiohttp import web
 

@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from proxy import errors, guards
 from proxy.audit import AuditEvent, strip_query_values
 from proxy.callers import CALLER_HEADERS
-from proxy.body import BodyTooLarge, RequestBody, read_body
+from proxy.body import RequestBody, read_body
 from proxy.credential import Credential, Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError, UpstreamTimeout
 from proxy.outbound import Outbound
