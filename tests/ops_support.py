@@ -7,6 +7,8 @@ received, and a ``Proxy`` listening on loopback ports (or a unix socket).
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import json
 import os
@@ -230,3 +232,12 @@ def subprocess_env() -> dict:
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("CREDPROXY_MASTER_KEY", None)
     return env
+
+
+@pytest.fixture
+async def upstream(aiohttp_server):
+    """The ops tests' upstream (shadows conftest's recorder in the modules that import it)."""
+    up = Upstream()
+    server = await aiohttp_server(up.app)
+    up.url = str(server.make_url("/api"))
+    return up

@@ -7,17 +7,9 @@ import logging
 import pytest
 import yaml
 
-from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, audit_lines, base_config, call,
+from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, upstream, assert_no_secret, audit_lines, base_config, call,
                          counting_factory, credential, free_port, make_store, metric, put_secret, running,
                          write_config)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    up = Upstream()
-    server = await aiohttp_server(up.app)
-    up.url = str(server.make_url("/api"))
-    return up
 
 
 @pytest.fixture

@@ -15,16 +15,8 @@ import pytest
 import yaml
 
 from proxy.cli import main
-from tests.ops_support import (CANARY, PYTHON, ROOT, Upstream, assert_no_secret, base_config, call, credential,
+from tests.ops_support import (CANARY, PYTHON, ROOT, Upstream, upstream, assert_no_secret, base_config, call, credential,
                                free_port, make_store, running, subprocess_env, write_config)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    up = Upstream()
-    server = await aiohttp_server(up.app)
-    up.url = str(server.make_url("/api"))
-    return up
 
 
 @pytest.fixture

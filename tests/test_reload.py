@@ -10,16 +10,8 @@ import socket
 import aiohttp
 import pytest
 
-from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, assert_no_secret, base_config, call, counting_factory,
+from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, Upstream, upstream, assert_no_secret, base_config, call, counting_factory,
                          credential, free_port, make_store, metric, running, write_config)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    up = Upstream()
-    server = await aiohttp_server(up.app)
-    up.url = str(server.make_url("/api"))
-    return up
 
 
 @pytest.fixture
