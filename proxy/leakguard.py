@@ -20,7 +20,7 @@ import base64
 import re
 from collections.abc import Iterable
 
-from proxy.needles import may_match, needles
+from proxy.needles import NeedleSet, needles
 
 REDACTED = b"[REDACTED]"
 MIN_SECRET = 4  # shorter values would redact ordinary text; no real secret is this short
@@ -97,11 +97,12 @@ class LeakGuard:
         ordered = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
         self.longest = ordered[0][1] if ordered else 0
         self._re = re.compile(b"|".join(p for p, _ in ordered)) if ordered else None
-        self._needles = needles(self._re)
+        found = needles(self._re)
+        self._needles = NeedleSet(found) if found else None
 
     def may_match(self, data: bytes) -> bool:
         """False only when ``data`` certainly holds no secret form (checked at memory speed)."""
-        return self._needles is None or may_match(self._needles, data)
+        return self._needles is None or self._needles.may_match(data)
 
     @property
     def active(self) -> bool:
@@ -130,7 +131,7 @@ class StreamRedactor:
         self._tail = b""
         self.count = 0
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> bytes | memoryview:
         if self._re is None:
             return chunk
         buf = self._tail + chunk if self._tail else chunk
@@ -140,7 +141,7 @@ class StreamRedactor:
         if not self._may_match(buf):
             cut = max(decided, 0)
             self._tail = buf[cut:]
-            return buf[:cut]
+            return memoryview(buf)[:cut]  # the clean (usual) case: no copy of the chunk on its way out
         out = []
         pos = 0
         for m in self._re.finditer(buf):

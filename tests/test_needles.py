@@ -8,11 +8,18 @@ import copy
 import re
 from urllib.parse import quote
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import needles as needles_module
 from proxy.leakguard import REDACTED, LeakGuard
-from proxy.needles import may_match, needles
+from proxy.needles import NeedleSet, may_match, needles
+
+# Both ways of checking the needles, on every buffer size: hyperscan (the ``fast`` extra) and ``bytes in``.
+ENGINES = [pytest.param("hyperscan", marks=pytest.mark.skipif(needles_module.hyperscan is None,
+                                                               reason="hyperscan not installed")),
+           "bytes.find"]
 
 SECRET = "sk_live_CANARY_b7e1f0c93d2a"
 
@@ -27,6 +34,15 @@ def redact_stream(guard: LeakGuard, body: bytes, cuts: list[int]) -> tuple[bytes
     return b"".join(out), r.count
 
 
+def with_engine(guard: LeakGuard, engine: str) -> LeakGuard:
+    """The same guard checking its needles with ``engine`` on buffers of any length."""
+    forced = copy.copy(guard)
+    if guard._needles is not None:
+        forced._needles = NeedleSet(guard._needles.needles, use_hyperscan=engine == "hyperscan", hyperscan_min=0)
+        assert forced._needles.engine == engine
+    return forced
+
+
 def without_prefilter(guard: LeakGuard) -> LeakGuard:
     """The same guard with the prefilter switched off: the regex decides every buffer."""
     plain = copy.copy(guard)
@@ -34,12 +50,28 @@ def without_prefilter(guard: LeakGuard) -> LeakGuard:
     return plain
 
 
-def test_every_form_of_a_secret_contains_one_of_its_needles():
-    guard = LeakGuard([SECRET])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_form_of_a_secret_contains_one_of_its_needles(engine):
+    guard = with_engine(LeakGuard([SECRET]), engine)
     assert guard._needles
     for form in ("raw", "quoted", "b64", "b64url", "b64-shift1", "b64-shift2"):
-        assert may_match(guard._needles, b"..." + encode(SECRET, form) + b"..."), form
-    assert not may_match(guard._needles, b'{"id": "cus_123", "note": "nothing to see"}')
+        assert guard.may_match(b"..." + encode(SECRET, form) + b"..."), form
+        assert guard.may_match(encode(SECRET, form)), form  # the whole buffer, no neighbours
+    assert not guard.may_match(b'{"id": "cus_123", "note": "nothing to see"}')
+
+
+@pytest.mark.skipif(needles_module.hyperscan is None, reason="hyperscan not installed")
+def test_long_buffers_use_hyperscan_and_find_needles_at_both_ends_and_across_chunks():
+    guard = LeakGuard([SECRET])
+    assert guard._needles.engine == "hyperscan"
+    filler = b'{"id": "cus_0123456789abcdef", "email": "user1@example.com"},' * 2000  # ~120 KiB of JSON
+    raw = SECRET.encode()
+    assert not guard.may_match(filler)
+    for body in (raw + filler, filler + raw, filler[:50_000] + raw + filler[50_000:]):
+        assert guard.may_match(body)
+        for size in (4096, 65536):  # fed in chunks, the secret may straddle two of them
+            out, count = redact_stream(guard, body, list(range(size, len(body), size)))
+            assert raw not in out and count == 1 and REDACTED in out
 
 
 def test_escaped_character_patterns_yield_their_longest_literal_run():
@@ -65,7 +97,7 @@ def test_clean_chunks_pass_through_unchanged_and_held_back_tail_still_catches_a_
     r = guard.stream()
     body = b'{"a":"' + SECRET.encode() + b'"}'
     split = 10
-    out = r.feed(body[:split]) + r.feed(body[split:]) + r.flush()
+    out = b"".join((r.feed(body[:split]), r.feed(body[split:]), r.flush()))
     assert out == b'{"a":"' + REDACTED + b'"}' and r.count == 1
 
 
@@ -89,7 +121,11 @@ def encode(secret: str, form: str) -> bytes:
        filler=st.binary(max_size=300), inserts=st.lists(st.tuples(st.integers(0, 300), forms), max_size=4),
        cuts=st.lists(st.integers(0, 2000), max_size=6))
 def test_prefiltered_stream_redacts_exactly_as_the_regex_alone(secret, filler, inserts, cuts):
-    guard = LeakGuard([secret])
+    for engine in ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",):
+        _same_as_the_regex_alone(with_engine(LeakGuard([secret]), engine), secret, filler, inserts, cuts)
+
+
+def _same_as_the_regex_alone(guard, secret, filler, inserts, cuts):
     body = filler
     for at, form in inserts:
         at %= len(body) + 1

@@ -75,6 +75,8 @@ def main() -> int:
     p.add_argument("--seconds", type=int, default=15)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--path", default="/v1/small")
+    p.add_argument("--target", choices=("credproxy", "bare"), default="credproxy",
+                   help="bare: profile tests/bench/bare_proxy.py instead, to compare where aiohttp's time goes")
     p.add_argument("--idle", action="store_true", help="keep py-spy's idle frames (time waiting in the loop)")
     p.add_argument("--publish", action="store_true", help="also put the result into docs/benchmark.md")
     a = p.parse_args()
@@ -86,21 +88,24 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     try:
         bench.start_fixtures()
-        cp, base = bench.start_credproxy("profile")
-        url = f"{base}/bench{a.path}"
+        if a.target == "bare":
+            cp, url = bench.bare, f"http://127.0.0.1:{bench.ports['bare']}/bench{a.path}"
+        else:
+            cp, base = bench.start_credproxy("profile")
+            url = f"{base}/bench{a.path}"
         wrk(url, connections=a.connections, seconds=2, cpus=LOAD_CPU, token=credproxy_rig.CALLER_TOKEN)
         load = threading.Thread(target=wrk, args=(url,), kwargs=dict(
             connections=a.connections, seconds=a.seconds + 2, cpus=LOAD_CPU, token=credproxy_rig.CALLER_TOKEN))
         load.start()
-        raw = out / "profile.txt"
+        raw = out / f"profile-{a.target}.txt"
         spy = ["py-spy", "record", "-p", str(cp.pid), "-d", str(a.seconds), "-r", "250", "--nonblocking"]
         subprocess.run([*spy, "-f", "raw", "-o", str(raw)] + (["--idle"] if a.idle else []),
                        check=True, capture_output=True)
         load.join()
         report = top(raw.read_text())
-        head = (f"py-spy, 250 Hz, {a.seconds} s, credproxy under wrk -c{a.connections} on {a.path} "
+        head = (f"py-spy, 250 Hz, {a.seconds} s, {a.target} under wrk -c{a.connections} on {a.path} "
                 f"({time.strftime('%Y-%m-%d %H:%M')}; `python tests/bench/profile.py`):")
-        (out / "profile-top.txt").write_text(head + "\n\n" + report + "\n")
+        (out / f"profile-top-{a.target}.txt").write_text(head + "\n\n" + report + "\n")
         print(report)
         if a.publish:
             page = HERE.parents[1] / "docs" / "benchmark.md"

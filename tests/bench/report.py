@@ -161,7 +161,7 @@ def chart(results: dict, path: Path) -> None:
             ax.set_xticks(range(len(values)), names, rotation=20, ha="right", fontsize=8)
             ax.set_title(f"{load} - {label}", fontsize=10)
             ax.bar_label(bars, fmt="%.0f" if key != "p99_ms" else "%.1f", fontsize=7)
-            if row == 0:
+            if row == 0 and values:  # a partial run (--loads) leaves some panels empty
                 ax.set_yscale("log")  # nginx is an order of magnitude ahead: on a linear scale the rest is flat
                 ax.set_title(f"{load} - {label} (log scale)", fontsize=10)
             ax.grid(axis="y", alpha=0.3)
