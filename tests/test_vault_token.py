@@ -25,12 +25,14 @@ class Clock:
 
 
 class FakeVault:
-    """Issues tokens; a renewal grants the increment asked for, capped by the token's max TTL."""
+    """Issues tokens; a renewal grants the increment asked for, capped by the token's max TTL.
+    Each call takes ``latency`` on the clock, and Vault handles it halfway through."""
 
-    def __init__(self, clock: Clock, ttl: float = 30.0, max_ttl: float = 100.0) -> None:
-        self.clock, self.ttl, self.max_ttl = clock, ttl, max_ttl
+    def __init__(self, clock: Clock, ttl: float = 30.0, max_ttl: float = 100.0, latency: float = 0.0) -> None:
+        self.clock, self.ttl, self.max_ttl, self.latency = clock, ttl, max_ttl, latency
         self.calls: list[str] = []
         self.issued: dict[str, float] = {}
+        self.expires: dict[str, float] = {}  # when Vault stops accepting each token
         self.fail_login: Exception | None = None
         self.fail_renew: Exception | None = None
 
@@ -38,23 +40,30 @@ class FakeVault:
         self.calls.append("login")
         if self.fail_login:
             raise self.fail_login
+        self.clock.now += self.latency / 2
         token = f"tok-{len(self.issued) + 1}"
-        self.issued[token] = self.clock.now
+        self.issued[token] = self.expires[token] = self.clock.now
+        self.expires[token] += self.ttl
+        self.clock.now += self.latency / 2
         return Login(Secret(token), self.ttl, True)
 
     async def renew(self, token: Secret, increment: float) -> Login:
         self.calls.append("renew")
         if self.fail_renew:
             raise self.fail_renew
+        self.clock.now += self.latency / 2
         left = self.issued[token.reveal()] + self.max_ttl - self.clock.now
-        return Login(token, min(increment, left), True)
+        granted = min(increment, left)
+        self.expires[token.reveal()] = self.clock.now + granted
+        self.clock.now += self.latency / 2
+        return Login(token, granted, True)
 
 
 def keeper_for(vault: FakeVault, clock: Clock, rand=lambda: 0.0) -> TokenKeeper:
     return TokenKeeper(vault.login, vault.renew, clock=clock, backoff=Backoff(rand=rand))
 
 
-async def test_renews_at_two_thirds_of_the_ttl_and_logs_in_again_near_the_max_ttl():
+async def test_renews_at_two_thirds_of_the_ttl_and_logs_in_again_a_third_of_the_ttl_before_the_max_ttl():
     clock = Clock()
     vault = FakeVault(clock, ttl=30, max_ttl=100)
     keeper = keeper_for(vault, clock)
@@ -70,10 +79,59 @@ async def test_renews_at_two_thirds_of_the_ttl_and_logs_in_again_near_the_max_tt
         (20.0, "renew", "tok-1", 20.0),
         (40.0, "renew", "tok-1", 20.0),
         (60.0, "renew", "tok-1", 20.0),
-        (80.0, "renew", "tok-1", 13.3),  # Vault granted 20 s, not 30: the max TTL is near
-        (93.3, "login", "tok-2", 20.0),  # so log in again instead of renewing
+        (80.0, "renew", "tok-1", 10.0),  # Vault granted 20 s, not 30: the max TTL is near
+        (90.0, "login", "tok-2", 20.0),  # so log in again instead of renewing, 10 s before tok-1 ends
     ]
-    assert schedule[6] == (113.3, "renew", "tok-2", 20.0)
+    assert schedule[6] == (110.0, "renew", "tok-2", 20.0)
+
+
+async def test_short_lived_tokens_are_renewed_and_replaced_at_least_2s_before_vault_expires_them():
+    """5 s TTL, 12 s max TTL (the 30 s proxy test's tokens): two thirds of 5 s would leave 1.7 s,
+    and two thirds of a renewal capped to 2 s only 0.7 s, too little on a busy machine."""
+    clock = Clock()
+    vault = FakeVault(clock, ttl=5, max_ttl=12)
+    keeper = keeper_for(vault, clock)
+    await keeper.first_login()
+    schedule = []
+    for _ in range(6):
+        delay = await keeper.step()
+        token = keeper.token.reveal()
+        assert keeper.refresh_at <= vault.expires[token] - 2.0  # the next move leaves 2 s, always
+        schedule.append((round(clock.now - 1000, 1), vault.calls[-1], token, round(delay, 1)))
+        clock.now += delay
+    assert schedule == [
+        (0.0, "login", "tok-1", 3.0),
+        (3.0, "renew", "tok-1", 3.0),
+        (6.0, "renew", "tok-1", 3.0),
+        (9.0, "renew", "tok-1", 1.0),  # capped at the max TTL (3 s left): log in again 2 s before it
+        (10.0, "login", "tok-2", 3.0),
+        (13.0, "renew", "tok-2", 3.0),
+    ]
+
+
+async def test_a_slow_answer_does_not_make_the_keeper_trust_a_token_longer_than_vault_does():
+    """Each call takes 1.5 s (a loaded machine): Vault starts the TTL while the answer is still
+    on its way, so the TTL is counted from when the request was sent."""
+    clock = Clock()
+    vault = FakeVault(clock, ttl=5, max_ttl=12, latency=1.5)
+    keeper = keeper_for(vault, clock)
+    await keeper.first_login()
+    for _ in range(8):
+        token = keeper.token.reveal()
+        assert keeper.expires_at <= vault.expires[token]
+        assert keeper.refresh_at <= vault.expires[token] - 2.0
+        clock.now += await keeper.step()
+    assert vault.calls.count("login") >= 2 and vault.calls.count("renew") >= 3
+
+
+async def test_a_token_too_short_lived_for_the_margin_is_renewed_at_half_its_ttl():
+    clock = Clock()
+    vault = FakeVault(clock, ttl=2, max_ttl=100)
+    keeper = keeper_for(vault, clock)
+    await keeper.first_login()
+    assert await keeper.step() == 1.0  # a third of 2 s would leave less than 2 s; 2 s would be at once
+    clock.now += 1.0
+    assert await keeper.step() == 1.0 and vault.calls == ["login", "renew"]
 
 
 async def test_failed_renewal_logs_in_again_at_once():

@@ -1,12 +1,16 @@
 """The proxy's own Vault token, kept alive by one loop (Vault Agent's auth handler
 and lifetime watcher in one owner).
 
-After a login the token is renewed at two thirds of its TTL. When renewal fails,
-or Vault caps the renewal because the token's max TTL is near, or the token is
-not renewable, the keeper logs in again. Failed logins back off with jitter from
-1 s to 5 min; a still-valid token keeps being used meanwhile. When Vault says the
-token itself is no longer valid, the store calls ``invalidate`` and the keeper
-logs in again at once (unless that keeps happening, then it backs off too).
+After a login the token is renewed at two thirds of its TTL, but never later than
+2 s before it expires. When renewal fails, or Vault caps the renewal because the
+token's max TTL is near, or the token is not renewable, the keeper logs in again,
+that same margin before the old token runs out: the new token is there before the
+old one stops working, even on a slow machine. TTLs are counted from when the
+request was sent, so the keeper never believes in a token longer than Vault does.
+Failed logins back off with jitter from 1 s to 5 min; a still-valid token keeps
+being used meanwhile. When Vault says the token itself is no longer valid, the
+store calls ``invalidate`` and the keeper logs in again at once (unless that keeps
+happening, then it backs off too).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from proxy.tasks import stop_task
 log = logging.getLogger("credproxy.vault")
 
 RENEW_AT = 2 / 3
+MIN_MARGIN = 2.0  # seconds left on a token when it is renewed or replaced, at least (TTLs under 4 s: half the TTL)
 CAP_TOLERANCE = 0.9  # a renewal granting less than this share of the login TTL means the max TTL is near
 FLAP_WINDOW = 10.0  # an invalidation this soon after a login does not earn an immediate retry
 
@@ -53,7 +58,7 @@ class TokenKeeper:
         self._clock = clock
         self._backoff = backoff or Backoff()
         self._current: Login | None = None
-        self._issued_at = 0.0  # monotonic time of the login or renewal that set the TTL
+        self._issued_at = 0.0  # when the login or renewal that set the TTL was sent (keeper's clock)
         self._login_ttl = 0.0  # the TTL a fresh login grants: the increment asked for on renewal
         self._renew_next = False
         self._logged_in_at = float("-inf")
@@ -73,6 +78,18 @@ class TokenKeeper:
             return None
         return cur.token
 
+    @property
+    def expires_at(self) -> float | None:
+        """When (on the keeper's clock) the current token stops being used; None: no token, or no TTL."""
+        cur = self._current
+        return self._issued_at + cur.ttl if cur is not None and cur.ttl else None
+
+    @property
+    def refresh_at(self) -> float | None:
+        """When (on the keeper's clock) the current token is renewed or replaced; None: never."""
+        expires = self.expires_at
+        return None if expires is None else expires - _margin(self._login_ttl or self._current.ttl)
+
     def invalidate(self, used: Secret) -> None:
         """Vault rejected ``used`` as a token; log in again (only if it is still the current one)."""
         cur = self._current
@@ -90,7 +107,8 @@ class TokenKeeper:
 
     async def first_login(self) -> None:
         """One attempt, for start-up: raises LoginRefused (bad credentials) or VaultUnavailable."""
-        self._use(await self._login_fn(), fresh=True)
+        sent = self._clock()
+        self._use(await self._login_fn(), sent, fresh=True)
 
     def start(self) -> None:
         if self._task is None:
@@ -131,33 +149,37 @@ class TokenKeeper:
                 hold, self._hold = self._hold, 0.0
                 return hold
             return await self._relogin()
-        if not self._current.ttl:
+        due = self.refresh_at
+        if due is None:
             return None
-        due = self._issued_at + self._current.ttl * RENEW_AT
         if now < due:
             return due - now
         if not self._renew_next:
             return await self._relogin()
+        sent = self._clock()
         try:
             renewed = await self._renew_fn(self._current.token, self._login_ttl)
         except SecretBackendError as exc:
             log.info("vault token renewal failed; logging in again", extra={"error": exc.detail})
             return await self._relogin()
-        self._use(renewed, fresh=False)
+        self._use(renewed, sent, fresh=False)
         return self._until_due()
 
     async def _relogin(self) -> float | None:
+        sent = self._clock()
         try:
             login = await self._login_fn()
         except (StoreError, SecretBackendError) as exc:
             delay = self._backoff.next()
             log.warning("vault login failed; retrying", extra={"error": str(exc), "retry_in_s": round(delay, 1)})
             return delay
-        self._use(login, fresh=True)
+        self._use(login, sent, fresh=True)
         return self._until_due()
 
-    def _use(self, login: Login, *, fresh: bool) -> None:
-        self._issued_at = self._clock()
+    def _use(self, login: Login, sent: float, *, fresh: bool) -> None:
+        # Vault starts the TTL when it handles the request, after it was sent: counting from the
+        # send time keeps our expiry no later than Vault's, however late the answer reached us.
+        self._issued_at = sent
         if fresh:
             self._login_ttl = login.ttl
             self._logged_in_at = self._issued_at
@@ -174,6 +196,13 @@ class TokenKeeper:
         self._current = None
 
     def _until_due(self) -> float | None:
-        if self._current is None or not self._current.ttl:
-            return None
-        return max(0.0, self._issued_at + self._current.ttl * RENEW_AT - self._clock())
+        due = self.refresh_at
+        return None if due is None else max(0.0, due - self._clock())
+
+
+def _margin(login_ttl: float) -> float:
+    """How long before expiry to renew or log in again: a third of the TTL a login grants
+    (scaled by the login's TTL, not a capped renewal's, so it does not shrink near the max TTL),
+    at least MIN_MARGIN for a slow Vault or a busy machine, at most half the TTL so a very
+    short-lived token is not renewed non-stop."""
+    return min(max(login_ttl * (1 - RENEW_AT), MIN_MARGIN), login_ttl / 2)
