@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
+import time
 import urllib.parse
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -257,6 +260,45 @@ async def test_revoked_token_is_replaced_by_a_new_login_not_treated_as_denial(ba
         assert (await store.get("credproxy/secrets/rv")).version == 1
     finally:
         await store.close()
+
+
+async def test_short_lived_token_is_renewed_and_replaced_while_vault_still_accepts_it(bao, tmp_path, raw_log):
+    """AppRole tokens of 4 s TTL and 7 s max TTL. The keeper runs on the wall clock here so that
+    its plan can be set against the expire_time OpenBao reports for the same token: whenever it is
+    asked, through renewals, a renewal capped by the max TTL and the login that follows, the next
+    renewal or login is due at least 2 s before Vault stops accepting the token, and reads
+    keep working. (Before, two thirds of a capped 2 s TTL left 0.7 s, less on a busy machine.)"""
+    bao.policy("credproxy", POLICY)
+    bao.put("credproxy/secrets/roll", {"token": "x"})
+    rf, sf, _, _ = bao.approle("cp-roll", ["credproxy"], tmp_path, token_ttl="4s", token_max_ttl="7s")
+    store = VaultStore(VaultConfig(address=bao.address, auth={"method": "approle", "role_id_file": rf,
+                                                              "secret_id_file": sf}), clock=time.time)
+    root = bao.root()
+    await store.start()
+    tokens: list[str] = []
+    try:
+        while len(tokens) < 2:  # the first token's whole life, up to the login that replaces it
+            token, refresh_at = store.keeper.token, store.keeper.refresh_at  # one consistent snapshot
+            assert token is not None
+            if token.reveal() not in tokens:
+                tokens.append(token.reveal())
+            # A renewal after the snapshot only moves expire_time later.
+            info = await asyncio.to_thread(root.auth.token.lookup, token.reveal())
+            assert refresh_at <= _epoch(info["data"]["expire_time"]) - 2.0  # the README promises 2 s
+            assert (await store.get("credproxy/secrets/roll")).version == 1
+            await asyncio.sleep(0.2)
+    finally:
+        await store.close()
+    assert "vault token near its max TTL; will log in again" in raw_log.text
+    assert "vault token renewed" in raw_log.text
+    assert "expired before it could be renewed" not in raw_log.text
+    assert "vault no longer accepts" not in raw_log.text
+
+
+def _epoch(rfc3339: str) -> float:
+    """Vault's timestamps carry nanoseconds, more than datetime takes."""
+    head, frac, zone = re.fullmatch(r"(.+T\d\d:\d\d:\d\d)(\.\d+)?(.*)", rfc3339).groups()
+    return datetime.fromisoformat(head + zone).timestamp() + float(frac or 0)
 
 
 async def test_a_vault_that_drips_its_answer_is_cut_off_at_the_deadline(tmp_path):
