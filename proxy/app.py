@@ -29,6 +29,7 @@ from proxy.netguard import AddressPolicy
 from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
+from proxy.relay import AnswerBudget
 from proxy.reload import ReloadResult, Reloader, source_reusable
 from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
@@ -102,6 +103,7 @@ class Proxy:
         self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
         self._addresses = AddressPolicy.from_config(cfg.server)  # shared by every credential's upstream client
         self._alerts: AlertMonitor | None = None
+        self._answer_budget = AnswerBudget()
         self._webhook: WebhookSender | None = None
 
     async def start(self) -> None:
@@ -141,7 +143,8 @@ class Proxy:
         if self._alerts is not None:
             self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
-                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg))
+                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg),
+                     answer_budget=self._answer_budget)
 
     def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart

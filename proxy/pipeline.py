@@ -141,7 +141,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
                            state.metrics.child(state.metrics.leaks, cred.name),
-                           write_timeout=state.config.server.limits.write_timeout)
+                           write_timeout=state.config.server.limits.write_timeout, budget=state.answer_budget)
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 
 

@@ -22,6 +22,7 @@ from proxy.credential import Credential
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
+from proxy.relay import AnswerBudget
 from proxy.secretcache import SecretCache
 
 
@@ -43,6 +44,7 @@ class State:
     ready: bool = True
     alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
     limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
+    answer_budget: AnswerBudget | None = None  # long-lived (owned by Proxy): one memory bound across reloads
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
 
