@@ -336,7 +336,12 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     """Cross-field checks the schema cannot express. Returns (loc, message)."""
     out: list[tuple[tuple, str]] = []
     callers = cfg.callers or {}
+    token_owner: dict[str, str] = {}
     for name, caller in callers.items():
+        if caller.token_sha256:
+            other = token_owner.setdefault(caller.token_sha256.lower(), name)
+            if other != name:  # the token could not say which caller is calling
+                out.append((("callers", name, "token_sha256"), f"the same token as caller {other}"))
         if not CALLER_NAME.match(name):
             out.append((("callers", name), "caller names are letters, digits, '_', '-', '.' (at most 64)"))
         if not caller.token_sha256 and not caller.cert_subject:

@@ -42,6 +42,13 @@ _CALLER_DROP = ("Host", "X-Request-Id", "Content-Length", "Expect", "Forwarded",
 PEEK_MAX = 64 * 1024
 
 
+@functools.lru_cache(maxsize=64)  # one entry per injector kind: ``removes`` comes from config
+def _never_forwarded(removes: tuple[str, ...]) -> frozenset[str]:
+    """Lower-case names dropped from every caller's headers: caller credentials, headers the proxy sets or
+    that steer it, spoofable client-address headers, and those the credential's injector owns."""
+    return frozenset(n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes))
+
+
 @dataclass
 class Trace:
     """What the audit line will say about this request; filled in as the steps run."""
@@ -81,10 +88,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         guards.check_request(request)
         route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential
-        headers = strip_hop_by_hop(request.headers)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        for name in CALLER_HEADERS:
-            headers.popall(name, None)
         caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
         state.authenticator.check_source(caller, ip)
@@ -97,11 +101,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
             raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
         if state.limiter is not None:
             state.limiter.acquire(caller.name, cred.name)
-        for name in _CALLER_DROP:
-            headers.popall(name, None)
-        guards.drop_spoofable(headers)
-        for name in cred.injector.removes:
-            headers.popall(name, None)
+        headers = strip_hop_by_hop(request.headers, _never_forwarded(cred.injector.removes))
         cred.touch()
         limits = state.config.server.limits
         body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
