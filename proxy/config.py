@@ -42,6 +42,7 @@ class Limits(_Model):
     max_body: Size = 1 << 30
     header_timeout: Duration = 10.0  # slowloris: the whole request head must arrive in this time
     write_timeout: Duration = 60.0  # slow readers: a caller that takes no response bytes this long is cut off
+    body_timeout: Duration = Field(default=60.0, gt=0)  # slow uploads: a caller that sends no body bytes this long
 
 
 class ServerConfig(_Model):

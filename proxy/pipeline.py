@@ -83,6 +83,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     trace = Trace(secrets.token_hex(16), time.monotonic())  # 128 random bits, as uuid4 but a fraction of its cost
     ip = peer_ip(request)
     route: Route | None = None
+    body: RequestBody | None = None
     state.metrics.inflight.inc()
     try:
         guards.check_request(request)
@@ -104,15 +105,20 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         headers = strip_hop_by_hop(request.headers, _never_forwarded(cred.injector.removes))
         cred.touch()
         limits = state.config.server.limits
-        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
+        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
+                               body_timeout=limits.body_timeout)
         return await forward(request, state, cred, caller.name, route, headers, body, trace)
     except ProxyError as exc:
+        if body is not None and body.fault is not None:
+            exc = body.fault  # the caller overfilled or stalled its streamed upload: not the upstream's 502/504
         trace.status, trace.reason = exc.status, exc.reason
         trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         log.info("request refused", extra={"request_id": trace.request_id, "status": exc.status,
                                            "reason": exc.reason, "detail": exc.detail})
         return errors.to_response(exc, trace.request_id)
     finally:
+        if body is not None and body.fault is not None and trace.outcome == "error":
+            trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
         state.metrics.inflight.dec()
         _record(state, request, route, trace, ip)
 
@@ -125,6 +131,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
         out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
         started = time.monotonic()
         upstream = await _send(cred, out, body)
+        body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
         state.metrics.child(state.metrics.upstream_duration, cred.name).observe(time.monotonic() - started)
         head = b""
         if attempt == 1 and cred.expired_status(upstream.status):
