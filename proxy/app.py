@@ -21,6 +21,7 @@ from proxy.alerts import AlertMonitor, WebhookSender
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
+from proxy.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
 from proxy.drain import FINISH_GRACE, drain
 from proxy.httpserver import GuardedServer
@@ -105,6 +106,7 @@ class Proxy:
         self._alerts: AlertMonitor | None = None
         self._answer_budget = AnswerBudget()
         self._webhook: WebhookSender | None = None
+        self._connections: ConnectionLimit | None = None  # server.limits.max_connections, across caller listeners
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -129,6 +131,10 @@ class Proxy:
             await cred.start()
         self._cache.start()
         self.ensure_warming()
+        holder = self.holder
+        self._connections = connections = ConnectionLimit(
+            cfg.server.limits.max_connections, on_refused=lambda client, rid: record_refusal(holder.current, client, rid))
+        metrics.caller_connections.set_function(lambda: connections.open)
         await self._listen()
         if self.config_path is not None and self.watch_interval:
             self.reloader.remember_file()
@@ -204,7 +210,7 @@ class Proxy:
         holder = self.holder
         return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
                     max_headers=limits.max_headers, auto_decompress=False, access_log=None,
-                    header_timeout=limits.header_timeout,
+                    header_timeout=limits.header_timeout, connections=self._connections,
                     on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
 
     async def _listen(self) -> None:
@@ -258,6 +264,8 @@ class Proxy:
             await drain(runners, self.holder, self.cfg.server.drain_timeout)
         self._runners.clear()
         self.dedicated.clear()
+        if self._connections is not None:
+            self._connections.close()
         if self._warm_task is not None:
             self._warm_task.cancel()
         if self.holder is not None:

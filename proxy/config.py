@@ -43,6 +43,7 @@ class Limits(_Model):
     header_timeout: Duration = 10.0  # slowloris: the whole request head must arrive in this time
     write_timeout: Duration = 60.0  # slow readers: a caller that takes no response bytes this long is cut off
     body_timeout: Duration = Field(default=60.0, gt=0)  # slow uploads: a caller that sends no body bytes this long
+    max_connections: int = Field(default=10000, ge=1)  # open caller connections per process (main + dedicated)
 
 
 class ServerConfig(_Model):
