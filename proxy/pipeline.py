@@ -32,7 +32,7 @@ from proxy.outbound import Outbound
 from proxy.relay import relay
 from proxy.routing import Route, route_dedicated, route_prefixed
 from proxy.state import State
-from proxy.upstream import strip_hop_by_hop
+from proxy.upstream import HOP_BY_HOP, strip_hop_by_hop
 
 log = logging.getLogger("credproxy.request")
 
@@ -44,9 +44,9 @@ PEEK_MAX = 64 * 1024
 
 @functools.lru_cache(maxsize=64)  # one entry per injector kind: ``removes`` comes from config
 def _never_forwarded(removes: tuple[str, ...]) -> frozenset[str]:
-    """Lower-case names dropped from every caller's headers: caller credentials, headers the proxy sets or
-    that steer it, spoofable client-address headers, and those the credential's injector owns."""
-    return frozenset(n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes))
+    """Lower-case names dropped from every caller's headers: hop-by-hop ones, caller credentials, headers the
+    proxy sets or that steer it, spoofable client-address headers, and those the credential's injector owns."""
+    return HOP_BY_HOP | {n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes)}
 
 
 @dataclass

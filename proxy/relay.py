@@ -137,11 +137,11 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
-        redactor = guard.stream() if scan_body else None
         length = upstream.content_length
         if has_body and length is not None and length <= WHOLE_BODY_MAX:
             return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
                                       leak_counter)
+        redactor = guard.stream() if scan_body else None
         if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
                 and budget.take(length):
             try:

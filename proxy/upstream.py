@@ -27,9 +27,9 @@ HOP_BY_HOP = frozenset(h.lower() for h in (
 
 
 def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str],
-                     also: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """A copy without hop-by-hop headers (and those named in ``Connection``), nor any lower-case name in ``also``."""
-    drop = HOP_BY_HOP | also if also else HOP_BY_HOP
+                     drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
+    """A copy without the lower-case names in ``drop`` (a superset of ``HOP_BY_HOP``, prepared once) and those
+    named in ``Connection``."""
     if "Connection" in headers:
         drop = drop | {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
     # One pass over the few headers a request has, rather than a removal per name that might be there (~50).

@@ -192,3 +192,19 @@ async def test_caller_gone_before_a_held_answer_is_sent_is_audited_as_disconnect
         await asyncio.sleep(0.05)
     assert (lines[-1]["outcome"], lines[-1]["reason"]) == ("error", "caller_disconnected")
     assert proxy.proxy._answer_budget.held == 0
+
+
+async def test_block_mode_refuses_a_held_answer_leaking_near_its_end(proxy_factory, upstream, tmp_path):
+    """A 300 KiB answer is held whole, so under ``block`` a secret in its last bytes is still a clean 502."""
+    payload = b"z" * 300_000 + SECRET.encode()
+
+    async def late(request, body):
+        return web.Response(body=payload)
+
+    upstream.routes["/v1/late"] = late
+    p = await proxy_factory(base_config(tmp_path, upstream.url, leak_guard="block"))
+    status, _, body = await get(p.url + "/example/v1/late", headers=auth())
+    assert status == 502 and json.loads(body)["error"] == "upstream_error"
+    assert_no_canary(body, SECRET, "blocked answer")
+    assert p.audit_lines(tmp_path)[-1]["reason"] == "leak_blocked"
+    assert p.proxy._answer_budget.held == 0
