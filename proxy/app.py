@@ -21,6 +21,7 @@ from proxy.alerts import AlertMonitor, WebhookSender
 from proxy.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config import Config, TLSConfig
+from proxy.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
 from proxy.drain import FINISH_GRACE, drain
 from proxy.httpserver import GuardedServer
@@ -29,6 +30,7 @@ from proxy.netguard import AddressPolicy
 from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
+from proxy.relay import AnswerBudget
 from proxy.reload import ReloadResult, Reloader, source_reusable
 from proxy.scrub import SCRUBBER
 from proxy.secretcache import SecretCache
@@ -102,7 +104,9 @@ class Proxy:
         self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
         self._addresses = AddressPolicy.from_config(cfg.server)  # shared by every credential's upstream client
         self._alerts: AlertMonitor | None = None
+        self._answer_budget = AnswerBudget()
         self._webhook: WebhookSender | None = None
+        self._connections: ConnectionLimit | None = None  # server.limits.max_connections, across caller listeners
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -127,6 +131,10 @@ class Proxy:
             await cred.start()
         self._cache.start()
         self.ensure_warming()
+        holder = self.holder
+        self._connections = connections = ConnectionLimit(
+            cfg.server.limits.max_connections, on_refused=lambda client, rid: record_refusal(holder.current, client, rid))
+        metrics.caller_connections.set_function(lambda: connections.open)
         await self._listen()
         if self.config_path is not None and self.watch_interval:
             self.reloader.remember_file()
@@ -141,7 +149,8 @@ class Proxy:
         if self._alerts is not None:
             self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
-                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg))
+                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg),
+                     answer_budget=self._answer_budget)
 
     def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
@@ -201,7 +210,7 @@ class Proxy:
         holder = self.holder
         return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
                     max_headers=limits.max_headers, auto_decompress=False, access_log=None,
-                    header_timeout=limits.header_timeout,
+                    header_timeout=limits.header_timeout, connections=self._connections,
                     on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
 
     async def _listen(self) -> None:
@@ -255,6 +264,8 @@ class Proxy:
             await drain(runners, self.holder, self.cfg.server.drain_timeout)
         self._runners.clear()
         self.dedicated.clear()
+        if self._connections is not None:
+            self._connections.close()
         if self._warm_task is not None:
             self._warm_task.cancel()
         if self.holder is not None:

@@ -16,7 +16,6 @@ than one caller identifies none.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -78,7 +77,10 @@ def parse_subject(text: str) -> Attributes:
 class Authenticator:
     def __init__(self, callers: dict[str, CallerConfig] | None) -> None:
         self.anonymous = callers is None
-        self._tokens = [(name, bytes.fromhex(c.token_sha256)) for name, c in (callers or {}).items() if c.token_sha256]
+        # Looked up by the SHA-256 of the presented token: the digest of a wrong token is unpredictable, so
+        # the lookup's timing says nothing about the stored ones (what comparing every digest also ensured).
+        self._tokens: dict[bytes, str] = {bytes.fromhex(c.token_sha256): name
+                                          for name, c in (callers or {}).items() if c.token_sha256}
         self._subjects = [(parse_subject(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
 
@@ -109,9 +111,4 @@ class Authenticator:
     def _by_token(self, token: str | None) -> str | None:
         if token is None:
             return None
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for name, expected in self._tokens:  # compare against every caller: timing says nothing
-            if hmac.compare_digest(digest, expected):
-                found = name
-        return found
+        return self._tokens.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())

@@ -42,6 +42,8 @@ class Limits(_Model):
     max_body: Size = 1 << 30
     header_timeout: Duration = 10.0  # slowloris: the whole request head must arrive in this time
     write_timeout: Duration = 60.0  # slow readers: a caller that takes no response bytes this long is cut off
+    body_timeout: Duration = Field(default=60.0, gt=0)  # slow uploads: a caller that sends no body bytes this long
+    max_connections: int = Field(default=10000, ge=1)  # open caller connections per process (main + dedicated)
 
 
 class ServerConfig(_Model):
@@ -336,7 +338,12 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     """Cross-field checks the schema cannot express. Returns (loc, message)."""
     out: list[tuple[tuple, str]] = []
     callers = cfg.callers or {}
+    token_owner: dict[str, str] = {}
     for name, caller in callers.items():
+        if caller.token_sha256:
+            other = token_owner.setdefault(caller.token_sha256.lower(), name)
+            if other != name:  # the token could not say which caller is calling
+                out.append((("callers", name, "token_sha256"), f"the same token as caller {other}"))
         if not CALLER_NAME.match(name):
             out.append((("callers", name), "caller names are letters, digits, '_', '-', '.' (at most 64)"))
         if not caller.token_sha256 and not caller.cert_subject:

@@ -7,6 +7,7 @@ fixed per class; ``detail`` goes to the (scrubbed) log only, never to callers.
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from aiohttp import web
 
@@ -60,6 +61,13 @@ class CredentialUnavailable(ProxyError):
     status, code, message = 503, "credential_unavailable", "credential unavailable"
 
 
+class Overloaded(ProxyError):
+    """The process already holds ``server.limits.max_connections`` caller connections (not in SPEC §6:
+    ``credential_unavailable`` would send callers looking for a credential problem)."""
+
+    status, code, message = 503, "overloaded", "too many connections"
+
+
 class UpstreamTimeout(ProxyError):
     status, code, message = 504, "upstream_timeout", "upstream timed out"
 
@@ -91,6 +99,18 @@ CLOSE_AFTER = frozenset({400, 413, 431})
 
 def error_body(code: str, message: str, request_id: str) -> bytes:
     return json.dumps({"error": code, "message": message, "request_id": request_id}).encode()
+
+
+def to_bytes(exc: ProxyError, request_id: str) -> bytes:
+    """The answer ``to_response`` gives, as a whole HTTP/1.1 response that closes the connection: for a
+    connection refused before aiohttp's request handling ever sees it."""
+    body = error_body(exc.code, exc.message, request_id)
+    head = [f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", f"X-Request-Id: {request_id}", "Cache-Control: no-store",
+            "Connection: close"]
+    if exc.retry_after is not None:
+        head.append(f"Retry-After: {max(1, int(exc.retry_after))}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 def to_response(exc: ProxyError, request_id: str) -> web.Response:

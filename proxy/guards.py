@@ -19,8 +19,8 @@ what the parser lets through or what would change meaning behind the proxy:
   stripped, so a caller learns at once that the call cannot work this way.
 
 All are ``400 bad_request``. Headers through which a caller could claim another
-address, host, scheme or path to the upstream are removed by
-``drop_spoofable``.
+address, host, scheme or path to the upstream (``SPOOFABLE``) are removed from
+what the pipeline forwards.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from itertools import chain
 from urllib.parse import unquote_plus
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from proxy.errors import BadRequest
 
@@ -87,8 +86,3 @@ def check_method_override(headers, query: str) -> None:
     if query and any(unquote_plus(p.partition("=")[0]).lower() in METHOD_OVERRIDE_PARAMS
                      for p in query.split("&")):
         raise BadRequest("method-override query parameter", reason="method_override")
-
-
-def drop_spoofable(headers: CIMultiDict[str]) -> None:
-    for name in SPOOFABLE:
-        headers.popall(name, None)

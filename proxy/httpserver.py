@@ -10,7 +10,10 @@
   ``on_refused`` — instead of aiohttp's plain-text 400 (whose message quotes the
   offending bytes). An unexpected error in the handler answers
   ``500 internal_error``; its traceback goes only to the scrubbed log.
-- a bounded keep-alive idle time (aiohttp's default is an hour).
+- a bounded keep-alive idle time (aiohttp's default is an hour);
+- a cap on open caller connections per process (``server.limits.max_connections``,
+  see ``proxy.connlimit``): one over it is answered ``503`` and closed before
+  aiohttp sees it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from proxy import errors
+from proxy.connlimit import ConnectionLimit
 from proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamTimeout
 
 log = logging.getLogger("credproxy.server")
@@ -41,16 +45,19 @@ def parser_error(exc: BaseException | None) -> ProxyError:
 
 class GuardedRequestHandler(RequestHandler):
     def __init__(self, manager: "GuardedServer", *, header_timeout: float, on_refused: OnRefused | None,
-                 **kwargs) -> None:
+                 connections: ConnectionLimit | None = None, **kwargs) -> None:
         super().__init__(manager, **kwargs)
         self._header_timeout = header_timeout
         self._on_refused = on_refused
+        self._connections = connections
         self._head_deadline: asyncio.TimerHandle | None = None
         self._busy = False  # a request's handler is running: bytes now are its body
 
     # --- head deadline ---------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        if self._connections is not None and not self._connections.admit(transport):
+            return  # over max_connections: the transport now belongs to a connlimit.Refusal
         super().connection_made(transport)
         self._arm()
 
@@ -61,6 +68,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        if self._connections is not None:
+            self._connections.release()  # only admitted connections get here: a refused one has a new protocol
         super().connection_lost(exc)
 
     def head_complete(self) -> None:
@@ -117,7 +126,8 @@ class GuardedServer(web.Server):
     """``web.Server`` whose connections are ``GuardedRequestHandler``s."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
-                 header_timeout: float, on_refused: OnRefused | None = None, **kwargs) -> None:
+                 header_timeout: float, on_refused: OnRefused | None = None,
+                 connections: ConnectionLimit | None = None, **kwargs) -> None:
         async def entered(request: web.BaseRequest) -> web.StreamResponse:
             protocol = request.protocol
             protocol.head_complete()
@@ -128,7 +138,7 @@ class GuardedServer(web.Server):
 
         kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT)
         super().__init__(entered, **kwargs)
-        self._guard_kwargs = {"header_timeout": header_timeout, "on_refused": on_refused}
+        self._guard_kwargs = {"header_timeout": header_timeout, "on_refused": on_refused, "connections": connections}
 
     def __call__(self) -> GuardedRequestHandler:
         return GuardedRequestHandler(self, loop=self._loop, **self._guard_kwargs, **self._kwargs)

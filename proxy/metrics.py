@@ -66,6 +66,10 @@ class Metrics:
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
+        self.caller_connections = Gauge("credproxy_caller_connections",
+                                        "Open caller connections (main and dedicated listeners)", registry=r)
+        self.connections_refused = Counter("credproxy_connections_refused_total",
+                                           "Caller connections refused at server.limits.max_connections", registry=r)
         self.upstream_cert_expires = FunctionGauge("credproxy_upstream_cert_expires_in_seconds",
                                                    "Seconds until the upstream client certificate expires",
                                                    "credential", r)

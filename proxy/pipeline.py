@@ -32,7 +32,7 @@ from proxy.outbound import Outbound
 from proxy.relay import relay
 from proxy.routing import Route, route_dedicated, route_prefixed
 from proxy.state import State
-from proxy.upstream import strip_hop_by_hop
+from proxy.upstream import HOP_BY_HOP, strip_hop_by_hop
 
 log = logging.getLogger("credproxy.request")
 
@@ -40,6 +40,13 @@ log = logging.getLogger("credproxy.request")
 _CALLER_DROP = ("Host", "X-Request-Id", "Content-Length", "Expect", "Forwarded", "X-Forwarded-For",
                 "X-Forwarded-Host", "X-Forwarded-Proto", "X-Real-IP")
 PEEK_MAX = 64 * 1024
+
+
+@functools.lru_cache(maxsize=64)  # one entry per injector kind: ``removes`` comes from config
+def _never_forwarded(removes: tuple[str, ...]) -> frozenset[str]:
+    """Lower-case names dropped from every caller's headers: hop-by-hop ones, caller credentials, headers the
+    proxy sets or that steer it, spoofable client-address headers, and those the credential's injector owns."""
+    return HOP_BY_HOP | {n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes)}
 
 
 @dataclass
@@ -76,15 +83,13 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     trace = Trace(secrets.token_hex(16), time.monotonic())  # 128 random bits, as uuid4 but a fraction of its cost
     ip = peer_ip(request)
     route: Route | None = None
+    body: RequestBody | None = None
     state.metrics.inflight.inc()
     try:
         guards.check_request(request)
         route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential
-        headers = strip_hop_by_hop(request.headers)
         peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        for name in CALLER_HEADERS:
-            headers.popall(name, None)
         caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
         state.authenticator.check_source(caller, ip)
@@ -97,22 +102,23 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
             raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
         if state.limiter is not None:
             state.limiter.acquire(caller.name, cred.name)
-        for name in _CALLER_DROP:
-            headers.popall(name, None)
-        guards.drop_spoofable(headers)
-        for name in cred.injector.removes:
-            headers.popall(name, None)
+        headers = strip_hop_by_hop(request.headers, _never_forwarded(cred.injector.removes))
         cred.touch()
         limits = state.config.server.limits
-        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body)
+        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
+                               body_timeout=limits.body_timeout)
         return await forward(request, state, cred, caller.name, route, headers, body, trace)
     except ProxyError as exc:
+        if body is not None and body.fault is not None:
+            exc = body.fault  # the caller overfilled or stalled its streamed upload: not the upstream's 502/504
         trace.status, trace.reason = exc.status, exc.reason
         trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
         log.info("request refused", extra={"request_id": trace.request_id, "status": exc.status,
                                            "reason": exc.reason, "detail": exc.detail})
         return errors.to_response(exc, trace.request_id)
     finally:
+        if body is not None and body.fault is not None and trace.outcome == "error":
+            trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
         state.metrics.inflight.dec()
         _record(state, request, route, trace, ip)
 
@@ -125,6 +131,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
         out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
         started = time.monotonic()
         upstream = await _send(cred, out, body)
+        body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
         state.metrics.child(state.metrics.upstream_duration, cred.name).observe(time.monotonic() - started)
         head = b""
         if attempt == 1 and cred.expired_status(upstream.status):
@@ -141,7 +148,7 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
         return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
                            state.metrics.child(state.metrics.leaks, cred.name),
-                           write_timeout=state.config.server.limits.write_timeout)
+                           write_timeout=state.config.server.limits.write_timeout, budget=state.answer_budget)
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 
 

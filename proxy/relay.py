@@ -16,10 +16,13 @@ refuses Content-Length with Transfer-Encoding and conflicting lengths).
 A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
 upstream connection open) is disconnected.
 
-Small answers (a ``Content-Length`` up to ``WHOLE_BODY_MAX``, typical of JSON
-APIs) are read whole, scanned once and sent with their (new) length: no chunked
-framing, one write, the upstream connection released before the caller reads,
-and a failure while reading them is a clean 502/504.
+Answers with a ``Content-Length`` up to ``WHOLE_BODY_MAX`` (64 KiB, typical
+of JSON APIs) are read whole, scanned once and sent with their (new) length: no
+chunked framing, one write, the upstream connection released before the caller
+reads, and a failure while reading them is a clean 502/504. So are answers up
+to ``WHOLE_ANSWER_MAX`` (1 MiB, the line SPEC draws for buffering request
+bodies) while the ``AnswerBudget`` — the bytes of such answers held at once in
+this process, ``ANSWER_BUDGET`` — has room; the rest are streamed.
 """
 
 from __future__ import annotations
@@ -40,7 +43,26 @@ log = logging.getLogger("credproxy.relay")
 BLOCK_BUFFER = 1 << 20
 DEFAULT_WRITE_TIMEOUT = 60.0
 WHOLE_BODY_MAX = 64 * 1024
+WHOLE_ANSWER_MAX = 1 << 20
+ANSWER_BUDGET = 8 << 20  # 8 x 1 MiB answers at once; more stream, so memory stays bounded under any load
 _NO_BODY = {204, 304}
+
+
+class AnswerBudget:
+    """Bytes of answers between ``WHOLE_BODY_MAX`` and ``WHOLE_ANSWER_MAX`` held whole at once, bounded."""
+
+    def __init__(self, limit: int = ANSWER_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
 
 
 class LeakBlocked(UpstreamError):
@@ -93,7 +115,8 @@ def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, in
 
 
 async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes, guard: LeakGuard,
-                mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT) -> web.StreamResponse:
+                mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+                budget: AnswerBudget | None = None) -> web.StreamResponse:
     try:
         check_framing(upstream)
         headers = strip_hop_by_hop(upstream.headers)
@@ -114,11 +137,18 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
-        redactor = guard.stream() if scan_body else None
         length = upstream.content_length
         if has_body and length is not None and length <= WHOLE_BODY_MAX:
             return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
                                       leak_counter)
+        redactor = guard.stream() if scan_body else None
+        if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
+                and budget.take(length):
+            try:
+                return await _relay_held(request, upstream, head, headers, reason, redactor, mode, leak_counter,
+                                         trace, write_timeout)
+            finally:
+                budget.give(length)
 
         held = b""
         if redactor is not None and mode == "block" and has_body:
@@ -182,6 +212,49 @@ async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: C
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
     headers.popall("Content-Length", None)
     return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
+
+
+async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes,
+                      headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
+                      leak_counter, trace, write_timeout: float) -> web.StreamResponse:
+    """An answer of known length up to ``WHOLE_ANSWER_MAX``: every chunk read and scanned, and held, before
+    anything is sent, so it goes out with its (new) length and a failed read is still a clean 502/504.
+
+    The chunks are kept as they arrive (not joined into one buffer) and written one by one: the answer is
+    held once, not twice."""
+    pieces: list[bytes | memoryview] = []
+    scan = redactor.feed if redactor is not None else (lambda chunk: chunk)
+    try:
+        if head:
+            pieces.append(scan(head))
+        async for chunk in upstream.content.iter_any():
+            pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
+    except TimeoutError:
+        raise UpstreamTimeout("upstream body timed out") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
+    finally:
+        upstream.release()
+    if redactor is not None:
+        pieces.append(redactor.flush())
+        if redactor.count:
+            leak_counter.inc(redactor.count)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+    response.content_length = sum(map(len, pieces))
+    try:
+        await response.prepare(request)
+        for piece in pieces:
+            await _write(response, None, piece, mode, write_timeout)
+        await response.write_eof()
+    except (ConnectionError, CallerStalled) as exc:
+        trace.outcome, trace.reason = "error", _abort_reason(exc)
+        log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
+                                                          "error": type(exc).__name__})
+        if request.transport is not None:
+            request.transport.abort()
+    return response
 
 
 def _abort_reason(exc: BaseException) -> str:

@@ -10,8 +10,6 @@ nothing is in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from proxy.alerts import AlertMonitor
@@ -22,6 +20,7 @@ from proxy.credential import Credential
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
+from proxy.relay import AnswerBudget
 from proxy.secretcache import SecretCache
 
 
@@ -43,6 +42,7 @@ class State:
     ready: bool = True
     alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
     limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
+    answer_budget: AnswerBudget | None = None  # long-lived (owned by Proxy): one memory bound across reloads
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
 
@@ -59,26 +59,9 @@ class StateHolder:
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
     _tasks: set = field(default_factory=set, repr=False)
 
-    @contextmanager
-    def use(self) -> Iterator[State]:
-        """The state one request runs on, from start to finish."""
-        state = self.current
-        task = asyncio.current_task()
-        state.in_flight += 1
-        self.in_flight += 1
-        self._tasks.add(task)
-        state._idle.clear()
-        self._idle.clear()
-        try:
-            yield state
-        finally:
-            self._tasks.discard(task)
-            state.in_flight -= 1
-            self.in_flight -= 1
-            if not state.in_flight:
-                state._idle.set()
-            if not self.in_flight:
-                self._idle.set()
+    def use(self) -> "_InUse":
+        """The state one request runs on, from start to finish: ``with holder.use() as state``."""
+        return _InUse(self)
 
     async def wait_idle(self) -> None:
         """Until no request is in flight on any state (current or retired)."""
@@ -90,3 +73,34 @@ class StateHolder:
         for task in tasks:
             task.cancel()
         return tasks
+
+
+class _InUse:
+    """``StateHolder.use()``: a plain context manager, as it wraps every request (a generator-based one
+    costs several times as much)."""
+
+    __slots__ = ("_holder", "_state", "_task")
+
+    def __init__(self, holder: StateHolder) -> None:
+        self._holder = holder
+
+    def __enter__(self) -> State:
+        holder = self._holder
+        state = self._state = holder.current
+        task = self._task = asyncio.current_task()
+        state.in_flight += 1
+        holder.in_flight += 1
+        holder._tasks.add(task)
+        state._idle.clear()
+        holder._idle.clear()
+        return state
+
+    def __exit__(self, *exc) -> None:
+        holder, state = self._holder, self._state
+        holder._tasks.discard(self._task)
+        state.in_flight -= 1
+        holder.in_flight -= 1
+        if not state.in_flight:
+            state._idle.set()
+        if not holder.in_flight:
+            holder._idle.set()

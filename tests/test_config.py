@@ -119,3 +119,11 @@ def test_schema_command_prints_json_schema():
     schema = json.loads(out)
     assert schema["title"] == "credproxy configuration"
     assert "credentials" in schema["properties"]
+
+
+def test_two_callers_with_the_same_token_are_refused():
+    """The token would not say which caller is calling: the audit line and the allow rules would guess."""
+    billing = GOOD.split("billing:\n    token_sha256: ")[1].split("\n")[0]
+    text = GOOD.replace("callers:\n  billing:\n", f"callers:\n  reports:\n    token_sha256: {billing}\n  billing:\n")
+    found = problems(text)
+    assert any("callers.billing.token_sha256" in p and "the same token as caller reports" in p for p in found), found

@@ -38,7 +38,8 @@ def credential(upstream: str, **more) -> dict:
 
 def canary_config(upstream, bad, silent) -> dict:
     return {
-        "server": {"read_timeout": "300ms", "limits": {"header_timeout": "2s", "write_timeout": "300ms"}},
+        "server": {"read_timeout": "300ms", "limits": {"header_timeout": "2s", "write_timeout": "300ms",
+                                                          "body_timeout": "300ms"}},
         "alerts": {"denied_threshold": 3},
         "credentials": {
             "demo": credential(upstream.url),
@@ -85,6 +86,7 @@ ERROR_PATHS = [
     (request("GET /demo/anything/x", f"X-Note: {CALLER_TOKEN}\x00", auth=False), 400),
     (request("GET /demo/anything/x", f"X-Note: {CALLER_TOKEN}" + "a" * 9000, auth=False), 431),
     (request("POST /demo/anything/x", "Content-Length: 999999999"), 413),
+    (request("POST /demo/anything/x", "Content-Length: 100", body=b"stalls"), 400),  # body_timeout
     (request("GET /down/x"), 502),
     (request("GET /slow/x"), 504),
     (request("GET /badframe/x"), 502),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy.relay import WHOLE_BODY_MAX
+from proxy.relay import WHOLE_ANSWER_MAX
 
 from .harness import CALLER_TOKEN, CANARY, RawUpstream, assert_clean, raw_exchange
 
@@ -48,14 +48,14 @@ async def test_bad_upstream_framing_is_a_502(answer, mode, make_proxy):
         await bad.close()
 
 
-@pytest.mark.parametrize("length", [100, 100_000])
+@pytest.mark.parametrize("length", [100, 100_000, WHOLE_ANSWER_MAX + 1])
 async def test_truncated_upstream_body_is_never_passed_off_as_complete(make_proxy, length):
-    """A small answer (read whole before anything is sent) becomes a 502; a streamed one is cut off."""
+    """An answer up to 1 MiB (read whole before anything is sent) becomes a 502; a streamed one is cut off."""
     bad = await RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\nonly-this" % length).start()
     try:
         proxy = await make_proxy(bad.url)
         async with aiohttp.ClientSession() as s:
-            if length <= WHOLE_BODY_MAX:
+            if length <= WHOLE_ANSWER_MAX:
                 async with s.get(proxy.url + "/demo/anything/a", headers=AUTH) as r:
                     assert r.status == 502 and (await r.json())["error"] == "upstream_error"
             else:
