@@ -125,6 +125,12 @@ class RecordingUpstream:
         if path == "/gzip":
             data = gzip.compress(json.dumps(_echo(request, body)).encode())
             return web.Response(body=data, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if path == "/negotiated":  # as most servers do: gzip only when the request accepts it
+            data = json.dumps(_echo(request, body)).encode()
+            if "gzip" in request.headers.get("Accept-Encoding", ""):
+                return web.Response(body=gzip.compress(data), headers={"Content-Encoding": "gzip",
+                                                                       "Content-Type": "application/json"})
+            return web.Response(body=data, content_type="application/json")
         if path == "/forms":  # every encoding of the received token, written a few bytes at a time
             token = auth.partition(" ")[2]
             resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -236,7 +242,7 @@ class Harness:
                 "auth": {"type": "header", "header": "Authorization", "value": "Bearer {secret}",
                          "secret": "apis/demo#token"},
                 "allow": [{"callers": ["billing"], "paths": ["/anything/**", "/v1/**", "/redirect", "/reason",
-                                                              "/gzip", "/big", "/forms", "/late", "/"]}],
+                                                              "/gzip", "/negotiated", "/big", "/forms", "/late", "/"]}],
             }},
         }
         self.config_dict = merge(base, extra or {})

@@ -129,8 +129,29 @@ async def test_block_refuses_compressed_bodies(upstream, make_proxy):
     assert proxy.audit()[0]["reason"] == "leak_unscannable"
 
 
+async def test_with_the_guard_on_upstreams_are_asked_for_uncompressed_answers_so_echoes_are_redacted(proxy):
+    """A caller asking for gzip would otherwise get a compressed echo the guard cannot read."""
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.get(proxy.url + "/demo/negotiated", headers={**AUTH, "Accept-Encoding": "gzip, br"}) as r:
+            assert r.status == 200 and "Content-Encoding" not in r.headers
+            raw = await r.read()
+    assert_clean(raw)
+    echoed = json.loads(raw)
+    assert echoed["headers"]["Accept-Encoding"] == "identity"
+    assert echoed["headers"]["Authorization"] == "Bearer " + REDACTED.decode()
+
+
+async def test_with_the_guard_off_the_callers_accept_encoding_is_forwarded(upstream, make_proxy):
+    proxy = await make_proxy(upstream.url, {"credentials": {"demo": {"leak_guard": "off"}}})
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.get(proxy.url + "/demo/negotiated", headers={**AUTH, "Accept-Encoding": "gzip"}) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert json.loads(gzip.decompress(await r.read()))["headers"]["Accept-Encoding"] == "gzip"
+
+
 async def test_redact_passes_compressed_bodies_byte_for_byte(proxy):
-    """Documented limit: compressed bodies are not decompressed, so ``redact`` cannot scan them."""
+    """Documented limit: an upstream that compresses although asked for identity is not decompressed,
+    so ``redact`` cannot scan its body (``block`` refuses it)."""
     async with aiohttp.ClientSession(auto_decompress=False) as s:
         async with s.get(proxy.url + "/demo/gzip", headers=AUTH) as r:
             assert r.headers["Content-Encoding"] == "gzip"
