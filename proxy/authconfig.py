@@ -32,6 +32,10 @@ class _Auth(BaseModel):
         """Names a ``per_caller`` entry may override."""
         return set(self.ref_fields()) | {"secret"}
 
+    def principals(self) -> frozenset[str]:
+        """Callers that get a principal (token, material) of their own."""
+        return frozenset(self.per_caller)
+
     def template_refs(self) -> tuple[SecretRef, ...]:
         out: list[SecretRef] = []
         for name in type(self).model_fields:
@@ -124,12 +128,21 @@ class OAuth2JwtBearerAuth(_TokenAuth):
     token_url: str
     client_id: str = Field(min_length=1)  # the assertion's iss
     subject: str = Field(min_length=1)
+    # Extension: caller -> the assertion's sub for that caller (a literal, like subject), so each calling
+    # service acts as its own user with one connected app's key (Salesforce per-user JWT bearer logins).
+    per_caller_subject: dict[str, Annotated[str, Field(min_length=1)]] = Field(default_factory=dict)
     audience: str | None = None  # default: token_url
     private_key: Ref
     key_id: str | None = None
     scope: str | None = None
     use_instance_url: bool = False
     revocation_url: str | None = None
+
+    def principals(self) -> frozenset[str]:
+        return frozenset(self.per_caller) | frozenset(self.per_caller_subject)
+
+    def subject_for(self, principal: str) -> str:
+        return self.per_caller_subject.get(principal, self.subject)
 
 
 class Extract(BaseModel):

@@ -388,6 +388,10 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             for c in rule.callers or []:
                 if c != "*" and c not in callers:
                     out.append((base + ("allow", i, "callers"), "names a caller that is not defined under callers"))
+        for caller_name in getattr(cred.auth, "per_caller_subject", {}):
+            if caller_name not in callers:
+                out.append((base + ("auth", "per_caller_subject", caller_name),
+                            "names a caller that is not defined under callers"))
         own_fields = cred.auth.overridable_fields()
         for caller_name, overrides in cred.auth.per_caller.items():
             if caller_name not in callers:

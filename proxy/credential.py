@@ -181,7 +181,7 @@ class Credential:
         self.expired_when: tuple[ExpiredWhen, ...] = tuple(cfg.session.expired_when)
         self.needs_body_peek = any(m.body_contains for m in self.expired_when)
         self._expired_statuses = frozenset(m.status for m in self.expired_when)  # checked on every answer
-        self.per_caller = frozenset(cfg.auth.per_caller)
+        self.per_caller = cfg.auth.principals()  # callers with a principal of their own
         self.disabled = False
         self.stats = Stats()
         ca = cfg.upstream_tls.ca_file if cfg.upstream_tls else None

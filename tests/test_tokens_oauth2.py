@@ -211,6 +211,41 @@ async def test_jwt_bearer_unknown_subject_is_refused(oauth, api, run_proxy, ca_f
     assert p.proxy.holder.current.credentials["sf"].describe()["last_error"] == "rejected"
 
 
+async def test_jwt_bearer_per_caller_subject_gives_each_caller_its_own_user(oauth, api, run_proxy, ca_file, rsa_key):
+    """Salesforce per-user JWT logins: one connected app's key, each calling service its own ``sub``; a
+    caller without an entry acts as ``subject``. Each principal has its own token."""
+    pem, public = rsa_key
+    oauth.db.clients["connected-app"] = Client("connected-app", grant_types=(
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",), public_key=public)
+    oauth.db.users.add("reports-bot@example.com")
+    cred = token_cred(api.url, jwt_auth(oauth, per_caller_subject={"reports": "reports-bot@example.com"}), ca_file)
+    p = await run_proxy({"sf": cred}, {"oauth/jwt#private_key": pem})
+    subjects = {}
+    for caller in ("reports", "billing", "reports"):
+        status, _, body = await call(p, "/sf/x", caller=caller)
+        assert status == 200, body
+        subjects.setdefault(caller, set()).add(oauth.db.by_access[api.seen[-1].token].subject)
+    assert subjects == {"reports": {"reports-bot@example.com"}, "billing": {"integration@example.com"}}
+    assert len(oauth.db.token_requests) == 2  # one token per principal, reused by the second "reports" call
+
+
+def test_per_caller_subject_must_name_a_defined_caller(tmp_path):
+    from proxy import config as config_mod
+
+    cfg = {"callers": {"billing": {"token_sha256": "ab" * 32}},
+           "credentials": {"sf": token_cred("https://api.example.com", {
+               "type": "oauth2_jwt_bearer", "token_url": "https://login.example.com/token", "client_id": "app",
+               "subject": "a@example.com", "private_key": "k/jwt#pem",
+               "per_caller_subject": {"ghost": "g@example.com"}})}}
+    cfg["credentials"]["sf"]["allow"] = [{"paths": ["/**"]}]
+    import yaml
+
+    with pytest.raises(config_mod.ConfigInvalid) as exc:
+        config_mod.parse(yaml.safe_dump(cfg), "c.yaml")
+    assert any("credentials.sf.auth.per_caller_subject.ghost" in str(p) and "not defined under callers" in str(p)
+               for p in exc.value.problems), exc.value.problems
+
+
 async def test_revoke_calls_rfc7009_and_the_next_request_gets_a_new_token(oauth, api, run_proxy, ca_file):
     oauth.db.clients["svc"] = Client("svc", secret=CLIENT_SECRET)
     auth_cfg = client_credentials_auth(oauth, revocation_url=oauth.url + "/revoke")

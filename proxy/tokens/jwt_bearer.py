@@ -1,7 +1,8 @@
 """``oauth2_jwt_bearer``: the RFC 7523 JWT bearer grant (Salesforce's server-to-server flow).
 
 The assertion is signed with the private key (RS256 for RSA, ES256 for EC P-256):
-``iss`` = client_id, ``sub`` = subject, ``aud`` = audience (default: token_url),
+``iss`` = client_id, ``sub`` = subject (or the caller's ``per_caller_subject``),
+``aud`` = audience (default: token_url),
 valid for ``ASSERTION_LIFETIME`` seconds (Salesforce accepts at most 3 minutes).
 With ``use_instance_url`` the answer's ``instance_url`` becomes the upstream.
 """
@@ -20,18 +21,18 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME = 150
 
 
-def assertion_claims(auth, *, now: float, jti: str) -> dict:
+def assertion_claims(auth, *, now: float, jti: str, principal: str = "") -> dict:
     issued = int(now)
-    claims = {"iss": auth.client_id, "sub": auth.subject, "aud": auth.audience or auth.token_url,
+    claims = {"iss": auth.client_id, "sub": auth.subject_for(principal), "aud": auth.audience or auth.token_url,
               "iat": issued, "exp": issued + ASSERTION_LIFETIME, "jti": jti}
     if auth.scope:
         claims["scope"] = auth.scope
     return claims
 
 
-def token_request(auth, private_key: Secret, *, now: float, jti: str) -> FormRequest:
-    form = {"grant_type": GRANT_TYPE,
-            "assertion": sign_assertion(private_key, assertion_claims(auth, now=now, jti=jti), auth.key_id)}
+def token_request(auth, private_key: Secret, *, now: float, jti: str, principal: str = "") -> FormRequest:
+    claims = assertion_claims(auth, now=now, jti=jti, principal=principal)
+    form = {"grant_type": GRANT_TYPE, "assertion": sign_assertion(private_key, claims, auth.key_id)}
     if auth.scope:
         form["scope"] = auth.scope
     return FormRequest(auth.token_url, form)
@@ -46,7 +47,8 @@ class JwtBearerProvider(Provider):
         self.credential = credential
 
     async def fetch(self, material: Material) -> TokenAnswer:
-        req = token_request(self.auth, await material.read("private_key"), now=self.wall(), jti=self.new_id())
+        req = token_request(self.auth, await material.read("private_key"), now=self.wall(), jti=self.new_id(),
+                            principal=material.principal)
         return parse_oauth2(await self.post(req), now_wall=self.wall(), want_instance_url=self.auth.use_instance_url,
                             base=self.base, insecure_ok=self.insecure_ok)
 
