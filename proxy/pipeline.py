@@ -24,12 +24,12 @@ from multidict import CIMultiDict
 
 from proxy import errors, guards
 from proxy.audit import AuditEvent, strip_query_values
-from proxy.callers import CALLER_HEADERS
 from proxy.body import RequestBody, read_body
+from proxy.callers import CALLER_HEADERS
 from proxy.credential import Credential, Grant
-from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
 from proxy.outbound import Outbound
-from proxy.relay import relay
+from proxy.relay import read_upto, relay
 from proxy.routing import Route, route_dedicated, route_prefixed
 from proxy.state import State
 from proxy.upstream import HOP_BY_HOP, strip_hop_by_hop
@@ -175,16 +175,7 @@ async def _send(cred: Credential, out: Outbound, body: RequestBody) -> aiohttp.C
 
 async def _peek(upstream: aiohttp.ClientResponse) -> bytes:
     """Read the start of the answer to look for ``body_contains``; relay sends it on first."""
-    head = b""
-    try:
-        while len(head) < PEEK_MAX:
-            chunk = await upstream.content.read(PEEK_MAX - len(head))
-            if not chunk:
-                break
-            head += chunk
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise UpstreamTimeout("upstream body timed out") if isinstance(exc, TimeoutError) else UpstreamError("bad upstream body") from None
-    return head
+    return await read_upto(upstream, b"", PEEK_MAX)
 
 
 def _record(state: State, request: web.BaseRequest, route: Route | None, trace: Trace, ip) -> None:

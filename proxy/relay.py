@@ -65,6 +65,24 @@ class AnswerBudget:
         self.held -= n
 
 
+class _BodyRead:
+    """``with BODY_READ:`` — an upstream body read failing before anything went to the caller answers 504
+    (timeout) or 502. A class, not a generator context manager: it runs on every small answer."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, TimeoutError):
+            raise UpstreamTimeout("upstream body timed out") from None
+        if kind is not None and issubclass(kind, aiohttp.ClientError):
+            raise UpstreamError(f"bad upstream body: {kind.__name__}", reason="upstream_body_failed") from None
+        return False
+
+
+BODY_READ = _BodyRead()
+
+
 class LeakBlocked(UpstreamError):
     pass
 
@@ -152,7 +170,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
 
         held = b""
         if redactor is not None and mode == "block" and has_body:
-            held = await _read_upto(upstream, head, BLOCK_BUFFER)
+            held = await read_upto(upstream, head, BLOCK_BUFFER)
             head = b""
             probe = guard.stream()
             probe.feed(held)
@@ -197,11 +215,8 @@ async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: C
                        guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
     """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
     try:
-        data = head + await upstream.read()
-    except TimeoutError:
-        raise UpstreamTimeout("upstream body timed out") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
+        with BODY_READ:
+            data = head + await upstream.read()
     finally:
         upstream.release()
     if guard is not None:
@@ -225,14 +240,11 @@ async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse
     pieces: list[bytes | memoryview] = []
     scan = redactor.feed if redactor is not None else (lambda chunk: chunk)
     try:
-        if head:
-            pieces.append(scan(head))
-        async for chunk in upstream.content.iter_any():
-            pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
-    except TimeoutError:
-        raise UpstreamTimeout("upstream body timed out") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
+        with BODY_READ:
+            if head:
+                pieces.append(scan(head))
+            async for chunk in upstream.content.iter_any():
+                pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
     finally:
         upstream.release()
     if redactor is not None:
@@ -283,16 +295,12 @@ async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, 
         raise CallerStalled() from None
 
 
-async def _read_upto(upstream: aiohttp.ClientResponse, head: bytes, limit: int) -> bytes:
+async def read_upto(upstream: aiohttp.ClientResponse, head: bytes, limit: int) -> bytes:
     buf = bytearray(head)
-    try:
+    with BODY_READ:
         while len(buf) < limit:
             chunk = await upstream.content.read(limit - len(buf))
             if not chunk:
                 break
             buf += chunk
-    except TimeoutError:
-        raise UpstreamTimeout("upstream body timed out") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"bad upstream body: {type(exc).__name__}", reason="upstream_body_failed") from None
     return bytes(buf)

@@ -9,17 +9,10 @@ import signal
 import aiohttp
 import pytest
 
+from tests.ops_support import upstream  # noqa: F401 - the ops tests' upstream fixture
 from tests.ops_support import (ADMIN_TOKEN, CALLER_TOKEN, CANARY, PYTHON, Admin, Upstream, assert_no_secret, base_config,
                          credential, make_store, subprocess_env, write_config)
 from proxy.types import Listen
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    up = Upstream()
-    server = await aiohttp_server(up.app)
-    up.url = str(server.make_url("/api"))
-    return up
 
 
 class Served:

@@ -16,18 +16,11 @@ import pytest
 
 from proxy.audit import verify
 from proxy.types import Listen
+from tests.ops_support import upstream  # noqa: F401 - the ops tests' upstream fixture
 from tests.ops_support import (ADMIN_TOKEN, CALLER_TOKEN, CANARY, PYTHON, Admin, Upstream, assert_no_secret,
                                base_config, credential, make_store, metric, subprocess_env, write_config)
 
 AUTH = {"Authorization": f"Bearer {CALLER_TOKEN}"}
-
-
-@pytest.fixture
-async def upstream(aiohttp_server):
-    up = Upstream()
-    server = await aiohttp_server(up.app)
-    up.url = str(server.make_url("/api"))
-    return up
 
 
 class Served:
