@@ -201,11 +201,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         await response.write_eof()
         return response
     except (aiohttp.ClientError, TimeoutError, LeakBlocked, ConnectionError, CallerStalled) as exc:
-        trace.outcome, trace.reason = "error", _abort_reason(exc)
-        log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
-                                                          "error": type(exc).__name__})
-        if request.transport is not None:
-            request.transport.abort()
+        _abort(request, trace, exc)
         return response
     finally:
         upstream.release()
@@ -261,12 +257,17 @@ async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse
             await _write(response, None, piece, mode, write_timeout)
         await response.write_eof()
     except (ConnectionError, CallerStalled) as exc:
-        trace.outcome, trace.reason = "error", _abort_reason(exc)
-        log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
-                                                          "error": type(exc).__name__})
-        if request.transport is not None:
-            request.transport.abort()
+        _abort(request, trace, exc)
     return response
+
+
+def _abort(request: web.BaseRequest, trace, exc: BaseException) -> None:
+    """The answer cannot be finished: record why and cut the caller's connection (never a body that looks whole)."""
+    trace.outcome, trace.reason = "error", _abort_reason(exc)
+    log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
+                                                      "error": type(exc).__name__})
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _abort_reason(exc: BaseException) -> str:

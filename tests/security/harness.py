@@ -9,9 +9,7 @@ import asyncio
 import base64
 import copy
 import gzip
-import hashlib
 import json
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -23,6 +21,7 @@ from proxy import config as config_mod
 from proxy.app import Proxy
 from proxy.secret import Secret
 from proxy.store.file import FileStore, generate_key
+from tests.helpers import free_port, sha  # noqa: F401 - also used by the security tests through this module
 
 # The canary: a secret with characters that change under every encoding we search.
 CANARY = "cAnArY-s3cr3t/+=v4lue~!_Zq9 x"
@@ -41,16 +40,6 @@ def assert_clean(data: bytes | str, secret: str = CANARY, where: str = "output")
         data = data.encode("utf-8", "surrogateescape")
     for form in canary_forms(secret):
         assert form not in data, f"secret form {form!r} found in {where}"
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def merge(base: dict, extra: dict) -> dict:
