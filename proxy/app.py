@@ -14,31 +14,31 @@ import ssl
 
 from aiohttp import web
 
-from proxy import config as config_mod
-from proxy import logfilter
-from proxy.admin import AdminAuth, build_admin_app
-from proxy.alerts import AlertMonitor, WebhookSender
-from proxy.audit import AuditLog
+from proxy.config import models as config_mod
+from proxy.redact import log_filter as logfilter
+from proxy.admin.api import AdminAuth, build_admin_app
+from proxy.observe.alerts import AlertMonitor, WebhookSender
+from proxy.observe.audit import AuditLog
 from proxy.callers import Authenticator
-from proxy.config import Config, TLSConfig
-from proxy.connlimit import ConnectionLimit, record_refusal
+from proxy.config.models import Config, TLSConfig
+from proxy.server.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
-from proxy.drain import FINISH_GRACE, drain
-from proxy.httpserver import GuardedServer
-from proxy.metrics import Metrics
-from proxy.netguard import AddressPolicy
+from proxy.lifecycle.drain import FINISH_GRACE, drain
+from proxy.server.http import GuardedServer
+from proxy.observe.metrics import Metrics
+from proxy.upstream.address_policy import AddressPolicy
 from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
-from proxy.relay import AnswerBudget
-from proxy.reload import ReloadResult, Reloader, source_reusable
-from proxy.scrub import SCRUBBER
-from proxy.secretcache import SecretCache
-from proxy.state import State, StateHolder
+from proxy.upstream.relay import AnswerBudget
+from proxy.lifecycle.reload import ReloadResult, Reloader, source_reusable
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.cache import SecretCache
+from proxy.lifecycle.state import State, StateHolder
 from proxy.store import open_store
 from proxy.tokens.cluster import cluster_for
-from proxy.types import Listen
-from proxy.watch import ConfigWatcher
+from proxy.config.fields import Listen
+from proxy.lifecycle.watch import ConfigWatcher
 
 log = logging.getLogger("credproxy")
 
@@ -161,7 +161,7 @@ class Proxy:
         return AlertMonitor(cfg.alerts, audit=self._audit, counter=metrics.alerts, webhook=self._webhook)
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
-        """Re-read the config file; see ``proxy.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
+        """Re-read the config file; see ``proxy.lifecycle.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
         return await self.reloader.reload(trigger)
 
     def ensure_warming(self) -> None:

@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import CallerConfig
+from proxy.config.models import CallerConfig
 from proxy.errors import Forbidden, Unauthenticated
 
 ANONYMOUS = "anonymous"

@@ -15,17 +15,17 @@ from functools import cached_property
 
 from yarl import URL
 
-from proxy.clienttls import ClientTLS
-from proxy.config import CredentialConfig, ExpiredWhen, ServerConfig
+from proxy.upstream.mtls import ClientTLS
+from proxy.config.models import CredentialConfig, ExpiredWhen, ServerConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.inject import Injector, injector_for
-from proxy.leakguard import LeakGuard
-from proxy.metrics import Metrics
-from proxy.netguard import AddressPolicy
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret, SecretRef
-from proxy.secretcache import SecretCache
-from proxy.upstream import UpstreamClient, ssl_context
+from proxy.redact.leak_guard import LeakGuard
+from proxy.observe.metrics import Metrics
+from proxy.upstream.address_policy import AddressPolicy
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret, SecretRef
+from proxy.store.cache import SecretCache
+from proxy.upstream.client import UpstreamClient, ssl_context
 
 
 @dataclass(eq=False)

@@ -22,17 +22,19 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy import errors, guards
-from proxy.audit import AuditEvent, strip_query_values
-from proxy.body import RequestBody, read_body
+from proxy import errors
+
+from proxy.server import request_shape as guards
+from proxy.observe.audit import AuditEvent, strip_query_values
+from proxy.server.upload import RequestBody, read_body
 from proxy.callers import CALLER_HEADERS
 from proxy.credential import Credential, Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
-from proxy.outbound import Outbound
-from proxy.relay import read_upto, relay
+from proxy.upstream.outbound import Outbound
+from proxy.upstream.relay import read_upto, relay
 from proxy.routing import Route, route_dedicated, route_prefixed
-from proxy.state import State
-from proxy.upstream import HOP_BY_HOP, strip_hop_by_hop
+from proxy.lifecycle.state import State
+from proxy.upstream.client import HOP_BY_HOP, strip_hop_by_hop
 
 log = logging.getLogger("credproxy.request")
 

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from proxy.config import AllowRule, Config
+from proxy.config.models import AllowRule, Config
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 
-from proxy.config import RateLimit
+from proxy.config.models import RateLimit
 from proxy.errors import RateLimited
 
 

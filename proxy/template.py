@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.secret import Secret, SecretRef
+from proxy.store.secret import Secret, SecretRef
 
 _PLACEHOLDER = re.compile(r"\{secret(?::([^{}]+))?\}")
 

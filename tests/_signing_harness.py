@@ -21,7 +21,7 @@ CALLER = "billing"
 def json_logs():
     """Every log record written during the test, formatted as credproxy writes them
     (JSON with all extra fields, where a secret could hide in a field caplog does not show)."""
-    from proxy.logs import JsonFormatter
+    from proxy.observe.log_setup import JsonFormatter
 
     buf = StringIO()
     handler = logging.StreamHandler(buf)

@@ -15,9 +15,9 @@ from urllib.parse import quote, quote_plus
 import yaml
 from aiohttp import web
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.app import Proxy
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.file import FileStore, generate_key
 
 CALLER_TOKENS = {"billing": "tok-billing-7f3a", "reports": "tok-reports-91bc"}

@@ -20,11 +20,11 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.app import Proxy
 from proxy.credential import AuthSource, Grant, build_source
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret
 from proxy.store.file import FileStore
 from tests.helpers import assert_no_canary, free_port, sha, write_store
 

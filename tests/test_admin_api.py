@@ -216,7 +216,7 @@ async def test_probe_failures_name_the_stage(tmp_path, secrets, upstream):
 
 
 def test_probe_settings_are_checked_with_the_config(tmp_path):
-    from proxy.config import ConfigInvalid, parse
+    from proxy.config.models import ConfigInvalid, parse
 
     for probe, field, message in [({"path": "health"}, "path", "must start with /"),
                                   ({"method": "GE T"}, "method", "must be an HTTP method name"),

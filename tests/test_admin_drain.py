@@ -12,7 +12,7 @@ import pytest
 from tests.ops_support import upstream  # noqa: F401 - the ops tests' upstream fixture
 from tests.ops_support import (ADMIN_TOKEN, CALLER_TOKEN, CANARY, PYTHON, Admin, Upstream, assert_no_secret, base_config,
                          credential, make_store, subprocess_env, write_config)
-from proxy.types import Listen
+from proxy.config.fields import Listen
 
 
 class Served:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 
-from proxy.audit import AuditEvent, AuditLog, verify
+from proxy.observe.audit import AuditEvent, AuditLog, verify
 
 
 def event(n: int, who: str) -> AuditEvent:

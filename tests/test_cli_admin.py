@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 import yaml
 
-from proxy.cli import main
+from proxy.cli.main import main
 from tests.ops_support import (CANARY, PYTHON, ROOT, Upstream, upstream, assert_no_secret, base_config, call, credential,
                                free_port, make_store, running, subprocess_env, write_config)
 

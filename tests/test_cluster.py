@@ -19,9 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy import config
-from proxy.config import ClusterConfig, VaultAuthConfig, VaultConfig
-from proxy.secret import Secret
+from proxy.config import models as config
+from proxy.config.models import ClusterConfig, VaultAuthConfig, VaultConfig
+from proxy.store.secret import Secret
 from proxy.store.vault import VaultStore
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.cluster import ClusterTokens, cluster_for

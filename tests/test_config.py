@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config as config_mod
-from proxy.cli import main
+from proxy.config import models as config_mod
+from proxy.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -27,8 +27,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from proxy import cli
-from proxy import config as config_mod
+from proxy.cli import main as cli
+from proxy.config import models as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

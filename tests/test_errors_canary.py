@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import logs as logs_mod
+from proxy.observe import log_setup as logs_mod
 from tests.conftest import SECRET
 from tests.helpers import assert_no_canary, auth, base_config, free_port
 
@@ -129,7 +129,7 @@ async def test_upstream_dying_mid_body_truncates_the_answer(proxy_factory, upstr
 
 
 def test_config_errors_never_print_a_value(tmp_path, capsys):
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     path = tmp_path / "bad.yaml"
     path.write_text(f"""

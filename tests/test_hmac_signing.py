@@ -15,10 +15,10 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.inject.hmacsign import HmacInjector
-from proxy.outbound import Outbound
-from proxy.secret import Secret
+from proxy.upstream.outbound import Outbound
+from proxy.store.secret import Secret
 from tests._signing_harness import CALLER, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 
 KEY = b"exchange-signing-key-\x00\x01\xfe-CANARY"

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import needles as needles_module
-from proxy.leakguard import REDACTED, LeakGuard
-from proxy.needles import NeedleSet, may_match, needles
+from proxy.redact import prefilter as needles_module
+from proxy.redact.leak_guard import REDACTED, LeakGuard
+from proxy.redact.prefilter import NeedleSet, may_match, needles
 
 # Both ways of checking the needles, on every buffer size: hyperscan (the ``fast`` extra) and ``bytes in``.
 ENGINES = [pytest.param("hyperscan", marks=pytest.mark.skipif(needles_module.hyperscan is None,

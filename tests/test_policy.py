@@ -4,7 +4,7 @@ which is byte for byte the path forwarded."""
 import aiohttp
 import pytest
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.policy import Policy, compile_glob
 from tests.helpers import CALLER_TOKENS, auth, base_config
 

@@ -15,7 +15,7 @@ from aiohttp import web
 
 import pytest
 
-from proxy.relay import WHOLE_ANSWER_MAX, WHOLE_BODY_MAX
+from proxy.upstream.relay import WHOLE_ANSWER_MAX, WHOLE_BODY_MAX
 from tests.conftest import SECRET
 from tests.helpers import assert_no_canary, auth, base_config
 

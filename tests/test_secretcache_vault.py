@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import VaultConfig
-from proxy.secret import SecretRef
-from proxy.secretcache import SecretCache
+from proxy.config.models import VaultConfig
+from proxy.store.secret import SecretRef
+from proxy.store.cache import SecretCache
 from proxy.store.vault import VaultStore
 from tests.vault_fixture import bao  # noqa: F401 - fixture
 

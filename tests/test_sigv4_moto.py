@@ -23,7 +23,7 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 from tests.helpers import CALLER_TOKENS, free_port
 

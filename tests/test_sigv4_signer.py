@@ -18,10 +18,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.inject.sigv4 import SigV4Injector, canonical_query
-from proxy.outbound import Outbound
-from proxy.secret import Secret
+from proxy.upstream.outbound import Outbound
+from proxy.store.secret import Secret
 from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 
 KEY_ID = "AKIDEXAMPLE"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConflictError, SecretNotFound, StoreError
-from proxy.secret import Secret, SecretRef
+from proxy.store.secret import Secret, SecretRef
 from proxy.store.file import FileStore, generate_key
 
 CANARY = "pw-CANARY-4f1e9d2c7b"

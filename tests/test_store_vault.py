@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import VaultConfig
+from proxy.config.models import VaultConfig
 from proxy.errors import ConflictError, SecretAccessDenied, SecretBackendError, SecretNotFound, StoreError
-from proxy.secret import Secret, SecretRef
+from proxy.store.secret import Secret, SecretRef
 from proxy.store.file import FileStore, generate_key, decode_key
 from proxy.store.vault import VaultStore
 from proxy.store.vault_auth import LoginRefused
@@ -483,7 +483,7 @@ async def test_a_redirect_is_not_followed_so_the_token_stays_with_vault(tmp_path
 
 
 def test_config_requires_the_files_each_auth_method_needs():
-    from proxy import config
+    from proxy.config import models as config
 
     text = "secrets:\n  backend: vault\n  vault:\n    address: https://vault.internal:8200\n    auth:\n      method: approle\n      role_id_file: /etc/credproxy/role_id\n"
     with pytest.raises(config.ConfigInvalid) as info:

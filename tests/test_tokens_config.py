@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from proxy import config as config_mod
-from proxy.config import ConfigInvalid
+from proxy.config import models as config_mod
+from proxy.config.models import ConfigInvalid
 
 
 def cfg_with(auth: dict, **cred) -> str:

@@ -177,8 +177,8 @@ async def test_expiry_forms_that_still_give_a_token(endpoint, run_proxy, lifetim
 
 async def test_a_slow_endpoint_times_out(endpoint, tmp_path):
     """The token request timeout (30 s in production) shortened through the injectable client."""
-    from proxy.config import CredentialConfig
-    from proxy.secretcache import SecretCache
+    from proxy.config.models import CredentialConfig
+    from proxy.store.cache import SecretCache
     from proxy.store.file import FileStore
     from tests.helpers import write_store
 

@@ -12,7 +12,7 @@ import math
 import pytest
 
 from proxy.credential import Grant
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.tokens import lifecycle
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.failure import TokenFailure

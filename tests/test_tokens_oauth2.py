@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from proxy.errors import CredentialUnavailable
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from tests.helpers import assert_no_canary
 from tests.tokens_fixtures import (  # noqa: F401 - fixtures
     Client,
@@ -230,7 +230,7 @@ async def test_jwt_bearer_per_caller_subject_gives_each_caller_its_own_user(oaut
 
 
 def test_per_caller_subject_must_name_a_defined_caller(tmp_path):
-    from proxy import config as config_mod
+    from proxy.config import models as config_mod
 
     cfg = {"callers": {"billing": {"token_sha256": "ab" * 32}},
            "credentials": {"sf": token_cred("https://api.example.com", {

@@ -10,8 +10,8 @@ import jwt
 import pytest
 from yarl import URL
 
-from proxy.authconfig import SessionLoginAuth
-from proxy.secret import Secret
+from proxy.config.auth import SessionLoginAuth
+from proxy.store.secret import Secret
 from proxy.tokens.answer import MAX_LIFETIME, parse_oauth2
 from proxy.tokens.clientauth import (
     CLIENT_ASSERTION_TYPE,
@@ -166,7 +166,7 @@ def test_bad_private_keys_are_a_defined_failure():
 
 
 def test_jwt_bearer_assertion_claims(rsa_key):
-    from proxy.authconfig import OAuth2JwtBearerAuth
+    from proxy.config.auth import OAuth2JwtBearerAuth
 
     pem, public = rsa_key
     auth = OAuth2JwtBearerAuth(type="oauth2_jwt_bearer", token_url="https://login.salesforce.com/services/oauth2/token",

@@ -19,9 +19,9 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy import config as config_mod
-from proxy.clienttls import build_context, pem_path
-from proxy.secret import Secret
+from proxy.config import models as config_mod
+from proxy.upstream.mtls import build_context, pem_path
+from proxy.store.secret import Secret
 from tests._signing_harness import CALLER, Running, assert_nowhere, json_logs, signing_proxy  # noqa: F401
 
 API_TOKEN = "api-token-used-together-with-the-client-cert"

@@ -22,7 +22,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from proxy.config import VaultConfig
+from proxy.config.models import VaultConfig
 from proxy.store.vault import VaultStore
 from proxy.store.vault_auth import LoginRefused
 from tests.vault_fixture import OpenBao, bao  # noqa: F401 - fixtures

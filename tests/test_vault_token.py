@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.vault_auth import Login, LoginRefused
 from proxy.store.vault_client import VaultUnavailable
 from proxy.store.vault_token import Backoff, TokenKeeper

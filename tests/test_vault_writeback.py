@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConflictError
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from tests.tokens_fixtures import Client, api, ca_file, oauth, tls_ca, token_cred  # noqa: F401 - fixtures
 from tests.vault_fixture import bao, raw_log  # noqa: F401 - fixtures
 from tests.vault_harness import assert_nowhere, eventually, running, vault_section

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.audit import verify
-from proxy.types import Listen
+from proxy.observe.audit import verify
+from proxy.config.fields import Listen
 from tests.ops_support import upstream  # noqa: F401 - the ops tests' upstream fixture
 from tests.ops_support import (ADMIN_TOKEN, CALLER_TOKEN, CANARY, PYTHON, Admin, Upstream, assert_no_secret,
                                base_config, credential, make_store, metric, subprocess_env, write_config)

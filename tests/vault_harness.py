@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy import config
+from proxy.config import models as config
 from proxy.app import Proxy
 from tests.vault_fixture import free_port
 

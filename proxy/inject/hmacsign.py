@@ -29,7 +29,7 @@ from email.utils import formatdate
 
 from proxy.errors import CredentialUnavailable, PayloadTooLarge
 from proxy.inject.static import Injector, Material
-from proxy.outbound import Outbound
+from proxy.upstream.outbound import Outbound
 
 CANONICAL_FIELDS = frozenset({"method", "host", "path", "query", "path_query", "timestamp", "body", "body_sha256",
                               "key_id"})

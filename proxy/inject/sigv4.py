@@ -24,7 +24,7 @@ from collections.abc import Callable
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from proxy.inject.static import Injector, Material
-from proxy.outbound import Outbound
+from proxy.upstream.outbound import Outbound
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 # aws-chunked bodies with trailing checksums: the value describes the body's framing, so it is kept.

@@ -6,8 +6,8 @@ import base64
 from collections.abc import Mapping
 from urllib.parse import quote, unquote_plus
 
-from proxy.outbound import Outbound
-from proxy.secret import Secret
+from proxy.upstream.outbound import Outbound
+from proxy.store.secret import Secret
 from proxy.template import Template
 
 Material = Mapping[str, Secret]

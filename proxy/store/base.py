@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import SecretNotFound
-from proxy.secret import Secret, SecretRef
+from proxy.store.secret import Secret, SecretRef
 
 
 @dataclass(frozen=True)

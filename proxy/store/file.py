@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.errors import ConflictError, SecretNotFound, StoreError
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.base import SecretEntry, SecretStore
 
 MAGIC = b"CPS1"

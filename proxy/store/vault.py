@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import hvac
 from hvac import exceptions as hx
 
-from proxy.config import VaultConfig
+from proxy.config.models import VaultConfig
 from proxy.errors import ConflictError, SecretAccessDenied, SecretBackendError, SecretNotFound
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.base import SecretEntry, SecretStore
 from proxy.store.vault_auth import LoginRefused, VaultLogin
 from proxy.store.vault_client import POOL_SIZE, VaultClients, VaultRefused, VaultUnavailable, expect_dict

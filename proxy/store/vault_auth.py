@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.config import VaultAuthConfig
+from proxy.config.models import VaultAuthConfig
 from proxy.errors import StoreError
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret
 from proxy.store.vault_client import VaultClients, VaultRefused, VaultUnavailable, expect_dict
 
 TOKEN_ENV = "VAULT_TOKEN"

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from proxy.errors import SecretBackendError, StoreError
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.vault_auth import Login
 from proxy.tasks import stop_task
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.tokens.failure import TokenFailure
 from proxy.tokens.http import Answer
 

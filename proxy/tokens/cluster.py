@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from proxy.config import ClusterConfig
+from proxy.config.models import ClusterConfig
 from proxy.errors import ConflictError, SecretBackendError
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.lifecycle import mandatory_margin
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxy.netguard import AddressPolicy
+from proxy.upstream.address_policy import AddressPolicy
 from proxy.tokens.failure import TokenFailure
-from proxy.upstream import ssl_context
+from proxy.upstream.client import ssl_context
 
 MAX_ANSWER = 1 << 20
 

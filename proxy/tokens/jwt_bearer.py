@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from yarl import URL
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, sign_assertion
 from proxy.tokens.provider import Material, Provider

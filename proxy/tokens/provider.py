@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import SecretBackendError
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret, SecretRef
-from proxy.secretcache import SecretCache
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret, SecretRef
+from proxy.store.cache import SecretCache
 from proxy.store.base import SecretStore
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.failure import TokenFailure

@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 
 from proxy.errors import ConflictError, SecretBackendError, StoreError
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret, SecretRef
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret, SecretRef
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, authenticate
 from proxy.tokens.failure import TokenFailure

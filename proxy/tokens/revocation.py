@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.tokens.clientauth import FormRequest, authenticate
 from proxy.tokens.failure import TokenFailure
 

@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 from yarl import URL
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.template import Template
 from proxy.tokens.answer import (
     TokenAnswer,

@@ -13,9 +13,9 @@ import logging
 
 from proxy.credential import AuthSource, Grant
 from proxy.errors import CredentialUnavailable
-from proxy.scrub import SCRUBBER
-from proxy.secret import Secret, SecretRef
-from proxy.secretcache import SecretCache
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.secret import Secret, SecretRef
+from proxy.store.cache import SecretCache
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.http import TokenHttp
 from proxy.tokens.lifecycle import Settings, Token, TokenSlot

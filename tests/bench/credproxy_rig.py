@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.file import FileStore, generate_key
 
 CALLER_TOKEN = "cp_bench_billing_token_4b1c9e"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from proxy.leakguard import LeakGuard
+from proxy.redact.leak_guard import LeakGuard
 
 from .harness import CALLER_TOKEN, Harness, RecordingUpstream
 

@@ -17,9 +17,9 @@ from urllib.parse import quote
 import yaml
 from aiohttp import web
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 from proxy.app import Proxy
-from proxy.secret import Secret
+from proxy.store.secret import Secret
 from proxy.store.file import FileStore, generate_key
 from tests.helpers import free_port, sha  # noqa: F401 - also used by the security tests through this module
 

@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.alerts import AlertMonitor, WebhookSender
-from proxy.audit import AuditEvent, AuditLog, verify
-from proxy.config import AlertsConfig
-from proxy.metrics import Metrics
+from proxy.observe.alerts import AlertMonitor, WebhookSender
+from proxy.observe.audit import AuditEvent, AuditLog, verify
+from proxy.config.models import AlertsConfig
+from proxy.observe.metrics import Metrics
 
 from .harness import CALLER_TOKEN, assert_clean
 

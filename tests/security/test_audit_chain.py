@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy import cli
-from proxy.audit import AuditLog
+from proxy.cli import main as cli
+from proxy.observe.audit import AuditLog
 
 from .harness import CALLER_TOKEN, Harness
 

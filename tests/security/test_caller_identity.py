@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 import trustme
 
-from proxy import config as config_mod
+from proxy.config import models as config_mod
 
 from .harness import CALLER_TOKEN
 

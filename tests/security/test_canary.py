@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy import logs
+from proxy.observe import log_setup as logs
 
 from .harness import (CALLER_TOKEN, CANARY, EchoingBadUpstream, Harness, SilentUpstream, assert_clean, free_port,
                       raw_exchange)

@@ -170,7 +170,7 @@ async def test_refusal_over_tls(upstream, make_proxy, connect, tmp_path):
 
 
 def test_max_connections_default_and_bounds():
-    from proxy.config import Limits
+    from proxy.config.models import Limits
 
     assert Limits().max_connections == 10000  # well above the 5,000 keep-alive connections the benchmark holds
     with pytest.raises(ValueError):

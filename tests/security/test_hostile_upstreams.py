@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy.relay import WHOLE_ANSWER_MAX
+from proxy.upstream.relay import WHOLE_ANSWER_MAX
 
 from .harness import CALLER_TOKEN, CANARY, RawUpstream, assert_clean, raw_exchange
 
@@ -155,7 +155,7 @@ async def test_token_endpoints_are_checked_like_upstreams(upstream):
     """Token endpoints use their own client (``TokenHttp``); it checks addresses the same way."""
     import ipaddress
 
-    from proxy.netguard import AddressPolicy
+    from proxy.upstream.address_policy import AddressPolicy
     from proxy.tokens.failure import TokenFailure
     from proxy.tokens.http import TokenHttp
 

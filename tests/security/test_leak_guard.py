@@ -13,7 +13,7 @@ from urllib.parse import quote, quote_plus
 import aiohttp
 import pytest
 
-from proxy.leakguard import REDACTED, LeakGuard
+from proxy.redact.leak_guard import REDACTED, LeakGuard
 
 from .harness import CALLER_TOKEN, CANARY, assert_clean
 

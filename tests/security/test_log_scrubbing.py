@@ -8,8 +8,10 @@ import logging
 
 import pytest
 
-from proxy import logfilter, logs
-from proxy.scrub import SCRUBBER, Scrubber
+from proxy.redact import log_filter as logfilter
+
+from proxy.observe import log_setup as logs
+from proxy.redact.scrubber import SCRUBBER, Scrubber
 
 from .harness import CANARY, assert_clean
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver
 
-from proxy.netguard import AddressDenied, AddressPolicy
+from proxy.upstream.address_policy import AddressDenied, AddressPolicy
 
 
 @pytest.mark.parametrize("ip", ["169.254.169.254", "169.254.0.1", "fe80::1", "::ffff:169.254.169.254",

@@ -11,10 +11,10 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from proxy import config as config_mod
-from proxy import guards
+from proxy.config import models as config_mod
+from proxy.server import request_shape as guards
 from proxy.errors import BadRequest
-from proxy.leakguard import REDACTED, LeakGuard
+from proxy.redact.leak_guard import REDACTED, LeakGuard
 from proxy.policy import Policy, compile_glob
 from proxy.routing import canonical_path, route_prefixed
 

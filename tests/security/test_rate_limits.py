@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy import config as config_mod
-from proxy.config import RateLimit
+from proxy.config import models as config_mod
+from proxy.config.models import RateLimit
 from proxy.errors import RateLimited
 from proxy.ratelimit import RateLimiter
 

@@ -202,7 +202,7 @@ async def test_slow_but_steady_upload_passes(sink, make_proxy, size):
 
 
 def test_body_timeout_must_be_positive():
-    from proxy.config import Limits
+    from proxy.config.models import Limits
 
     assert Limits().body_timeout == 60.0
     with pytest.raises(ValueError):

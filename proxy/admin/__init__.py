@@ -1,0 +1,1 @@
+"""The admin listener, probes, and the workers' supervisor API."""

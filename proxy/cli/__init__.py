@@ -1,0 +1,1 @@
+"""Command line: subcommands and the admin API's clients. Never prints a secret value."""

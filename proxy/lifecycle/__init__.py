@@ -1,0 +1,1 @@
+"""The running process over time: state, reload, file watch, drain, workers."""

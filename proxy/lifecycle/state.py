@@ -1,0 +1,106 @@
+"""The running configuration as one immutable-by-convention bundle.
+
+A request takes ``holder.current`` once at its start and finishes on it, so a
+reload (which swaps ``current``) never changes a request mid-flight. ``use()``
+counts requests per state, so a reload knows when an old state has no request
+left (and its retired credentials can be closed), and shutdown knows when
+nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from proxy.observe.alerts import AlertMonitor
+from proxy.observe.audit import AuditLog
+from proxy.callers import Authenticator
+from proxy.config.models import Config
+from proxy.credential import Credential
+from proxy.observe.metrics import Metrics
+from proxy.policy import Policy
+from proxy.ratelimit import RateLimiter
+from proxy.upstream.relay import AnswerBudget
+from proxy.store.cache import SecretCache
+
+
+def _idle_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+@dataclass(eq=False)
+class State:
+    config: Config
+    credentials: dict[str, Credential]
+    policy: Policy
+    authenticator: Authenticator
+    audit: AuditLog
+    metrics: Metrics
+    cache: SecretCache
+    ready: bool = True
+    alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
+    limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
+    answer_budget: AnswerBudget | None = None  # long-lived (owned by Proxy): one memory bound across reloads
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+@dataclass(eq=False)
+class StateHolder:
+    current: State
+    draining: bool = False
+    extras: dict = field(default_factory=dict)
+    in_flight: int = 0
+    _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
+    _tasks: set = field(default_factory=set, repr=False)
+
+    def use(self) -> "_InUse":
+        """The state one request runs on, from start to finish: ``with holder.use() as state``."""
+        return _InUse(self)
+
+    async def wait_idle(self) -> None:
+        """Until no request is in flight on any state (current or retired)."""
+        await self._idle.wait()
+
+    def cancel_in_flight(self) -> list[asyncio.Task]:
+        """Cancel every request still running (the drain deadline passed); returns their tasks."""
+        tasks = [t for t in self._tasks if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+
+class _InUse:
+    """``StateHolder.use()``: a plain context manager, as it wraps every request (a generator-based one
+    costs several times as much)."""
+
+    __slots__ = ("_holder", "_state", "_task")
+
+    def __init__(self, holder: StateHolder) -> None:
+        self._holder = holder
+
+    def __enter__(self) -> State:
+        holder = self._holder
+        state = self._state = holder.current
+        task = self._task = asyncio.current_task()
+        state.in_flight += 1
+        holder.in_flight += 1
+        holder._tasks.add(task)
+        state._idle.clear()
+        holder._idle.clear()
+        return state
+
+    def __exit__(self, *exc) -> None:
+        holder, state = self._holder, self._state
+        holder._tasks.discard(self._task)
+        state.in_flight -= 1
+        holder.in_flight -= 1
+        if not state.in_flight:
+            state._idle.set()
+        if not holder.in_flight:
+            holder._idle.set()

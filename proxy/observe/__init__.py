@@ -1,0 +1,1 @@
+"""What ops see: audit trail, alerts, metrics, log setup."""

@@ -1,0 +1,148 @@
+"""Misuse alerts (SPEC §8), raised from the audit events of finished requests.
+
+- ``multi_ip``: a caller identity used from a source address it has not used
+  within ``alerts.multi_ip_window`` while another address used it in that
+  window — a copied token in use elsewhere. One alert per new address.
+- ``denied_burst``: ``alerts.denied_threshold`` denied requests (401, 403,
+  429) within ``alerts.denied_window`` from one caller, or from one source
+  address when no caller was identified. One alert per burst; the count then
+  starts over.
+
+An alert is an audit line (``outcome: alert``, ``reason`` = the kind), a
+``credproxy_alerts_total{kind}`` increment, a warning log line and, with
+``alerts.webhook_url``, a JSON POST. The request path only puts the POST on a
+bounded queue; a background task sends it. When the queue is full the webhook
+copy is dropped (and counted) — never the audit line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import aiohttp
+from yarl import URL
+
+from proxy.observe.audit import AuditEvent, AuditLog
+from proxy.config.models import AlertsConfig
+from proxy.upstream.address_policy import AddressPolicy
+from proxy.tasks import stop_task
+
+log = logging.getLogger("credproxy.alerts")
+
+MAX_ADDRESSES_PER_CALLER = 64
+MAX_TRACKED_SOURCES = 10_000
+WEBHOOK_QUEUE = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    kind: str  # multi_ip | denied_burst
+    addresses: tuple[str, ...] = ()  # multi_ip: every address seen in the window, the new one last
+    count: int = 0  # denied_burst: denied requests in the window
+    window_s: float = 0.0
+
+
+class WebhookSender:
+    """Posts alert payloads from a bounded queue, off the request path."""
+
+    def __init__(self, url: str, *, timeout: float, on_failure: Callable[[str], None] = lambda reason: None,
+                 queue_size: int = WEBHOOK_QUEUE) -> None:
+        self.url = url
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._on_failure = on_failure
+        self._queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=queue_size)
+        self._task: asyncio.Task | None = None
+        self._host = URL(url).host  # the URL itself may embed a token: logs name only the host
+
+    def submit(self, payload: dict) -> None:
+        try:
+            self._queue.put_nowait(payload)
+        except asyncio.QueueFull:
+            self._on_failure("queue_full")
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        await stop_task(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        connector = aiohttp.TCPConnector(socket_factory=AddressPolicy().socket_factory)
+        async with aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=False) as session:
+            while True:
+                payload = await self._queue.get()
+                try:
+                    async with session.post(self.url, json=payload, allow_redirects=False) as resp:
+                        if resp.status >= 300:
+                            self._failed("status", resp.status)
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    self._failed(type(exc).__name__, None)
+
+    def _failed(self, reason: str, status: int | None) -> None:
+        self._on_failure("status" if status else "error")
+        log.warning("alert webhook delivery failed", extra={"webhook_host": self._host, "error": reason,
+                                                            "status": status})
+
+
+class AlertMonitor:
+    def __init__(self, cfg: AlertsConfig, *, audit: AuditLog, counter, webhook: WebhookSender | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self._wall_clock = wall_clock
+        self._audit = audit
+        self._counter = counter
+        self._webhook = webhook
+        self._clock = clock
+        self._addresses: dict[str, OrderedDict[str, float]] = {}
+        self._denied: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def observe(self, event: AuditEvent) -> None:
+        now = self._clock()
+        if event.caller and event.caller != "anonymous" and event.client_ip:
+            self._check_addresses(event, now)
+        if event.outcome == "denied":
+            self._check_denied(event, now)
+
+    def _check_addresses(self, event: AuditEvent, now: float) -> None:
+        window = self.cfg.multi_ip_window
+        seen = self._addresses.setdefault(event.caller, OrderedDict())
+        while seen and now - next(iter(seen.values())) > window:
+            seen.popitem(last=False)
+        new = event.client_ip not in seen
+        seen[event.client_ip] = now
+        seen.move_to_end(event.client_ip)
+        if len(seen) > MAX_ADDRESSES_PER_CALLER:
+            seen.popitem(last=False)
+        if new and len(seen) > 1:
+            self._raise(event, Alert("multi_ip", addresses=tuple(seen), window_s=window))
+
+    def _check_denied(self, event: AuditEvent, now: float) -> None:
+        key = f"caller:{event.caller}" if event.caller else f"ip:{event.client_ip}"
+        times = self._denied.pop(key, None) or deque()
+        self._denied[key] = times  # most recent last: the oldest source is evicted first
+        if len(self._denied) > MAX_TRACKED_SOURCES:
+            self._denied.popitem(last=False)
+        times.append(now)
+        while now - times[0] > self.cfg.denied_window:
+            times.popleft()
+        if len(times) >= self.cfg.denied_threshold:
+            count = len(times)
+            times.clear()
+            self._raise(event, Alert("denied_burst", count=count, window_s=self.cfg.denied_window))
+
+    def _raise(self, event: AuditEvent, alert: Alert) -> None:
+        line = replace(event, outcome="alert", reason=alert.kind, duration_ms=0.0, token_refreshed=False)
+        details = {"addresses": list(alert.addresses), "count": alert.count, "window_s": alert.window_s}
+        self._audit.write(line, **details)
+        self._counter.labels(alert.kind).inc()
+        log.warning("misuse alert", extra={"kind": alert.kind, "caller": event.caller, "client_ip": event.client_ip,
+                                           "request_id": event.request_id, **details})
+        if self._webhook is not None:
+            self._webhook.submit({"alert": alert.kind, "ts": round(self._wall_clock(), 3), **asdict(line), **details})

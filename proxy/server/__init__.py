@@ -1,0 +1,1 @@
+"""The caller-facing side: listeners, connection limits, request shape, uploads."""

@@ -1,0 +1,1 @@
+"""The upstream side: client, address policy, mutual TLS, outbound request, relay."""

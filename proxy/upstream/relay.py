@@ -1,0 +1,307 @@
+"""Relay the upstream answer to the caller: status, headers and body, streamed,
+through the leak guard.
+
+``redact``: echoed secrets become ``[REDACTED]`` — in header values, header
+names, the reason phrase and the body (Content-Length is dropped since the
+length may change). ``block``: the first ``BLOCK_BUFFER`` bytes are held
+before anything is sent, so a leak there answers 502; a leak found later
+aborts the connection (the caller sees a truncated answer, never the secret).
+Compressed bodies are not decompressed: ``redact`` passes them on unscanned,
+``block`` refuses them (502), since it cannot prove them clean.
+
+An upstream answer whose framing credproxy would have to guess at — a
+transfer coding other than a single ``chunked``, or an unrequested ``1xx``
+such as ``101 Switching Protocols`` — answers 502 (aiohttp's parser already
+refuses Content-Length with Transfer-Encoding and conflicting lengths).
+A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
+upstream connection open) is disconnected.
+
+Answers with a ``Content-Length`` up to ``WHOLE_BODY_MAX`` (64 KiB, typical
+of JSON APIs) are read whole, scanned once and sent with their (new) length: no
+chunked framing, one write, the upstream connection released before the caller
+reads, and a failure while reading them is a clean 502/504. So are answers up
+to ``WHOLE_ANSWER_MAX`` (1 MiB, the line SPEC draws for buffering request
+bodies) while the ``AnswerBudget`` — the bytes of such answers held at once in
+this process, ``ANSWER_BUDGET`` — has room; the rest are streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.redact.leak_guard import LeakGuard, StreamRedactor
+from proxy.upstream.client import strip_hop_by_hop
+
+log = logging.getLogger("credproxy.relay")
+
+BLOCK_BUFFER = 1 << 20
+DEFAULT_WRITE_TIMEOUT = 60.0
+WHOLE_BODY_MAX = 64 * 1024
+WHOLE_ANSWER_MAX = 1 << 20
+ANSWER_BUDGET = 8 << 20  # 8 x 1 MiB answers at once; more stream, so memory stays bounded under any load
+_NO_BODY = {204, 304}
+
+
+class AnswerBudget:
+    """Bytes of answers between ``WHOLE_BODY_MAX`` and ``WHOLE_ANSWER_MAX`` held whole at once, bounded."""
+
+    def __init__(self, limit: int = ANSWER_BUDGET) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.limit:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+class _BodyRead:
+    """``with BODY_READ:`` — an upstream body read failing before anything went to the caller answers 504
+    (timeout) or 502. A class, not a generator context manager: it runs on every small answer."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if kind is not None and issubclass(kind, TimeoutError):
+            raise UpstreamTimeout("upstream body timed out") from None
+        if kind is not None and issubclass(kind, aiohttp.ClientError):
+            raise UpstreamError(f"bad upstream body: {kind.__name__}", reason="upstream_body_failed") from None
+        return False
+
+
+BODY_READ = _BodyRead()
+
+
+class LeakBlocked(UpstreamError):
+    pass
+
+
+class CallerStalled(Exception):
+    """The caller took no response bytes within the write timeout."""
+
+
+def check_framing(upstream: aiohttp.ClientResponse) -> None:
+    if upstream.status < 200:
+        raise UpstreamError(f"unrequested {upstream.status} answer", reason="upstream_bad_framing")
+    te = upstream.headers.getall("Transfer-Encoding", [])
+    if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
+        raise UpstreamError("transfer coding other than a single chunked", reason="upstream_bad_framing")
+
+
+def is_compressed(headers) -> bool:
+    codings = {c.strip().lower() for v in headers.getall("Content-Encoding", []) for c in v.split(",")}
+    return bool(codings - {"identity", ""})
+
+
+def _header_text(headers: CIMultiDict[str]) -> bytes:
+    """All names and values as one text, for one quick check before scanning header by header."""
+    return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
+
+
+def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMultiDict[str], int]:
+    if not guard.may_match(_header_text(headers)):
+        return headers, 0
+    found = 0
+    out: CIMultiDict[str] = CIMultiDict()
+    for key, value in headers.items():
+        _, hits = guard.redact_text(key)
+        if hits:  # a header named after the secret cannot be renamed meaningfully: drop it
+            found += hits
+            continue
+        value, hits = guard.redact_text(value)
+        found += hits
+        out.add(key, value)
+    return out, found
+
+
+def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, int]:
+    """The upstream's reason phrase if it is plain printable text (else the standard one), redacted."""
+    if not reason or not reason.isascii() or not reason.isprintable():
+        return None, 0
+    return guard.redact_text(reason) if guard is not None else (reason, 0)
+
+
+async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes, guard: LeakGuard,
+                mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
+                budget: AnswerBudget | None = None) -> web.StreamResponse:
+    try:
+        check_framing(upstream)
+        headers = strip_hop_by_hop(upstream.headers)
+        scanning = mode != "off" and guard.active
+        compressed = is_compressed(upstream.headers)
+        reason, found = _reason(upstream.reason, guard if scanning else None)
+        if scanning:
+            headers, in_headers = _guard_headers(headers, guard)
+            found += in_headers
+        if found:
+            leak_counter.inc(found)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response head", reason="leak_blocked")
+        if scanning and compressed and mode == "block" and request.method != "HEAD":
+            raise LeakBlocked("compressed body cannot be scanned under block", reason="leak_unscannable")
+        scan_body = scanning and not compressed
+        has_body = request.method != "HEAD" and upstream.status not in _NO_BODY
+        headers["X-Request-Id"] = trace.request_id
+        if scan_body and has_body:
+            headers.popall("Content-Length", None)
+        length = upstream.content_length
+        if has_body and length is not None and length <= WHOLE_BODY_MAX:
+            return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
+                                      leak_counter)
+        redactor = guard.stream() if scan_body else None
+        if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
+                and budget.take(length):
+            try:
+                return await _relay_held(request, upstream, head, headers, reason, redactor, mode, leak_counter,
+                                         trace, write_timeout)
+            finally:
+                budget.give(length)
+
+        held = b""
+        if redactor is not None and mode == "block" and has_body:
+            held = await read_upto(upstream, head, BLOCK_BUFFER)
+            head = b""
+            probe = guard.stream()
+            probe.feed(held)
+            probe.flush()
+            if probe.count:
+                leak_counter.inc(probe.count)
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+    except BaseException:
+        upstream.release()
+        raise
+    try:
+        await response.prepare(request)
+        if not has_body:
+            await response.write_eof()
+            return response
+        for chunk in (held, head):
+            await _write(response, redactor, chunk, mode, write_timeout)
+        async for chunk in upstream.content.iter_any():
+            await _write(response, redactor, chunk, mode, write_timeout)
+        if redactor is not None:
+            tail = redactor.flush()
+            if redactor.count and mode == "block":
+                raise LeakBlocked("secret echoed late in the response body", reason="leak_blocked")
+            await _write(response, None, tail, mode, write_timeout)
+            if redactor.count:
+                leak_counter.inc(redactor.count)
+        await response.write_eof()
+        return response
+    except (aiohttp.ClientError, TimeoutError, LeakBlocked, ConnectionError, CallerStalled) as exc:
+        _abort(request, trace, exc)
+        return response
+    finally:
+        upstream.release()
+
+
+async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
+                       guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
+    """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
+    try:
+        with BODY_READ:
+            data = head + await upstream.read()
+    finally:
+        upstream.release()
+    if guard is not None:
+        data, found = guard.redact(data)
+        if found:
+            leak_counter.inc(found)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    headers.popall("Content-Length", None)
+    return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
+
+
+async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes,
+                      headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
+                      leak_counter, trace, write_timeout: float) -> web.StreamResponse:
+    """An answer of known length up to ``WHOLE_ANSWER_MAX``: every chunk read and scanned, and held, before
+    anything is sent, so it goes out with its (new) length and a failed read is still a clean 502/504.
+
+    The chunks are kept as they arrive (not joined into one buffer) and written one by one: the answer is
+    held once, not twice."""
+    pieces: list[bytes | memoryview] = []
+    scan = redactor.feed if redactor is not None else (lambda chunk: chunk)
+    try:
+        with BODY_READ:
+            if head:
+                pieces.append(scan(head))
+            async for chunk in upstream.content.iter_any():
+                pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
+    finally:
+        upstream.release()
+    if redactor is not None:
+        pieces.append(redactor.flush())
+        if redactor.count:
+            leak_counter.inc(redactor.count)
+            if mode == "block":
+                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
+    response.content_length = sum(map(len, pieces))
+    try:
+        await response.prepare(request)
+        for piece in pieces:
+            await _write(response, None, piece, mode, write_timeout)
+        await response.write_eof()
+    except (ConnectionError, CallerStalled) as exc:
+        _abort(request, trace, exc)
+    return response
+
+
+def _abort(request: web.BaseRequest, trace, exc: BaseException) -> None:
+    """The answer cannot be finished: record why and cut the caller's connection (never a body that looks whole)."""
+    trace.outcome, trace.reason = "error", _abort_reason(exc)
+    log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
+                                                      "error": type(exc).__name__})
+    if request.transport is not None:
+        request.transport.abort()
+
+
+def _abort_reason(exc: BaseException) -> str:
+    if isinstance(exc, LeakBlocked):
+        return exc.reason
+    if isinstance(exc, CallerStalled):
+        return "caller_write_timeout"
+    if isinstance(exc, ConnectionError):
+        return "caller_disconnected"
+    return "upstream_body_failed"
+
+
+async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, chunk: bytes, mode: str,
+                 write_timeout: float) -> None:
+    if redactor is not None:
+        before = redactor.count
+        chunk = redactor.feed(chunk)
+        if mode == "block" and redactor.count > before:
+            raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+    if not chunk:
+        return
+    try:
+        async with asyncio.timeout(write_timeout):
+            await response.write(chunk)
+    except TimeoutError:
+        raise CallerStalled() from None
+
+
+async def read_upto(upstream: aiohttp.ClientResponse, head: bytes, limit: int) -> bytes:
+    buf = bytearray(head)
+    with BODY_READ:
+        while len(buf) < limit:
+            chunk = await upstream.content.read(limit - len(buf))
+            if not chunk:
+                break
+            buf += chunk
+    return bytes(buf)
