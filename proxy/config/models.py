@@ -22,7 +22,7 @@ from proxy.config.fields import Duration, ListenAddr, Listen, Ref, Size
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-LeakGuard = Literal["redact", "block", "off"]
+LeakGuardMode = Literal["redact", "block", "off"]
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -230,7 +230,7 @@ class CredentialConfig(_Model):
     auth: AuthConfig
     session: SessionConfig = SessionConfig()
     allow: list[AllowRule] = Field(default_factory=list)
-    leak_guard: LeakGuard | None = None
+    leak_guard: LeakGuardMode | None = None
     allow_insecure_upstream: bool = False
     upstream_tls: UpstreamTLSConfig | None = None
     probe: ProbeConfig | None = None
@@ -244,7 +244,7 @@ class Config(_Model):
     audit: AuditConfig = AuditConfig()
     callers: dict[str, CallerConfig] | None = None
     credentials: dict[str, CredentialConfig] = Field(default_factory=dict)
-    leak_guard: LeakGuard = "redact"
+    leak_guard: LeakGuardMode = "redact"
     alerts: AlertsConfig = AlertsConfig()
     cluster: ClusterConfig = ClusterConfig()
 

@@ -11,8 +11,13 @@ what the parser lets through or what would change meaning behind the proxy:
 - HTTP versions other than 1.0 and 1.1 (an HTTP/0.9 request line has no headers);
 - ``CONNECT`` (credproxy is not a forward proxy), ``TRACE``/``TRACK`` (the
   upstream would echo the injected credential back);
-- protocol upgrades (``Upgrade``, ``h2c``, WebSocket): after a switch the proxy
-  could no longer inspect or redact the stream;
+- protocol upgrades other than ``h2c`` (WebSocket, ``tcp``, anything else, or
+  ``Connection: upgrade`` with nothing to upgrade to): after a switch the proxy
+  could no longer inspect or redact the stream. An ``h2c`` offer (what
+  ``curl --http2`` sends on ``http://``: ``Upgrade: h2c``, ``HTTP2-Settings``
+  and ``Connection`` naming both) is optional for the server to take up, so it
+  is ignored: the pipeline strips those headers as hop-by-hop and the request is
+  served over HTTP/1.1 (SPEC §11);
 - method-override headers (``X-HTTP-Method-Override`` and kin) and the
   ``_method`` query parameter: frameworks honour them, so a caller allowed
   ``POST`` could have the upstream run ``DELETE``. They are refused, not
@@ -75,9 +80,12 @@ def check_header_bytes(raw_headers) -> None:
 
 
 def check_upgrade(headers) -> None:
-    tokens = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
-    if "Upgrade" in headers or "HTTP2-Settings" in headers or "upgrade" in tokens:
+    """Refuse a protocol switch; let an ``h2c`` offer through (the pipeline strips it as hop-by-hop)."""
+    offered = {p.strip().lower() for v in headers.getall("Upgrade", []) for p in v.split(",")} - {""}
+    if offered - {"h2c"}:
         raise BadRequest("protocol upgrade requested", reason="upgrade_refused")
+    if not offered and "upgrade" in {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}:
+        raise BadRequest("Connection: upgrade without an upgrade offer", reason="upgrade_refused")
 
 
 def check_method_override(headers, query: str) -> None:

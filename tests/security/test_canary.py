@@ -78,7 +78,8 @@ ERROR_PATHS = [
     (request("GET /demo/a%2Fb"), 400),
     (request("TRACE /demo/anything/x"), 400),
     (request("CONNECT demo:443"), 400),
-    (request("GET /demo/anything/x", "Upgrade: h2c", "Connection: Upgrade"), 400),
+    (request("GET /demo/anything/x", "Upgrade: h2c", "Connection: Upgrade"), 200),  # an h2c offer is ignored
+    (request("GET /demo/anything/x", "Upgrade: websocket", "Connection: Upgrade"), 400),
     (request("POST /demo/anything/x", "X-HTTP-Method-Override: DELETE", "Content-Length: 0"), 400),
     (request("GET /demo/anything/x", "X-A: " + "a" * 9000), 431),
     (request("GET /demo/anything/x", "X-A: a\x00b"), 400),
