@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import signal
@@ -15,6 +16,7 @@ import ssl
 from aiohttp import web
 
 from proxy.config import models as config_mod
+from proxy.errors import ListenError
 from proxy.redact import log_filter as logfilter
 from proxy.admin.api import AdminAuth, build_admin_app
 from proxy.observe.alerts import AlertMonitor, WebhookSender
@@ -57,6 +59,19 @@ def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
         ctx.load_verify_locations(cafile=tls.client_ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL  # callers may use a token instead; a cert presented is verified
     return ctx
+
+
+def listen_error(exc: OSError, listen: Listen, field: str) -> ListenError:
+    """A failed bind in the words an operator needs: which address, why, and which config key asked for it."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = "is already in use"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = "may not be opened by this user (ports below 1024 need privileges)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = "is not an address of this machine"
+    else:
+        reason = f"cannot be opened ({exc.strerror or type(exc).__name__})"
+    return ListenError(exc.errno, str(listen), field, reason)
 
 
 def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
@@ -188,8 +203,9 @@ class Proxy:
             # Never wait longer than a poll round: a backend that comes back is noticed as soon as rotation would be.
             delay = min(delay * 2, 60.0, max(1.0, state.cache.refresh_interval))
 
-    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None) -> str:
-        """Start listening; returns the bound address ("host:port", or "unix:/path")."""
+    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None, field: str = "listen") -> str:
+        """Start listening; returns the bound address ("host:port", or "unix:/path"). ``field`` names the
+        config key in a ``ListenError``."""
         ctx = server_ssl(tls)
         if listen.unix:
             site = web.UnixSite(runner, listen.unix, ssl_context=ctx, backlog=LISTEN_BACKLOG)
@@ -197,7 +213,10 @@ class Proxy:
             site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=self.reuse_port,
                                backlog=LISTEN_BACKLOG)
         before = set(map(str, runner.addresses))
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise listen_error(exc, listen, field) from None
         if listen.unix:
             return str(listen)
         new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
@@ -226,14 +245,15 @@ class Proxy:
                                   shutdown_timeout=FINISH_GRACE)
         await runner.setup()
         self._runners.append(runner)
-        self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls)
+        self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls, "server.listen")
         for name, cred in cfg.credentials.items():
             if cred.listen is not None:
                 await self.start_dedicated(name, cred)
         admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=FINISH_GRACE)
         await self._admin_runner.setup()
-        self.bound["admin"] = await self._site(self._admin_runner, self.admin_listen or cfg.admin.listen, None)
+        self.bound["admin"] = await self._site(self._admin_runner, self.admin_listen or cfg.admin.listen, None,
+                                             "admin.listen")
 
     async def start_dedicated(self, name: str, cred) -> web.ServerRunner:
         holder = self.holder
@@ -246,17 +266,23 @@ class Proxy:
                              shutdown_timeout=FINISH_GRACE)
         await r.setup()
         try:
-            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or self.cfg.server.tls)
+            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or self.cfg.server.tls,
+                                                                 f"credentials.{name}.listen")
         except BaseException:
             await r.cleanup()
             raise
         self.dedicated[name] = ((cred.listen, cred.tls), r)
         return r
 
-    async def stop(self) -> None:
+    async def stop(self, *, served: bool = True) -> None:
+        """Drain and release everything. ``served=False`` (start-up failed): nothing was served, so the
+        listeners that did open are closed without a drain."""
         if self._watcher is not None:
             await self._watcher.stop()
-        if self.holder is not None:
+        if not served:
+            for runner in self._runners + [r for _, r in self.dedicated.values()]:
+                await runner.cleanup()
+        elif self.holder is not None:
             self.holder.draining = True  # /readyz answers 503 from here on; reloads are refused
             async with self.reloader.lock:
                 pass  # a reload already under way finishes (or fails) before the drain starts
@@ -297,7 +323,11 @@ async def serve(config_path: str, **proxy_options) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    await proxy.start()
+    try:
+        await proxy.start()
+    except BaseException:
+        await proxy.stop(served=False)  # release what did start (store, audit, listeners already bound)
+        raise
     # Everything loaded so far lives as long as the process: keep it out of every future collection,
     # or each full one walks it all (tens of ms with the loop stopped, which is what p99 sees).
     gc.freeze()

@@ -92,6 +92,19 @@ class ConflictError(StoreError):
     """A compare-and-set write lost against a concurrent writer."""
 
 
+class ListenError(OSError):
+    """A listener could not be opened (address in use, no permission): start-up ends with its one line.
+
+    An ``OSError`` still (same errno), so a reload that cannot bind reports it as before."""
+
+    def __init__(self, errno: int | None, address: str, field: str, reason: str) -> None:
+        super().__init__(errno, reason)
+        self.address, self.field, self.reason = address, field, reason
+
+    def __str__(self) -> str:
+        return f"{self.address} {self.reason} ({self.field})"
+
+
 # After a malformed or oversized request the connection's framing cannot be trusted
 # (nor is an unread body worth draining): answer, then close.
 CLOSE_AFTER = frozenset({400, 413, 431})

@@ -33,11 +33,10 @@ req = urllib.request.Request("http://127.0.0.1:8080/demo/v1/hello?greeting=hi",
 with urllib.request.urlopen(req, timeout=5) as resp:
     echoed = json.load(resp)
     print("\n--- a call through credproxy ---")
-    print("caller sent:      GET /demo/v1/hello?greeting=hi with its caller token (no API key)")
-    print("upstream got:     %s %s" % (echoed["method"], echoed["path"]))
-    print("upstream saw Authorization: %s" % echoed["headers"].get("Authorization"))
-    print("(the echo API echoed the injected key back; credproxy's leak guard redacted it,")
-    print(" so the caller never sees it - the upstream received the real key)")
+    print("caller sent:       GET /demo/v1/hello?greeting=hi with its caller token (no API key)")
+    print("upstream received: %s %s with the real API key (the echo API's own line above)" % (echoed["method"], echoed["path"]))
+    print("caller's copy of the echoed answer: Authorization: %s" % echoed["headers"].get("Authorization"))
+    print("  (the echo API sent the key back; credproxy's leak guard redacted it before the caller saw it)")
     print("request id:       %s" % resp.headers["X-Request-Id"])
 print("\ncredproxy is serving on 127.0.0.1:8080 (admin 127.0.0.1:8081). Ctrl-C to stop.")
 PY

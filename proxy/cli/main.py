@@ -9,7 +9,7 @@ import secrets as pysecrets
 import sys
 
 from proxy.config import models as config_mod
-from proxy.errors import StoreError
+from proxy.errors import ListenError, StoreError
 
 
 def _load(path: str):
@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
         return supervise(args.config, args.workers, log_level=args.log_level)
     try:
         return run(args.config, **options)
-    except (StoreError, AdminTokenError) as exc:
+    except (StoreError, AdminTokenError, ListenError) as exc:
         import logging
 
         logging.getLogger("credproxy").error("cannot start: %s", exc)
@@ -64,15 +64,13 @@ def _file_store(args):
 
 def cmd_secrets(args) -> int:
     from proxy.store.secret import Secret
-    from proxy.store.file import FileStore, create_key_file
+    from proxy.store.file import FileStore, init_store
 
     cfg, _ = _file_store(args)
     try:
         if args.action == "init":
-            key_path = create_key_file(cfg.secrets.file)
-            store = FileStore.from_config(cfg.secrets.file)
-            store.init()
-            print(f"created {store.path}" + (f" and key {key_path} (mode 0600; back it up)" if key_path else ""))
+            store_path, key_path = init_store(cfg.secrets.file)
+            print(f"created {store_path}" + (f" and key {key_path} (mode 0600; back it up)" if key_path else ""))
             return 0
         store = FileStore.from_config(cfg.secrets.file)
         if args.action == "put":

@@ -74,7 +74,8 @@ class FileStore(SecretStore):
         try:
             plain = self._aead.decrypt(nonce, ct, MAGIC)
         except InvalidTag:
-            raise StoreError(f"secret store {self.path} cannot be decrypted: wrong master key, or the file was modified") from None
+            raise StoreError(f"secret store {self.path} cannot be decrypted: wrong master key, or the file was modified "
+                             f"(check secrets.file.key_file and ${KEY_ENV})") from None
         data = json.loads(plain)
         if not isinstance(data, dict) or not isinstance(data.get("paths"), dict):
             raise StoreError(f"secret store {self.path} has an unknown layout")
@@ -173,6 +174,14 @@ def _resolve(path: str, base_dir: str | Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
 
 
+def _key_hint(cfg, base_dir) -> str:
+    """What to do about a key that is missing or does not open the store: ``init`` only for a new store."""
+    if _resolve(cfg.path, base_dir).exists():
+        return (f"the store {_resolve(cfg.path, base_dir)} exists: check secrets.file.key_file, or set "
+                f"${KEY_ENV} to its key (secrets init would not help: it never replaces a store)")
+    return "run: credproxy secrets init"
+
+
 def load_key(cfg, *, base_dir: str | Path | None = None) -> bytes:
     env = os.environ.get(KEY_ENV)
     if env:
@@ -184,20 +193,34 @@ def load_key(cfg, *, base_dir: str | Path | None = None) -> bytes:
         _check_private(path, "master key file")
         return decode_key(path.read_text(), str(path))
     except FileNotFoundError:
-        raise StoreError(f"master key file {path} does not exist (run: credproxy secrets init)") from None
+        raise StoreError(f"master key file {path} does not exist; {_key_hint(cfg, base_dir)}") from None
 
 
-def create_key_file(cfg, *, base_dir: str | Path | None = None) -> Path | None:
-    """Create the key file for ``secrets init`` unless the key comes from the environment."""
-    if os.environ.get(KEY_ENV):
-        return None
+def init_store(cfg, *, base_dir: str | Path | None = None) -> tuple[Path, Path | None]:
+    """``secrets init``: a new key file (unless the key comes from the environment) and an empty store.
+
+    Everything is checked before anything is written, and a key written for a store that then cannot be
+    created is removed again: a refused init leaves the files as they were. Returns (store, new key file)."""
+    store_path = _resolve(cfg.path, base_dir)
+    if store_path.exists():
+        raise StoreError(f"secret store {store_path} already exists; refusing to overwrite it (nothing was written)")
+    env = os.environ.get(KEY_ENV)
+    if env:
+        FileStore(store_path, decode_key(env, f"${KEY_ENV}")).init()
+        return store_path, None
     if not cfg.key_file:
         raise StoreError(f"no master key: set secrets.file.key_file or ${KEY_ENV}")
-    path = _resolve(cfg.key_file, base_dir)
-    if path.exists():
-        raise StoreError(f"master key file {path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    key_path = _resolve(cfg.key_file, base_dir)
+    if key_path.exists():
+        raise StoreError(f"master key file {key_path} already exists; refusing to overwrite it (nothing was written)")
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key = generate_key()
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        fh.write(generate_key() + "\n")
-    return path
+        fh.write(key + "\n")
+    try:
+        FileStore(store_path, decode_key(key, str(key_path))).init()
+    except BaseException:
+        key_path.unlink(missing_ok=True)  # its store was not made: a key for nothing would only mislead
+        raise
+    return store_path, key_path
