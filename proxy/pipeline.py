@@ -18,7 +18,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -34,6 +33,7 @@ from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay
 from proxy.routing import Route, route_dedicated, route_prefixed
 from proxy.lifecycle.state import State
+from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.client import HOP_BY_HOP, strip_hop_by_hop
 
 log = logging.getLogger("credproxy.request")
@@ -166,7 +166,7 @@ def _outbound(request: web.BaseRequest, cred: Credential, grant: Grant, route: R
     return out
 
 
-async def _send(cred: Credential, out: Outbound, body: RequestBody) -> aiohttp.ClientResponse:
+async def _send(cred: Credential, out: Outbound, body: RequestBody) -> UpstreamResponse:
     try:
         return await cred.client.send(out)
     except UpstreamError:
@@ -175,7 +175,7 @@ async def _send(cred: Credential, out: Outbound, body: RequestBody) -> aiohttp.C
         raise
 
 
-async def _peek(upstream: aiohttp.ClientResponse) -> bytes:
+async def _peek(upstream: UpstreamResponse) -> bytes:
     """Read the start of the answer to look for ``body_contains``; relay sends it on first."""
     return await read_upto(upstream, b"", PEEK_MAX)
 

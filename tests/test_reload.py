@@ -152,14 +152,14 @@ async def test_in_flight_requests_finish_on_the_config_they_started_with(setup, 
                 assert status == 200 and body["credentials"]["removed"] == ["demo"]
                 assert (await call(proxy, "/demo/v1/x"))[0] == 403  # new requests see the new config
                 await asyncio.sleep(0.05)
-                assert old_demo.client._session is not None  # not closed under the running request
+                assert not old_demo.client.closed  # not closed under the running request
                 upstream.release.set()
                 assert await r.read() == b"first part;second part"
         for _ in range(100):  # the retired credential is closed once its last request is done
-            if old_demo.client._session is None:
+            if old_demo.client.closed:
                 break
             await asyncio.sleep(0.02)
-        assert old_demo.client._session is None
+        assert old_demo.client.closed
 
 
 async def test_the_kill_switch_survives_a_reload(setup, upstream):

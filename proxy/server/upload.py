@@ -5,7 +5,7 @@ them (``proxy.server.upload_clock``) is answered ``400 bad_request`` (audit reas
 ``caller_body_timeout``) — before anything went upstream when the body is being
 buffered. A streamed body that stalls, overflows ``max_body`` or whose caller goes
 away abandons the upstream request:
-the upload stream cancels the upstream client's body writer, which closes that
+the upload stream ends with an error, on which the upstream client's body writer closes that
 connection (it is never reused half-written), and ``RequestBody.fault`` holds the
 caller's answer.
 """
@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from proxy.server.upload_clock import BodyClock
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError
+from proxy.upstream.answer import UpstreamResponse
 
 
 class RequestBody:
@@ -31,7 +31,7 @@ class RequestBody:
         # Set when the caller broke the streamed upload (over max_body, stalled, went away): what the caller
         # is answered (and the audit says) instead of the upstream failure the abandoned upload causes.
         self.fault: ProxyError | None = None
-        self._answer: aiohttp.ClientResponse | None = None
+        self._answer: UpstreamResponse | None = None
 
     @property
     def replayable(self) -> bool:
@@ -45,7 +45,7 @@ class RequestBody:
         self._used = True
         return self._stream()
 
-    def answered(self, upstream: aiohttp.ClientResponse) -> None:
+    def answered(self, upstream: UpstreamResponse) -> None:
         """The upstream's answer has begun while the body may still be on its way: if the caller breaks the
         upload off, the answer is ended too (closing it wakes whoever reads it), or it would wait forever."""
         self._answer = upstream
@@ -130,6 +130,6 @@ async def _limited(clock: BodyClock, budget: int, owner: RequestBody) -> AsyncIt
             yield chunk
     finally:
         clock.stop()
-    # The upload is abandoned by cancelling aiohttp's body writer: only then does it close the upstream
-    # connection at once (never reused half-written); any other exception merely marks the request failed.
+    # The upload is abandoned: the upstream client's body writer closes that connection (never reused
+    # half-written) on any exception from the stream; CancelledError is what aiohttp's writer needed.
     raise asyncio.CancelledError()

@@ -1,8 +1,10 @@
 """Where credproxy will connect: upstream addresses are checked at connect time.
 
-The check runs in the socket factory aiohttp calls for every address it is
-about to connect to — after DNS, for IP literals too — so a name that resolves
-(or re-resolves, DNS rebinding) into a denied range cannot slip past it.
+The check runs after DNS, for IP literals too, on the addresses the socket is
+then connected to — in ``proxy.upstream.dial`` for the upstream client, and in
+the socket factory aiohttp calls for the control-plane clients (token
+endpoints, webhooks) — so a name that resolves (or re-resolves, DNS rebinding)
+into a denied range cannot slip past it.
 
 - Always refused: link-local (169.254.0.0/16 — cloud metadata at
   169.254.169.254 — and fe80::/10), other known metadata addresses,

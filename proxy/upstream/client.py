@@ -1,29 +1,48 @@
-"""The pooled upstream client: one aiohttp session per credential.
+"""The upstream client: a keep-alive connection pool per credential, on llhttp (``httptools``).
 
-Redirects are passed through, never followed; bodies are not decompressed; the
-environment's proxy settings are ignored; hop-by-hop headers are dropped both
-ways; every address is checked by the ``netguard.AddressPolicy`` as it is
-connected to. Transport failures become ``UpstreamError`` / ``UpstreamTimeout``.
+One ``UpstreamClient`` per credential keeps idle connections per (scheme, host,
+port, SSL context): client certificates rotate, and a new context simply starts
+a new pool while the old one's connections age out. Redirects are passed
+through, never followed; bodies are not decompressed; no proxy settings from the
+environment; hop-by-hop headers are dropped both ways (``strip_hop_by_hop``);
+every address is checked by the ``AddressPolicy`` as it is connected to
+(``dial``). Transport failures become ``UpstreamError`` / ``UpstreamTimeout``
+with the audit reasons ``upstream_connect``, ``upstream_address_denied``,
+``upstream_bad_framing`` and ``upstream_failed``.
+
+A pooled connection the upstream closed while it sat idle is retried once on a
+new one — only when not a byte of the answer arrived, the body is replayable
+and the method idempotent (RFC 9110 §9.2.2: the upstream may have acted on
+the request before it closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.upstream.address_policy import AddressDenied, AddressPolicy
+from proxy.upstream.answer import BadAnswer, HeadTimeout, UpstreamResponse
+from proxy.upstream.connection import Connection
+from proxy.upstream.dial import Resolver, dial, resolve
 from proxy.upstream.outbound import Outbound
 
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
     "Proxy-Authenticate", "Proxy-Authorization", "HTTP2-Settings",
 ))
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+KEEPALIVE_S = 15.0  # an idle connection older than this is closed rather than reused (aiohttp's default)
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when there is no body
+_FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
+_TOKENS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\n[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str],
@@ -50,47 +69,171 @@ def _system_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def request_head(out: Outbound, host: str) -> tuple[bytes, int | None]:
+    """The request line and headers as bytes, and the body's length (``None``: chunked). Refuses (``ValueError``)
+    a header name that is not a token, and CR, LF or NUL anywhere, so no value can start another header."""
+    body = out.body
+    if body is None:
+        length = 0 if out.method in _BODY_METHODS else None
+    elif isinstance(body, (bytes, bytearray, memoryview)):
+        length = len(body)
+    else:
+        declared = out.headers.get("Content-Length")
+        length = int(declared) if declared is not None and declared.isdigit() else None
+    target = out.base.raw_path.rstrip("/") + out.path + ("?" + out.query if out.query else "")
+    headers = out.headers
+    lines = [f"{out.method} {target} HTTP/1.1", "Host: " + headers.get("Host", host)]
+    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in _FRAMING]
+    if length is not None:
+        if length or out.method in _BODY_METHODS or body is not None:
+            lines.append(f"Content-Length: {length}")
+    elif body is not None:
+        lines.append("Transfer-Encoding: chunked")
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    if (text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1 or "\x00" in text
+            or " " in target or not _TOKENS.fullmatch("\n".join([out.method, *headers.keys()]))):
+        raise ValueError("request head would not survive the wire")
+    return text.encode("utf-8", "surrogateescape"), length
+
+
+class _Pool:
+    """Idle connections per key, and the count of open ones, bounded by ``limit`` across keys."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.idle: dict[tuple, deque[Connection]] = {}
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self, key: tuple, now: float) -> Connection | None:
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to have been dropped by the upstream
+            if conn.usable() and now - conn.idle_since < KEEPALIVE_S:
+                conn.reused = True
+                return conn
+            conn.abort()
+        return None
+
+    def put(self, conn: Connection) -> None:
+        conn.idle_since = conn.loop.time()
+        self.idle.setdefault(conn.key, deque()).append(conn)
+        self._wake()
+
+    def lost(self, conn: Connection) -> None:
+        idle = self.idle.get(conn.key)
+        if idle is not None and conn in idle:
+            idle.remove(conn)
+        self.open -= 1
+        self._wake()
+
+    def close_one_idle(self) -> bool:
+        """Make room under the limit by closing the longest-idle connection of any key."""
+        oldest = min((q[0] for q in self.idle.values() if q), key=lambda c: c.idle_since, default=None)
+        if oldest is None:
+            return False
+        self.idle[oldest.key].popleft()
+        oldest.abort()
+        return True
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        for idle in self.idle.values():
+            for conn in list(idle):
+                conn.abort()
+        self.idle.clear()
+
+
 class UpstreamClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float, ssl_ctx: ssl.SSLContext | None = None,
                  limit: int = 256, ssl_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
-                 address_policy: AddressPolicy | None = None) -> None:
+                 address_policy: AddressPolicy | None = None, resolver: Resolver = resolve) -> None:
         self._ssl = ssl_ctx or ssl_context()
         # Asked before each request (client certificates rotate); pools are kept per context.
         self._ssl_provider = ssl_provider
         self._addresses = address_policy or AddressPolicy()
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
-                                              sock_read=read_timeout)
-        self._limit = limit
-        self._session: aiohttp.ClientSession | None = None
+        self._resolver = resolver
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._pool = _Pool(limit)
+        self.closed = False
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl, enable_cleanup_closed=True,
-                                             socket_factory=self._addresses.socket_factory)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            )
-        return self._session
-
-    async def send(self, out: Outbound) -> aiohttp.ClientResponse:
-        ssl_ctx = await self._ssl_provider() if self._ssl_provider else self._ssl
+    async def send(self, out: Outbound) -> UpstreamResponse:
+        base = out.base
+        tls = base.scheme == "https"
+        ssl_ctx = (await self._ssl_provider() if self._ssl_provider else self._ssl) if tls else None
+        host, port = base.host or "", base.port or (443 if tls else 80)
         try:
-            return await self.session.request(
-                out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False,
-                compress=None, chunked=None, ssl=ssl_ctx,
-            )
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from None
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, AddressDenied):
-                raise UpstreamError(exc.os_error.why, reason="upstream_address_denied") from None
+            head, length = request_head(out, base.host_port_subcomponent or host)
+        except (ValueError, UnicodeError):
+            raise UpstreamError("request head refused", reason="upstream_failed") from None
+        key = (tls, host, port, ssl_ctx)
+        retry = out.method in IDEMPOTENT and out.replayable
+        while True:
+            conn = await self._connection(key, host, port, ssl_ctx)
+            answer = UpstreamResponse(conn, out.method, self._read_timeout)
+            try:
+                conn.send(answer, head, out.body, length, self._read_timeout)
+                await answer.wait_head()
+                return answer
+            except BadAnswer as exc:
+                if exc.stale and conn.reused and retry:
+                    retry = False  # once: a second stale connection is the upstream's answer
+                    continue
+                raise UpstreamError(exc.why, reason=exc.reason) from None
+            except HeadTimeout:
+                raise UpstreamTimeout("upstream sent no answer within the read timeout") from None
+            except BaseException:
+                conn.abort()
+                raise
+
+    async def _connection(self, key: tuple, host: str, port: int, ssl_ctx: ssl.SSLContext | None) -> Connection:
+        if self.closed:
+            raise UpstreamError("client closed (credential reloaded)", reason="upstream_failed")
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        while True:
+            conn = pool.take(key, loop.time())
+            if conn is not None:
+                return conn
+            if pool.open < pool.limit:
+                break
+            if not pool.close_one_idle():
+                await pool.wait()
+        pool.open += 1
+        try:
+            _, conn = await dial(lambda: Connection(loop, pool.put, pool.lost), host, port, ssl_ctx=ssl_ctx,
+                                 policy=self._addresses, timeout=self._connect_timeout, resolver=self._resolver)
+        except AddressDenied as exc:
+            pool.open -= 1
+            raise UpstreamError(exc.why, reason="upstream_address_denied") from None
+        except TimeoutError:
+            pool.open -= 1
+            raise UpstreamTimeout("upstream connect timed out") from None
+        except OSError as exc:
+            pool.open -= 1
             raise UpstreamError(f"connect failed: {type(exc).__name__}", reason="upstream_connect") from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise UpstreamError(f"upstream request failed: {type(exc).__name__}", reason="upstream_failed") from None
+        except BaseException:
+            pool.open -= 1
+            raise
+        conn.key = key
+        return conn
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.closed = True
+        self._pool.close()

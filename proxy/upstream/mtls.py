@@ -12,8 +12,8 @@ is left behind once the context is built.
 
 Rotation: each request checks, from the cache, that the certificate and key are still
 the ones loaded, and a change builds a new context; the cache's change notice does so
-at once, so the reported expiry is current. aiohttp pools connections per SSL context,
-so connections made with the old certificate are simply not reused. A new pair that
+at once, so the reported expiry is current. The upstream client pools connections per SSL
+context, so connections made with the old certificate are simply not reused. A new pair that
 cannot be loaded (a certificate rotated before its key, say) is reported and the last
 good certificate stays in use.
 """

@@ -9,20 +9,20 @@ aborts the connection (the caller sees a truncated answer, never the secret).
 Compressed bodies are not decompressed: ``redact`` passes them on unscanned,
 ``block`` refuses them (502), since it cannot prove them clean.
 
-An upstream answer whose framing credproxy would have to guess at — a
-transfer coding other than a single ``chunked``, or an unrequested ``1xx``
-such as ``101 Switching Protocols`` — answers 502 (aiohttp's parser already
-refuses Content-Length with Transfer-Encoding and conflicting lengths).
+An upstream answer whose framing credproxy would have to guess at never gets
+here: the client refuses it (``proxy.upstream.answer``) and the caller gets 502.
 A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
 upstream connection open) is disconnected.
 
-Answers with a ``Content-Length`` up to ``WHOLE_BODY_MAX`` (64 KiB, typical
-of JSON APIs) are read whole, scanned once and sent with their (new) length: no
+Three strategies, chosen by ``relay``. ``relay_whole``: answers with a
+``Content-Length`` up to ``WHOLE_BODY_MAX`` (64 KiB, typical of JSON APIs) are read whole, scanned once and sent with their (new) length: no
 chunked framing, one write, the upstream connection released before the caller
 reads, and a failure while reading them is a clean 502/504. So are answers up
 to ``WHOLE_ANSWER_MAX`` (1 MiB, the line SPEC draws for buffering request
 bodies) while the ``AnswerBudget`` — the bytes of such answers held at once in
-this process, ``ANSWER_BUDGET`` — has room; the rest are streamed.
+this process, ``ANSWER_BUDGET`` — has room (``relay_held``); the rest are streamed
+(``relay_streamed``) with backpressure both ways: the upstream connection reads
+no further than the caller takes.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.redact.leak_guard import LeakGuard, StreamRedactor
+from proxy.upstream.answer import BodyFailed, UpstreamResponse
 from proxy.upstream.client import strip_hop_by_hop
 
 log = logging.getLogger("credproxy.relay")
@@ -75,7 +75,7 @@ class _BodyRead:
     def __exit__(self, kind, exc, tb) -> bool:
         if kind is not None and issubclass(kind, TimeoutError):
             raise UpstreamTimeout("upstream body timed out") from None
-        if kind is not None and issubclass(kind, aiohttp.ClientError):
+        if kind is not None and issubclass(kind, BodyFailed):
             raise UpstreamError(f"bad upstream body: {kind.__name__}", reason="upstream_body_failed") from None
         return False
 
@@ -89,14 +89,6 @@ class LeakBlocked(UpstreamError):
 
 class CallerStalled(Exception):
     """The caller took no response bytes within the write timeout."""
-
-
-def check_framing(upstream: aiohttp.ClientResponse) -> None:
-    if upstream.status < 200:
-        raise UpstreamError(f"unrequested {upstream.status} answer", reason="upstream_bad_framing")
-    te = upstream.headers.getall("Transfer-Encoding", [])
-    if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
-        raise UpstreamError("transfer coding other than a single chunked", reason="upstream_bad_framing")
 
 
 def is_compressed(headers) -> bool:
@@ -132,11 +124,12 @@ def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, in
     return guard.redact_text(reason) if guard is not None else (reason, 0)
 
 
-async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes, guard: LeakGuard,
+async def relay(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes, guard: LeakGuard,
                 mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
                 budget: AnswerBudget | None = None) -> web.StreamResponse:
+    """Check and redact the head, then hand the answer to one of the three strategies. ``head``: body bytes
+    already read (the expired-answer peek), sent first."""
     try:
-        check_framing(upstream)
         headers = strip_hop_by_hop(upstream.headers)
         scanning = mode != "off" and guard.active
         compressed = is_compressed(upstream.headers)
@@ -155,19 +148,31 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
-        length = upstream.content_length
-        if has_body and length is not None and length <= WHOLE_BODY_MAX:
-            return await _relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode,
-                                      leak_counter)
-        redactor = guard.stream() if scan_body else None
-        if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
-                and budget.take(length):
-            try:
-                return await _relay_held(request, upstream, head, headers, reason, redactor, mode, leak_counter,
-                                         trace, write_timeout)
-            finally:
-                budget.give(length)
+    except BaseException:
+        upstream.release()
+        raise
+    length = upstream.content_length
+    if has_body and length is not None and length <= WHOLE_BODY_MAX:
+        return await relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode, leak_counter)
+    redactor = guard.stream() if scan_body else None
+    if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
+            and budget.take(length):
+        try:
+            return await relay_held(request, upstream, head, headers, reason, redactor, mode, leak_counter,
+                                    trace, write_timeout)
+        finally:
+            budget.give(length)
+    return await relay_streamed(request, upstream, head, headers, reason, guard, redactor, mode, leak_counter,
+                                trace, write_timeout, has_body=has_body)
 
+
+async def relay_streamed(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes,
+                         headers: CIMultiDict[str], reason: str | None, guard: LeakGuard,
+                         redactor: StreamRedactor | None, mode: str, leak_counter, trace, write_timeout: float,
+                         *, has_body: bool) -> web.StreamResponse:
+    """An answer too long (or of unknown length) to hold: sent on chunk by chunk as the caller takes it.
+    Under ``block`` the first ``BLOCK_BUFFER`` bytes are held and scanned before anything is sent."""
+    try:
         held = b""
         if redactor is not None and mode == "block" and has_body:
             held = await read_upto(upstream, head, BLOCK_BUFFER)
@@ -189,7 +194,7 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
             return response
         for chunk in (held, head):
             await _write(response, redactor, chunk, mode, write_timeout)
-        async for chunk in upstream.content.iter_any():
+        while chunk := await upstream.read_chunk():
             await _write(response, redactor, chunk, mode, write_timeout)
         if redactor is not None:
             tail = redactor.flush()
@@ -200,14 +205,14 @@ async def relay(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head
                 leak_counter.inc(redactor.count)
         await response.write_eof()
         return response
-    except (aiohttp.ClientError, TimeoutError, LeakBlocked, ConnectionError, CallerStalled) as exc:
+    except (BodyFailed, LeakBlocked, ConnectionError, CallerStalled) as exc:
         _abort(request, trace, exc)
         return response
     finally:
         upstream.release()
 
 
-async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
+async def relay_whole(upstream: UpstreamResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
                        guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
     """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
     try:
@@ -225,7 +230,7 @@ async def _relay_whole(upstream: aiohttp.ClientResponse, head: bytes, headers: C
     return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
 
 
-async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse, head: bytes,
+async def relay_held(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes,
                       headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
                       leak_counter, trace, write_timeout: float) -> web.StreamResponse:
     """An answer of known length up to ``WHOLE_ANSWER_MAX``: every chunk read and scanned, and held, before
@@ -239,7 +244,7 @@ async def _relay_held(request: web.BaseRequest, upstream: aiohttp.ClientResponse
         with BODY_READ:
             if head:
                 pieces.append(scan(head))
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read_chunk():
                 pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
     finally:
         upstream.release()
@@ -296,12 +301,14 @@ async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, 
         raise CallerStalled() from None
 
 
-async def read_upto(upstream: aiohttp.ClientResponse, head: bytes, limit: int) -> bytes:
-    buf = bytearray(head)
+async def read_upto(upstream: UpstreamResponse, head: bytes, limit: int) -> bytes:
+    """At least ``limit`` bytes of the body when it has them (perhaps one chunk more), or all of it."""
+    parts, got = [head], len(head)
     with BODY_READ:
-        while len(buf) < limit:
-            chunk = await upstream.content.read(limit - len(buf))
+        while got < limit:
+            chunk = await upstream.read_chunk()
             if not chunk:
                 break
-            buf += chunk
-    return bytes(buf)
+            parts.append(chunk)
+            got += len(chunk)
+    return b"".join(parts)

@@ -1,0 +1,307 @@
+"""One upstream answer as llhttp parses it: the head, then the body as a stream of chunks.
+
+The parser (``httptools.HttpResponseParser``, llhttp in strict mode) calls this
+object back as bytes arrive on the connection. What it refuses, and what is
+refused here on top of it, becomes a ``BadAnswer`` before the head is handed on
+(the caller then gets 502), or a ``BodyFailed`` from the body reader after it:
+
+- anything llhttp refuses: a garbage status line, bad header syntax (NUL, bare
+  CR, obs-fold, space before the colon), duplicate or conflicting
+  ``Content-Length``, ``Content-Length`` with ``Transfer-Encoding``, bad chunk
+  framing;
+- a transfer coding other than one ``chunked`` (a body credproxy would have to
+  guess the end of), ``101`` (never asked for), more than ``MAX_INTERIM``
+  other ``1xx`` answers (skipped, as RFC 9110 §15.2 lets a client do);
+- a status line or header field over ``MAX_FIELD`` bytes, more than
+  ``MAX_HEADERS`` fields, a head over ``MAX_HEAD`` bytes;
+- a body that ends before its length or last chunk (early close).
+
+An answer with neither length nor chunked coding is read until the upstream
+closes. HEAD answers and 204/304 have no body, whatever they declare.
+
+Backpressure: received body chunks wait here until the relay takes them; past
+``HIGH_WATER`` buffered bytes the connection stops reading, and below
+``LOW_WATER`` it reads again, so a body of any size holds bounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from proxy.upstream.connection import Connection
+
+MAX_FIELD = 8190  # status line, or one header name + value (aiohttp's client limits, kept)
+MAX_HEADERS = 128
+MAX_HEAD = 256 * 1024  # all bytes before the body, 1xx answers included
+MAX_INTERIM = 16
+HIGH_WATER = 512 * 1024
+LOW_WATER = 128 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class BadAnswer(Exception):
+    """The upstream's head cannot be used; ``reason`` is the audit reason. ``stale``: the connection closed
+    before a single byte of an answer arrived (a pooled connection the upstream had already dropped)."""
+
+    def __init__(self, why: str, reason: str = "upstream_failed", *, stale: bool = False) -> None:
+        super().__init__(why)
+        self.why = why
+        self.reason = reason
+        self.stale = stale
+
+
+class HeadTimeout(TimeoutError):
+    """No answer head within the read timeout."""
+
+
+class BodyFailed(Exception):
+    """The answer's body cannot be read to its end: bad framing, the upstream closed early, or the answer was
+    closed under the reader."""
+
+
+class BodyTimeout(BodyFailed, TimeoutError):
+    """No body bytes within the read timeout."""
+
+
+class UpstreamResponse:
+    """What the relay reads: ``status``, ``reason``, ``headers``, ``content_length``, the body through
+    ``read_chunk`` / ``iter_chunks`` / ``read``; then ``release()`` (a connection whose answer was read to its
+    end goes back to its pool by itself; one that was not is closed) or ``close()``."""
+
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    content_length: int | None
+
+    def __init__(self, conn: Connection, method: str, read_timeout: float) -> None:
+        self._conn = conn
+        self._loop = conn.loop
+        self._read_timeout = read_timeout
+        self._head_only = method == "HEAD"
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[None] = self._loop.create_future()
+        self._fields: list[tuple[str, str]] = []
+        self._reason = b""
+        self._head_bytes = 0
+        self._interim = 0
+        self._in_head = True
+        self._got_bytes = False
+        self._until_close = False
+        self.keep_alive = False
+        self.done = False  # the whole answer was received (not necessarily read)
+        self._dirty = False  # bytes after the end of the answer: the connection cannot be trusted again
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.status, self.reason, self.headers, self.content_length = 0, "", CIMultiDict(), None
+
+    # -- fed by the connection ------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self._got_bytes = True
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except BadAnswer as exc:
+            self._fail(exc)
+        except httptools.HttpParserUpgrade:
+            self._fail(BadAnswer("unrequested protocol upgrade", "upstream_bad_framing"))
+        except httptools.HttpParserError as exc:
+            # llhttp's messages are fixed texts (no bytes of the answer in them); the type names the fault
+            self._fail(BadAnswer(f"unparseable answer: {type(exc).__name__}"))
+        else:
+            if self._in_head and self._head_bytes > MAX_HEAD:
+                self._fail(BadAnswer("answer head over the limit"))
+        # The head is handed on only once the bytes that came with it are parsed: a fault found in them
+        # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
+        if not self._in_head and not self._head.done():
+            self._head.set_result(None)
+
+    def connection_lost(self) -> None:
+        if self._in_head:
+            self._fail(BadAnswer("connection closed before the answer", stale=not self._got_bytes))
+        elif not self.done:
+            if self._until_close and self._error is None:
+                self.done = True  # this answer's end is the end of the connection
+                self._wake()
+            else:
+                self._fail(BodyFailed("upstream closed the connection before the answer's end"))
+
+    @property
+    def reusable(self) -> bool:
+        return self.done and self.keep_alive and not self._dirty and self._error is None
+
+    def _fail(self, exc: BaseException) -> None:
+        self.keep_alive = False
+        if self.done:
+            self._dirty = True  # garbage after a complete answer: that answer stands, the connection does not
+            return
+        if not self._head.done():
+            self._head.set_exception(exc)
+            self._head.exception()  # retrieved here: a failed head nobody awaits any more is not an error
+        elif self._error is None:
+            self._error = exc if isinstance(exc, BodyFailed) else BodyFailed(str(exc))
+            self._wake()
+        self._conn.abort()
+
+    # -- llhttp callbacks --------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self._dirty = True
+        self._fields = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        if len(self._reason) > MAX_FIELD:
+            raise BadAnswer("status line over the limit")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head or self.done:
+            return  # trailer fields: not forwarded (the caller's answer carries none)
+        if len(name) + len(value) > MAX_FIELD:
+            raise BadAnswer("header field over the limit")
+        if len(self._fields) >= MAX_HEADERS:
+            raise BadAnswer("too many header fields")
+        self._fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        if self.done:
+            self._dirty = True
+            return
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise BadAnswer("unrequested 101 answer", "upstream_bad_framing")
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise BadAnswer("too many 1xx answers", "upstream_bad_framing")
+            self._reason = b""
+            return
+        headers = CIMultiDict(self._fields)
+        te = headers.getall("Transfer-Encoding", ())
+        if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
+            raise BadAnswer("transfer coding other than a single chunked", "upstream_bad_framing")
+        length = headers.get("Content-Length")
+        self.status = status
+        self.reason = self._reason.decode("utf-8", "surrogateescape")
+        self.headers = headers
+        self.content_length = int(length) if length is not None and not te else None  # llhttp checked the digits
+        self.keep_alive = self._parser.should_keep_alive()
+        no_body = self._head_only or status in _NO_BODY_STATUS
+        if no_body:
+            self.content_length = None if self._head_only else 0
+        self._until_close = not no_body and not te and length is None
+        if self._until_close:
+            self.keep_alive = False
+        self._in_head = False
+        if no_body:
+            self.done = True  # llhttp would wait for a HEAD answer's declared body: it ends here
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.done:
+            self._dirty = True
+            return
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > HIGH_WATER and not self._paused:
+            self._paused = True
+            self._conn.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._in_head or self.done:
+            return  # a 1xx answer ended (the final one follows), or the end of a HEAD answer's body
+        self.done = True
+        self._wake()
+
+    # -- read by the relay ------------------------------------------------------------------------------
+
+    async def wait_head(self) -> None:
+        if not self._head.done():
+            timer = self._loop.call_later(self._read_timeout, self._head_timed_out)
+            try:
+                await self._head
+            finally:
+                timer.cancel()
+        self._head.result()
+
+    def _head_timed_out(self) -> None:
+        if not self._head.done():
+            self._head.set_exception(HeadTimeout("no answer head within the read timeout"))
+            self._head.exception()
+            self._conn.abort()
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body; ``b""`` at its end. Raises ``BodyFailed`` (``BodyTimeout``)."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.done:
+                return b""
+            await self._wait()
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= LOW_WATER:
+            self._paused = False
+            self._conn.resume_reading()
+        return chunk
+
+    async def iter_chunks(self):
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    async def read(self) -> bytes:
+        """The whole body (the caller knows it is small)."""
+        if self.done and self._error is None:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            return data
+        parts = [chunk async for chunk in self.iter_chunks()]
+        return b"".join(parts)
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(self._read_timeout, self._body_timed_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _body_timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if not waiter.done() and self._error is None and not self.done:
+            self._error = BodyTimeout("no body bytes within the read timeout")
+            self.keep_alive = False
+            waiter.set_result(None)
+            self._conn.abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def release(self) -> None:
+        """Done with this answer: an unfinished one closes its connection (it cannot be reused half-read)."""
+        if not self.done:
+            self.close()
+        self._chunks.clear()
+        self._buffered = 0
+
+    def close(self) -> None:
+        """Abandon the answer: its connection is closed and a waiting reader gets ``BodyFailed``."""
+        if not self.done and self._error is None:
+            self._error = BodyFailed("answer closed before its end")
+            self.keep_alive = False
+            self._wake()
+        self._conn.abort_for(self)
