@@ -136,7 +136,7 @@ class Proxy:
                                   max_staleness=vault.max_staleness if vault else float("inf"),
                                   on_backend_error=lambda _exc: backend_errors.inc())
         self._metrics = metrics
-        self._audit = AuditLog(cfg.audit.path)
+        self._audit = AuditLog.open(cfg.audit, metrics)
         self._audit.start()
         self._alerts = self._alert_monitor(cfg, metrics)
         self.admin_auth.load(cfg.admin.token_file)

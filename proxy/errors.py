@@ -61,6 +61,11 @@ class CredentialUnavailable(ProxyError):
     status, code, message = 503, "credential_unavailable", "credential unavailable"
 
 
+class AuditUnavailable(CredentialUnavailable):
+    """The audit trail cannot be written and ``audit.on_failure`` is refuse (SPEC §11): nothing is served
+    that would not be audited. Callers see the same answer as any unavailable credential."""
+
+
 class Overloaded(ProxyError):
     """The process already holds ``server.limits.max_connections`` caller connections (not in SPEC §6:
     ``credential_unavailable`` would send callers looking for a credential problem)."""

@@ -88,6 +88,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     body: RequestBody | None = None
     state.metrics.inflight.inc()
     try:
+        state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
         guards.check_request(request)
         route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
         trace.credential = route.credential

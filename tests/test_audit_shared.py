@@ -3,9 +3,12 @@ every worker), and no line is lost or doubled."""
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import random
 
+from proxy.observe import audit_sink
 from proxy.observe.audit import AuditEvent, AuditLog, verify
 
 
@@ -71,3 +74,41 @@ def test_concurrent_processes_append_one_unbroken_chain(tmp_path):
     for who in ("w0", "w1", "w2"):  # each writer's own lines stay in the order it wrote them
         mine = [i for i in ids if i.startswith(who)]
         assert mine == sorted(mine)
+
+
+class _CutOff:
+    """A fault-injecting fake of ``os.write``/``os.ftruncate`` for one writer's flush: it writes the first
+    100 bytes, then the disk is "full" (ENOSPC), and cutting the half line back fails too (EIO)."""
+
+    def __init__(self, real_write, real_truncate) -> None:
+        self.real_write, self.real_truncate = real_write, real_truncate
+        self.wrote = False
+
+    def write(self, fd, data):
+        if not self.wrote:
+            self.wrote = True
+            return self.real_write(fd, bytes(data[:100]))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def ftruncate(self, fd, size):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+async def test_a_writer_cut_off_mid_line_leaves_no_half_line_in_the_shared_chain(tmp_path, monkeypatch):
+    path = str(tmp_path / "audit.log")
+    a, b = AuditLog(path), AuditLog(path)
+    a.write(event(0, "a"))
+    a.flush()
+    a.write(event(1, "a"))
+    fake = _CutOff(os.write, os.ftruncate)
+    with monkeypatch.context() as m:
+        m.setattr(audit_sink.os, "write", fake.write)
+        m.setattr(audit_sink.os, "ftruncate", fake.ftruncate)
+        assert not a.flush()  # half of a-0001 is in the file; a keeps the line
+    b.write(event(0, "b"))
+    b.flush()  # b cuts the half line and chains onto a-0000
+    assert a.flush()
+    await a.close()
+    await b.close()
+    assert verify(path) == []
+    assert lines(path) == ["a-0000", "b-0000", "a-0001"]

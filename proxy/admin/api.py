@@ -107,15 +107,20 @@ async def require_token(request: web.Request, handler):
         return _error(500, "internal_error", "internal error")
 
 
-def is_ready(holder: StateHolder) -> tuple[bool, list[str]]:
+def readiness(holder: StateHolder) -> dict:
+    """What /readyz answers: ``waiting`` names credentials whose secrets are not yet read, ``draining``, and
+    ``audit`` while audit lines cannot be written (then ``audit`` says why, SPEC §11)."""
     if holder.draining:
-        return False, ["draining"]
+        return {"ready": False, "waiting": ["draining"]}
     state = holder.current
-    missing = []
-    for name, cred in state.credentials.items():
-        if any(not state.cache.cached(ref.path) for ref in cred.refs()):
-            missing.append(name)
-    return not missing, missing
+    waiting = [name for name, cred in state.credentials.items()
+               if any(not state.cache.cached(ref.path) for ref in cred.refs())]
+    answer = {"ready": True, "waiting": waiting}
+    if state.audit.failure is not None:
+        waiting.append("audit")
+        answer["audit"] = {"error": state.audit.failure, "buffered": state.audit.buffered}
+    answer["ready"] = not waiting
+    return answer
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -123,8 +128,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, waiting = is_ready(request.app[HOLDER])
-    return _json({"ready": ready, "waiting": waiting}, 200 if ready else 503)
+    answer = readiness(request.app[HOLDER])
+    return _json(answer, 200 if answer["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -22,12 +22,12 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import aiohttp
 from yarl import URL
 
-from proxy.observe.audit import AuditEvent, AuditLog
+from proxy.observe.audit import AlertEvent, AuditEvent, AuditLog
 from proxy.config.models import AlertsConfig
 from proxy.upstream.address_policy import AddressPolicy
 from proxy.tasks import stop_task
@@ -138,11 +138,14 @@ class AlertMonitor:
             self._raise(event, Alert("denied_burst", count=count, window_s=self.cfg.denied_window))
 
     def _raise(self, event: AuditEvent, alert: Alert) -> None:
-        line = replace(event, outcome="alert", reason=alert.kind, duration_ms=0.0, token_refreshed=False)
+        line = AlertEvent(request_id=event.request_id, caller=event.caller, client_ip=event.client_ip,
+                          credential=event.credential, method=event.method, path=event.path, status=event.status,
+                          outcome="alert", reason=alert.kind, duration_ms=0.0, addresses=alert.addresses,
+                          count=alert.count, window_s=alert.window_s)
+        self._audit.write(line)
         details = {"addresses": list(alert.addresses), "count": alert.count, "window_s": alert.window_s}
-        self._audit.write(line, **details)
         self._counter.labels(alert.kind).inc()
         log.warning("misuse alert", extra={"kind": alert.kind, "caller": event.caller, "client_ip": event.client_ip,
                                            "request_id": event.request_id, **details})
         if self._webhook is not None:
-            self._webhook.submit({"alert": alert.kind, "ts": round(self._wall_clock(), 3), **asdict(line), **details})
+            self._webhook.submit({"alert": alert.kind, "ts": round(self._wall_clock(), 3), **asdict(line)})

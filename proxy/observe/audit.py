@@ -1,26 +1,45 @@
-"""Audit trail: one typed event per request, JSON lines, each hash-chained to the one before.
+"""Audit trail (SPEC §8, §11): one typed event per request, JSON lines, each hash-chained to the one before.
 
-``hash = sha256(canonical JSON of the line without "hash")``; the line carries the
-previous line's hash as ``prev_hash`` (64 zeros for the first). Lines are buffered
-and flushed on a short timer, when the buffer fills, and at shutdown.
+``hash = sha256(canonical JSON of the line without "hash")``; the line carries the previous line's
+hash as ``prev_hash`` (64 zeros for the first line of a file).
+
+``AuditLog.write`` is the one way anything writes an audit line, and it takes typed events only
+(``AuditEvent``, ``AlertEvent``), so no field can carry a secret by accident. The request path only
+appends the event to a buffer; each line is encoded and chained once, when its batch is written
+(``proxy.observe.audit_sink``): at least every ``audit.flush_interval``, as soon as a batch is
+full, and at shutdown.
+
+A write that fails keeps its lines, in order, and is retried with a short backoff. While it fails
+the log is *failing*: each failed attempt counts in ``credproxy_audit_write_errors_total``,
+/readyz answers 503, and with ``audit.on_failure: refuse`` (the default) ``admit`` refuses new
+requests with ``503 credential_unavailable``. The buffer holds at most
+``audit.max_buffered_lines``; a line that does not fit is dropped and counted in
+``credproxy_audit_lines_dropped_total`` (with ``continue`` that is where an outage ends up).
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
+import contextlib
+import errno
 import hashlib
 import json
-import os
-import sys
+import logging
 import time
+from collections import deque
 from dataclasses import dataclass, fields
+from itertools import islice
 
+from proxy.errors import AuditUnavailable
+from proxy.observe.audit_sink import GENESIS, AppendFailed, FileSink, StdoutSink
 from proxy.tasks import stop_task
 
-GENESIS = "0" * 64
-FLUSH_INTERVAL = 0.2
-FLUSH_LINES = 256
+log = logging.getLogger("credproxy.audit")
+
+FLUSH_LINES = 256  # a batch: written as soon as this many lines wait, and the most one write carries
+RETRY_FIRST = 0.05  # after a failed write: retried after 50 ms, doubling ...
+RETRY_MAX = 1.0  # ... up to once a second
+SHUTDOWN_RETRIES = (0.05, 0.2, 0.5)  # at shutdown there is no next attempt: a few more, then the loss is counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,9 +56,23 @@ class AuditEvent:
     duration_ms: float
     token_refreshed: bool = False
 
+    @classmethod
+    def refused(cls, request_id: str, client_ip: str | None, status: int, reason: str) -> AuditEvent:
+        """A request or connection refused before anything about it (caller, credential, path) could be trusted."""
+        return cls(request_id=request_id, caller=None, client_ip=client_ip, credential=None, method="-", path="-",
+                   status=status, outcome="error", reason=reason, duration_ms=0.0)
 
-_EVENT_FIELDS = tuple(f.name for f in fields(AuditEvent))
 
+@dataclass(frozen=True, slots=True)
+class AlertEvent(AuditEvent):
+    """A misuse alert (``outcome: alert``, ``reason`` = its kind) with what raised it."""
+
+    addresses: tuple[str, ...] = ()
+    count: int = 0
+    window_s: float = 0.0
+
+
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (AuditEvent, AlertEvent)}
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once, used per line
 
@@ -48,123 +81,145 @@ def _canonical(obj: dict) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
-def chain_line(record: dict, prev_hash: str) -> tuple[str, str]:
-    body = dict(record, prev_hash=prev_hash)
-    canonical = _canonical(body).decode()
-    digest = hashlib.sha256(canonical.encode()).hexdigest()
-    # The line is the canonical text with "hash" appended: one encoding per line instead of two
-    # (``verify`` parses the line, drops "hash" and re-canonicalizes, so key order is free).
-    return f'{canonical[:-1]},"hash":"{digest}"}}', digest
+def _record(ts: float, event: AuditEvent, prev_hash: str) -> dict:
+    record = {"ts": ts}
+    for name in _FIELDS[type(event)]:  # not dataclasses.asdict: it deep-copies
+        record[name] = getattr(event, name)
+    record["prev_hash"] = prev_hash
+    return record
+
+
+def _chain(batch: list[tuple[float, AuditEvent]], prev: str) -> list[tuple[bytes, str]]:
+    """The batch as chained lines (each with its newline and its hash), the first chained onto ``prev``."""
+    out = []
+    for ts, event in batch:
+        canonical = _canonical(_record(ts, event, prev))
+        prev = hashlib.sha256(canonical).hexdigest()
+        # The line is the canonical text with "hash" appended: one encoding per line (``verify`` parses
+        # the line, drops "hash" and re-canonicalizes, so key order is free).
+        out.append((b'%s,"hash":"%s"}\n' % (canonical[:-1], prev.encode()), prev))
+    return out
 
 
 def strip_query_values(query: str) -> str:
     return "&".join(p.split("=", 1)[0] for p in query.split("&") if p)
 
 
-def _tail_hash(fd: int) -> str:
-    """The hash on the last line of the file open at ``fd`` (GENESIS for an empty or unreadable tail)."""
-    size = os.fstat(fd).st_size
-    start = max(0, size - 65536)
-    for raw in reversed(os.pread(fd, size - start, start).splitlines()):
-        if raw.strip():
-            try:
-                return json.loads(raw)["hash"]
-            except (ValueError, KeyError):
-                break
-    return GENESIS
+def _describe(exc: Exception) -> str:
+    """Why a write failed, for /readyz and the log: the errno's name and text, never a path or a line."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return type(exc).__name__
 
 
-class _FileLock:
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-
-def _open_private(path: str):
-    # Created 0600 from the start: no window in which the umask's mode lets others read it.
-    # Readable too: a writer re-reads the tail when another process appended (serve --workers).
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    return os.fdopen(fd, "a+b")
+class _NoCount:
+    def inc(self, amount: float = 1) -> None:
+        pass
 
 
 class AuditLog:
-    """Buffered, hash-chained JSON lines.
-
-    Lines are chained as they are written (a few microseconds each, spread over
-    requests) and written out in batches. Several processes may append to one
-    file (``serve --workers``): each batch is written under an ``flock``, and a
-    batch chained onto a tail another process has since extended is re-chained
-    onto the file's real tail first, so the file stays one unbroken chain.
-    """
-
-    def __init__(self, path: str, *, clock=time.time) -> None:
+    def __init__(self, path: str, *, flush_interval: float = 1.0, on_failure: str = "refuse",
+                 max_buffered_lines: int = 100_000, write_errors=_NoCount(), lines_dropped=_NoCount(),
+                 clock=time.time) -> None:
         self.path = path
+        self._sink = StdoutSink() if path == "-" else FileSink(path)
+        self._interval = flush_interval
+        self._refuse = on_failure == "refuse"
+        self._max = max_buffered_lines
+        self._write_errors = write_errors
+        self._lines_dropped = lines_dropped
         self._clock = clock
-        self._stdout = path == "-"
-        self._pending: list[tuple[dict, str]] = []  # (record, its chained line)
-        self._base = GENESIS  # the hash the first pending line is chained onto: the file's tail at our last write
-        self._size = 0  # the file's size after our last write; any other size means another writer appended
-        self._fh = None if self._stdout else _open_private(path)
-        if self._fh is not None:
-            os.chmod(path, 0o600)  # an existing file keeps its mode on open: tighten it too
-            with _FileLock(self._fh.fileno()):
-                self._base = _tail_hash(self._fh.fileno())
-                self._size = os.fstat(self._fh.fileno()).st_size
-        self._prev = self._base
+        self._pending: deque[tuple[float, AuditEvent]] = deque()
+        self.failure: str | None = None  # why the last write failed; None while lines are being written
+        self._dropping = False  # a line was dropped since the log was last healthy (logged once per outage)
+        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    def write(self, event: AuditEvent, **details) -> None:
-        """One line for ``event``; ``details`` are extra typed fields (alerts: addresses, count)."""
-        record = {"ts": round(self._clock(), 3)}
-        for name in _EVENT_FIELDS:  # not dataclasses.asdict: it deep-copies, and this runs on every request
-            record[name] = getattr(event, name)
-        if details:
-            record.update(details)
-        self.write_record(record)
+    @classmethod
+    def open(cls, cfg, metrics) -> AuditLog:
+        """The log ``audit`` config (``proxy.config.models.AuditConfig``) asks for, counted in ``metrics``."""
+        audit = cls(cfg.path, flush_interval=cfg.flush_interval, on_failure=cfg.on_failure,
+                    max_buffered_lines=cfg.max_buffered_lines, write_errors=metrics.audit_write_errors,
+                    lines_dropped=metrics.audit_lines_dropped)
+        metrics.audit_lines_buffered.set_function(lambda: len(audit._pending))
+        return audit
 
-    def write_record(self, record: dict) -> None:
-        line, self._prev = chain_line(record, self._prev)
-        self._pending.append((record, line))
-        if len(self._pending) >= FLUSH_LINES:
-            self.flush()
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
 
-    def flush(self) -> None:
-        if not self._pending:
+    def write(self, event: AuditEvent) -> None:
+        """Buffer the line for ``event`` (it is encoded when written out)."""
+        if len(self._pending) >= self._max:
+            self._lines_dropped.inc()
+            if not self._dropping:
+                self._dropping = True
+                log.error("audit buffer full: lines are dropped (counted in credproxy_audit_lines_dropped_total)",
+                          extra={"buffered": len(self._pending), "error": self.failure})
             return
-        pending, self._pending = self._pending, []
-        if self._stdout:
-            sys.stdout.write("".join(line + "\n" for _, line in pending))
-            sys.stdout.flush()
-        else:
-            fd = self._fh.fileno()
-            with _FileLock(fd):
-                if os.fstat(fd).st_size != self._size:
-                    tail = _tail_hash(fd)
-                    if tail != self._base:
-                        pending = self._rechain(pending, tail)
-                data = memoryview("".join(line + "\n" for _, line in pending).encode())
-                while data:
-                    data = data[os.write(fd, data):]
-                self._size = os.fstat(fd).st_size
-        self._base = self._prev
+        self._pending.append((round(self._clock(), 3), event))
+        if len(self._pending) >= FLUSH_LINES and self.failure is None:
+            self._wake.set()
 
-    def _rechain(self, pending: list[tuple[dict, str]], prev: str) -> list[tuple[dict, str]]:
-        out = []
-        for record, _ in pending:
-            line, prev = chain_line(record, prev)
-            out.append((record, line))
-        self._prev = prev
-        return out
+    def admit(self) -> None:
+        """Raise ``AuditUnavailable`` while the audit cannot be written and ``audit.on_failure`` is refuse."""
+        if self.failure is not None and self._refuse:
+            raise AuditUnavailable(f"audit trail cannot be written ({self.failure})", reason="audit_unavailable",
+                                   retry_after=1)
+
+    def flush(self) -> bool:
+        """Write out every buffered line; False when a write failed (what was not written stays buffered)."""
+        while self._pending:
+            if not self._write_batch():
+                return False
+        return True
+
+    def _write_batch(self) -> bool:
+        batch = list(islice(self._pending, FLUSH_LINES))
+        try:
+            written = self._sink.append(lambda prev: _chain(batch, prev))
+        except AppendFailed as exc:
+            self._forget(exc.written)
+            self._failed(exc.cause)
+            return False
+        except OSError as exc:  # opening the file again, taking its lock, reading its tail
+            self._failed(exc)
+            return False
+        self._forget(written)
+        if self.failure is not None:
+            log.warning("audit lines are written again", extra={"buffered": len(self._pending)})
+            self.failure, self._dropping = None, False
+        return True
+
+    def _forget(self, written: int) -> None:
+        for _ in range(written):
+            self._pending.popleft()
+
+    def _failed(self, exc: Exception) -> None:
+        self._write_errors.inc()
+        if self.failure is None:
+            log.error("audit lines cannot be written; they stay buffered and the write is retried",
+                      extra={"error": _describe(exc), "buffered": len(self._pending),
+                             "on_failure": "refuse" if self._refuse else "continue"})
+        self.failure = _describe(exc)
 
     async def _flush_forever(self) -> None:
+        delay, retry = self._interval, RETRY_FIRST
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self.flush()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                while self._pending and self._write_batch():
+                    await asyncio.sleep(0)  # a backlog (after an outage) goes batch by batch: requests run between
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the writer: fail closed and keep trying
+                log.exception("audit write failed unexpectedly")
+                self._failed(exc)
+            if self.failure is None:
+                delay, retry = self._interval, RETRY_FIRST
+            else:
+                delay, retry = retry, min(retry * 2, RETRY_MAX)
 
     def start(self) -> None:
         if self._task is None:
@@ -173,10 +228,17 @@ class AuditLog:
     async def close(self) -> None:
         await stop_task(self._task)
         self._task = None
-        self.flush()
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        for delay in SHUTDOWN_RETRIES:
+            if self.flush():
+                break
+            await asyncio.sleep(delay)
+        else:
+            if not self.flush():
+                self._lines_dropped.inc(len(self._pending))
+                log.error("audit lines lost at shutdown: they could not be written",
+                          extra={"lines": len(self._pending), "error": self.failure})
+                self._pending.clear()
+        self._sink.close()
 
 
 def verify(path: str) -> list[str]:

@@ -76,6 +76,14 @@ class Metrics:
         self.last_reload_ok = Gauge("credproxy_config_last_reload_successful",
                                     "1 when the last reload attempt was applied, 0 when it was rejected", registry=r)
         self.last_reload_ok.set(1)
+        self.audit_write_errors = Counter("credproxy_audit_write_errors_total",
+                                          "Audit writes that failed (their lines stay buffered and are retried)",
+                                          registry=r)
+        self.audit_lines_dropped = Counter("credproxy_audit_lines_dropped_total",
+                                           "Audit lines lost: over audit.max_buffered_lines, or unwritable at shutdown",
+                                           registry=r)
+        self.audit_lines_buffered = Gauge("credproxy_audit_lines_buffered", "Audit lines not yet written",
+                                          registry=r)
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
                               ["credential"], registry=r)
         self._children: dict[tuple, object] = {}

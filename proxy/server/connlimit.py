@@ -103,9 +103,7 @@ class Refusal(asyncio.Protocol):
 
 def record_refusal(state, client: str | None, request_id: str) -> None:
     """Audit and count one refused connection (``state``: the current ``proxy.lifecycle.state.State``)."""
-    state.audit.write(AuditEvent(request_id=request_id, caller=None, client_ip=client, credential=None, method="-",
-                                 path="-", status=errors.Overloaded.status, outcome="error", reason=REASON,
-                                 duration_ms=0.0))
+    state.audit.write(AuditEvent.refused(request_id, client, errors.Overloaded.status, REASON))
     state.metrics.connections_refused.inc()
 
 

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from proxy.cli import main as cli
-from proxy.observe.audit import AuditLog
+from proxy.observe.audit import AuditEvent, AuditLog
 
 from .harness import CALLER_TOKEN, Harness
 
@@ -137,7 +137,7 @@ async def test_a_reopened_log_continues_the_chain(tmp_path):
     path = tmp_path / "a.log"
     for _ in range(2):
         log = AuditLog(str(path))
-        log.write_record({"n": 1})
+        log.write(AuditEvent.refused("r1", None, 400, "bad_request"))
         await log.close()
     second = json.loads(lines_of(path)[1])
     assert second["prev_hash"] == json.loads(lines_of(path)[0])["hash"]
