@@ -43,6 +43,7 @@ MAX_INTERIM = 16
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+_TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
 
 
 class BadAnswer(Exception):
@@ -88,7 +89,9 @@ class UpstreamResponse:
         self._head: asyncio.Future[None] = self._loop.create_future()
         self._fields: list[tuple[str, str]] = []
         self._reason = b""
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends)
+        self._field_bytes = 0
+        self._refusal: BadAnswer | None = None
         self._interim = 0
         self._in_head = True
         self._got_bytes = False
@@ -113,6 +116,8 @@ class UpstreamResponse:
             self._parser.feed_data(data)
         except BadAnswer as exc:
             self._fail(exc)
+        except httptools.HttpParserCallbackError:
+            self._fail(self._refusal or BadAnswer("answer refused"))  # what a callback below raised
         except httptools.HttpParserUpgrade:
             self._fail(BadAnswer("unrequested protocol upgrade", "upstream_bad_framing"))
         except httptools.HttpParserError as exc:
@@ -160,18 +165,29 @@ class UpstreamResponse:
             self._dirty = True
         self._fields = []
 
+    def _refuse(self, why: str, reason: str = "upstream_failed") -> BadAnswer:
+        # httptools wraps what a callback raises in HttpParserCallbackError: ``feed`` reports this one
+        self._refusal = BadAnswer(why, reason)
+        return self._refusal
+
     def on_status(self, reason: bytes) -> None:
         self._reason += reason
         if len(self._reason) > MAX_FIELD:
-            raise BadAnswer("status line over the limit")
+            raise self._refuse("status line over the limit")
+        if reason.translate(None, _TEXT):
+            raise self._refuse("control character in the reason phrase")  # llhttp lets NUL through there
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head or self.done:
             return  # trailer fields: not forwarded (the caller's answer carries none)
-        if len(name) + len(value) > MAX_FIELD:
-            raise BadAnswer("header field over the limit")
+        size = len(name) + len(value)
+        self._field_bytes += size
+        if size > MAX_FIELD:
+            raise self._refuse("header field over the limit")
         if len(self._fields) >= MAX_HEADERS:
-            raise BadAnswer("too many header fields")
+            raise self._refuse("too many header fields")
+        if self._field_bytes > MAX_HEAD:  # fields of a 1xx count too
+            raise self._refuse("answer head over the limit")
         self._fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
@@ -181,16 +197,16 @@ class UpstreamResponse:
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise BadAnswer("unrequested 101 answer", "upstream_bad_framing")
+                raise self._refuse("unrequested 101 answer", "upstream_bad_framing")
             self._interim += 1
             if self._interim > MAX_INTERIM:
-                raise BadAnswer("too many 1xx answers", "upstream_bad_framing")
+                raise self._refuse("too many 1xx answers", "upstream_bad_framing")
             self._reason = b""
             return
         headers = CIMultiDict(self._fields)
         te = headers.getall("Transfer-Encoding", ())
         if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
-            raise BadAnswer("transfer coding other than a single chunked", "upstream_bad_framing")
+            raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
         length = headers.get("Content-Length")
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")

@@ -1,5 +1,5 @@
-"""The hostile-input catalogue, upstream side: answers with bad framing, redirects to
-other hosts, upstream addresses in denied ranges, and an upstream that is credproxy itself."""
+"""The hostile-input catalogue, upstream side: answers with bad framing (more, closer to
+the client, in ``test_upstream_answers.py``), redirects to other hosts, upstream addresses in denied ranges, and an upstream that is credproxy itself."""
 
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ BAD_ANSWERS = [
     ("unrequested-101", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw"),
     ("header-too-long", b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 20000 + b"\r\nContent-Length: 0\r\n\r\n"),
     ("closed-without-answer", b""),
+    ("te-identity", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nabc"),
+    ("te-chunked-then-gzip", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n"),
+    ("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 0\r\n\r\n"),
+    ("lf-only", b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"),
+    ("status-line-too-long", b"HTTP/1.1 200 " + b"O" * 9000 + b"\r\nContent-Length: 0\r\n\r\n"),
+    ("too-many-headers", b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(129))
+     + b"Content-Length: 0\r\n\r\n"),
+    ("head-too-large", b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 8000) for i in range(40))
+     + b"Content-Length: 0\r\n\r\n"),
+    ("1xx-flood", b"HTTP/1.1 100 Continue\r\n\r\n" * 17 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ("garbage-status", b"ICY 200 OK\r\n\r\n"),
 ]
 
 
