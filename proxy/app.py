@@ -27,6 +27,9 @@ from proxy.server.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
 from proxy.lifecycle.drain import FINISH_GRACE, drain
 from proxy.server.http import GuardedServer
+from proxy.server.forward.ca import LeafContexts, load_ca
+from proxy.server.forward.hosts import HostMap
+from proxy.server.forward.listener import ForwardConnection, ForwardContext, ForwardRunner, ForwardSite
 from proxy.observe.metrics import Metrics
 from proxy.upstream.address_policy import AddressPolicy
 from proxy.pipeline import handle, record_refused
@@ -122,6 +125,7 @@ class Proxy:
         self._answer_budget = AnswerBudget()
         self._webhook: WebhookSender | None = None
         self._connections: ConnectionLimit | None = None  # server.limits.max_connections, across caller listeners
+        self.forward_leaves: LeafContexts | None = None  # forward proxy: leaf certificates minted (read by tests)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -165,7 +169,7 @@ class Proxy:
             self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
                      self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg),
-                     answer_budget=self._answer_budget)
+                     answer_budget=self._answer_budget, forward_hosts=HostMap.from_config(cfg))
 
     def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
@@ -249,11 +253,43 @@ class Proxy:
         for name, cred in cfg.credentials.items():
             if cred.listen is not None:
                 await self.start_dedicated(name, cred)
+        if cfg.forward_proxy is not None:
+            await self._start_forward(cfg)
         admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=FINISH_GRACE)
         await self._admin_runner.setup()
         self.bound["admin"] = await self._site(self._admin_runner, self.admin_listen or cfg.admin.listen, None,
                                              "admin.listen")
+
+    async def _start_forward(self, cfg: Config) -> None:
+        """SPEC §10. Requests inside tunnels and absolute-form ones are parsed and answered by aiohttp's
+        protocol (``GuardedServer``), attached to the connection with the ``Via`` it came through."""
+        holder = self.holder
+        fp = cfg.forward_proxy
+        self.forward_leaves = leaves = LeafContexts(await load_ca(fp.ca, self._cache))
+        self._metrics.forward_leaf_certs.set_function(lambda: len(leaves))
+
+        async def forward_handler(request: web.BaseRequest) -> web.StreamResponse:
+            with holder.use() as state:
+                return await handle(request, state, via=request.protocol.via)
+
+        server = GuardedServer(forward_handler, **dict(self._server_kwargs(), connections=None))
+
+        def inner(via):
+            protocol = server()
+            protocol.via = via
+            return protocol
+
+        ctx = ForwardContext(holder, leaves, inner, self._addresses, connections=self._connections)
+        runner = ForwardRunner(server, [ctx], handle_signals=False, shutdown_timeout=FINISH_GRACE)
+        await runner.setup()
+        self._runners.append(runner)
+        site = ForwardSite(runner, fp.listen.host, fp.listen.port, lambda: ForwardConnection(ctx),
+                           backlog=LISTEN_BACKLOG, reuse_port=self.reuse_port)
+        await site.start()
+        host, port = site._server.sockets[0].getsockname()[:2]
+        self._addresses.add_own(host, port)
+        self.bound["forward"] = f"{host}:{port}"
 
     async def start_dedicated(self, name: str, cred) -> web.ServerRunner:
         holder = self.holder

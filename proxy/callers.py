@@ -15,7 +15,10 @@ than one caller identifies none.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +42,22 @@ def _bearer(value: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def _basic(value: str | None) -> tuple[str, str] | None:
+    if not value:
+        return None
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8", "surrogateescape")
+    except (ValueError, binascii.Error):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep or not user or not password:
+        return None
+    return user, password
 
 
 _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
@@ -97,6 +116,24 @@ class Authenticator:
             name = self._by_cert(cert_attributes(peercert))
         if name is None:
             raise Unauthenticated("no valid caller token or certificate", reason="bad_caller_token")
+        return Caller(name)
+
+    def authenticate_proxy(self, proxy_authorization: str | None) -> Caller:
+        """Forward proxy (SPEC §10): ``Proxy-Authorization: Basic`` (user = caller name, password = its
+        token; the name must be the token's caller) or ``Bearer <token>``."""
+        if self.anonymous:
+            return Caller(ANONYMOUS)
+        name = None
+        basic = _basic(proxy_authorization)
+        if basic is not None:
+            user, token = basic
+            name = self._by_token(token)
+            if name is not None and not hmac.compare_digest(name.encode(), user.encode("utf-8", "surrogateescape")):
+                name = None  # another caller's token under this name: neither identity holds
+        else:
+            name = self._by_token(_bearer(proxy_authorization))
+        if name is None:
+            raise Unauthenticated("no valid caller token on the proxy request", reason="bad_caller_token")
         return Caller(name)
 
     def check_source(self, caller: Caller, peer_ip: ipaddress._BaseAddress | None) -> None:

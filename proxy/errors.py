@@ -13,6 +13,7 @@ from aiohttp import web
 
 
 class ProxyError(Exception):
+    headers: tuple[tuple[str, str], ...] = ()  # sent with the answer (407's Proxy-Authenticate)
     status = 500
     code = "internal_error"
     message = "internal error"
@@ -30,6 +31,13 @@ class BadRequest(ProxyError):
 
 class Unauthenticated(ProxyError):
     status, code, message = 401, "unauthenticated", "missing or invalid caller credentials"
+
+
+class ProxyAuthRequired(Unauthenticated):
+    """Forward proxy (SPEC §10): the CONNECT or absolute-form request carried no valid caller token."""
+
+    status = 407
+    headers = (("Proxy-Authenticate", 'Basic realm="credproxy"'),)
 
 
 class Forbidden(ProxyError):
@@ -128,6 +136,7 @@ def to_bytes(exc: ProxyError, request_id: str) -> bytes:
             "Connection: close"]
     if exc.retry_after is not None:
         head.append(f"Retry-After: {max(1, int(exc.retry_after))}")
+    head += [f"{name}: {value}" for name, value in exc.headers]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -135,6 +144,7 @@ def to_response(exc: ProxyError, request_id: str) -> web.Response:
     headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, int(exc.retry_after)))
+    headers.update(exc.headers)
     resp = web.Response(
         status=exc.status,
         body=error_body(exc.code, exc.message, request_id),

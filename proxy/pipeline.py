@@ -26,12 +26,13 @@ from proxy import errors
 from proxy.server import request_shape as guards
 from proxy.observe.audit import AuditEvent, strip_query_values
 from proxy.server.upload import RequestBody, read_body
-from proxy.callers import CALLER_HEADERS
+from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential, Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
 from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay
-from proxy.routing import Route, route_dedicated, route_prefixed
+from proxy.routing import Route, Via, route_dedicated, route_forward, route_prefixed
+from proxy.server.forward.hosts import pick as pick_credential
 from proxy.lifecycle.state import State
 from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.client import HOP_BY_HOP, strip_hop_by_hop
@@ -81,7 +82,8 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
 
 
-async def handle(request: web.BaseRequest, state: State, dedicated: str | None = None) -> web.StreamResponse:
+async def handle(request: web.BaseRequest, state: State, dedicated: str | None = None,
+                 via: Via | None = None) -> web.StreamResponse:
     trace = Trace(secrets.token_hex(16), time.monotonic())  # 128 random bits, as uuid4 but a fraction of its cost
     ip = peer_ip(request)
     route: Route | None = None
@@ -90,15 +92,20 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
     try:
         state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
         guards.check_request(request)
-        route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
-        trace.credential = route.credential
-        peercert = request.transport.get_extra_info("peercert") if request.transport else None
-        caller = state.authenticator.authenticate(request.headers, ip, peercert)
+        if via is not None:
+            caller, route = _forward_route(request, state, via, trace)
+        else:
+            route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
+            trace.credential = route.credential
+            peercert = request.transport.get_extra_info("peercert") if request.transport else None
+            caller = state.authenticator.authenticate(request.headers, ip, peercert)
         trace.caller = caller.name
         state.authenticator.check_source(caller, ip)
         cred = state.credentials.get(route.credential)
         if cred is None:
             raise Forbidden("unknown credential", reason="unknown_credential")
+        if via is not None and via.connect is None and not cred.cfg.allow_insecure_upstream:
+            raise Forbidden("plain http:// needs allow_insecure_upstream", reason="insecure_refused")
         if not state.policy.allowed(caller.name, cred.name, request.method, route.path, ip):
             raise Forbidden("no allow rule matches", reason="policy")
         if cred.disabled:
@@ -115,7 +122,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         if body is not None and body.fault is not None:
             exc = body.fault  # the caller overfilled or stalled its streamed upload: not the upstream's 502/504
         trace.status, trace.reason = exc.status, exc.reason
-        trace.outcome = "denied" if exc.status in (401, 403, 429) else "error"
+        trace.outcome = "denied" if exc.status in (401, 403, 407, 429) else "error"
         log.info("request refused", extra={"request_id": trace.request_id, "status": exc.status,
                                            "reason": exc.reason, "detail": exc.detail})
         return errors.to_response(exc, trace.request_id)
@@ -123,7 +130,28 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         if body is not None and body.fault is not None and trace.outcome == "error":
             trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
         state.metrics.inflight.dec()
-        _record(state, request, route, trace, ip)
+        _record(state, request, route, trace, ip, via)
+
+
+def _forward_route(request: web.BaseRequest, state: State, via: Via, trace: Trace) -> tuple[Caller, Route]:
+    """Forward proxy: the caller of the tunnel (or of this absolute-form request), then the credential the
+    host names. The caller comes first so an unauthenticated one learns nothing about which hosts exist."""
+    caller = via.caller
+    if caller is None:
+        try:
+            caller = state.authenticator.authenticate_proxy(request.headers.get("Proxy-Authorization"))
+        except errors.Unauthenticated as exc:
+            raise errors.ProxyAuthRequired(exc.detail, reason=exc.reason) from None
+    trace.caller = caller.name
+    creds = state.credentials
+
+    def injected(name: str) -> tuple[str, ...]:
+        return creds[name].injector.removes if name in creds else ()
+
+    route = route_forward(request.raw_path, request.headers.getall("Host", []), via, state.forward_hosts,
+                          lambda candidates: pick_credential(candidates, request.headers, injected))
+    trace.credential = route.credential
+    return caller, route
 
 
 async def forward(request: web.BaseRequest, state: State, cred: Credential, caller: str, route: Route,
@@ -181,7 +209,8 @@ async def _peek(upstream: UpstreamResponse) -> bytes:
     return await read_upto(upstream, b"", PEEK_MAX)
 
 
-def _record(state: State, request: web.BaseRequest, route: Route | None, trace: Trace, ip) -> None:
+def _record(state: State, request: web.BaseRequest, route: Route | None, trace: Trace, ip,
+            via: Via | None = None) -> None:
     duration = time.monotonic() - trace.started
     raw_path = request.raw_path.partition("?")
     path = (route.path if route else raw_path[0][:512])
@@ -194,13 +223,21 @@ def _record(state: State, request: web.BaseRequest, route: Route | None, trace: 
         status=trace.status, outcome=trace.outcome, reason=trace.reason or trace.outcome,
         duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed,
     )
-    state.audit.write(event)
+    if via is None:
+        state.audit.write(event)
+    else:
+        state.audit.write(event, listener=via.listener, connect_host=_host_port(via.connect))
+        state.metrics.forward_requests.labels(trace.credential if route else "-", str(trace.status)).inc()
     if state.alerts is not None:
         state.alerts.observe(event)
     cred_label = trace.credential if route and trace.credential in state.credentials else "-"
     caller_label = trace.caller or "-"
     state.metrics.child(state.metrics.requests, cred_label, caller_label, str(trace.status)).inc()
     state.metrics.child(state.metrics.duration, cred_label).observe(duration)
+
+
+def _host_port(hp: tuple[str, int] | None) -> str | None:
+    return f"{hp[0]}:{hp[1]}" if hp else None
 
 
 def record_refused(state: State, request: web.BaseRequest, exc: ProxyError, request_id: str) -> None:

@@ -13,7 +13,8 @@ import re
 import string
 from dataclasses import dataclass
 
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, Forbidden
+from proxy.server.forward.hosts import target
 
 _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
 # pchar minus pct-encoded: kept literally; anything else is percent-encoded.
@@ -99,3 +100,43 @@ def route_prefixed(raw_target: str) -> Route:
 def route_dedicated(raw_target: str, credential: str) -> Route:
     path, query = split_target(raw_target)
     return Route(credential, canonical_path(path), query)
+
+
+@dataclass(frozen=True, slots=True)
+class Via:
+    """How a forward-proxy request reached credproxy (SPEC §10): inside the tunnel of a ``CONNECT`` to
+    ``connect``, by a caller authenticated on that ``CONNECT``; or (``connect`` None) as an absolute-form
+    ``http://`` request, which authenticates itself."""
+
+    connect: tuple[str, int] | None
+    caller: object | None = None  # proxy.callers.Caller
+    listener: str = "forward"
+
+
+def route_forward(raw_target: str, host_headers: list[str], via: Via, hosts, pick) -> Route:
+    """Forward proxy: the credential is the one whose ``hosts`` name the request's host (``pick`` chooses
+    among several, see ``proxy.server.forward.hosts.pick``). Inside a tunnel the request is origin-form and
+    its ``Host`` must be the ``CONNECT`` target: a tunnel opened to one name never carries requests for
+    another (403, as for an unlisted host)."""
+    if via.connect is not None:
+        path, query = split_target(raw_target)
+        hp = target(host_headers[0], default_port=443) if len(host_headers) == 1 else None
+        if hp != via.connect:
+            raise Forbidden("Host differs from the CONNECT target", reason="host_mismatch")
+        candidates = hosts.intercept.get(hp, ())
+    else:
+        scheme, sep, rest = raw_target.partition("://")
+        if not sep or scheme.lower() != "http":
+            raise BadRequest("forward proxy requests are CONNECT or absolute-form http://", reason="not_absolute_form")
+        authority, slash, target_rest = rest.partition("/")
+        path, query = split_target(slash + target_rest if slash else "/")
+        hp = target(authority, default_port=80) if "@" not in authority else None
+        if hp is None or (host_headers and [target(h, default_port=80) for h in host_headers] != [hp]):
+            raise Forbidden("absolute-form host unlisted, an IP literal, or not the Host", reason="host_mismatch")
+        candidates = hosts.http_candidates(hp)
+    if not candidates:
+        raise Forbidden("no credential claims this host", reason="host_not_listed")
+    name = pick(candidates)
+    if name is None:
+        raise Forbidden("several credentials claim this host and the request names none", reason="no_credential_pick")
+    return Route(name, canonical_path(path), query)

@@ -1,4 +1,4 @@
-"""Command line: serve, check, secrets, callers, schema, audit. Never prints a secret value."""
+"""Command line: serve, check, secrets, callers, ca, schema, audit. Never prints a secret value."""
 
 from __future__ import annotations
 
@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("file")
     a.set_defaults(fn=cmd_audit_verify)
 
+    from proxy.cli.ca_commands import add_ca_commands
+
+    add_ca_commands(sub)
     try:
         from proxy.cli.admin_commands import add_admin_commands
     except ImportError:

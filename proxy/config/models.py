@@ -240,6 +240,20 @@ class CredentialConfig(_Model):
     upstream_tls: UpstreamTLSConfig | None = None
     probe: ProbeConfig | None = None
     rate_limit: RateLimit | None = None
+    hosts: list[str] = Field(default_factory=list)  # forward proxy (SPEC §10): "host" (port 443) or "host:port"
+
+
+class ForwardCAConfig(_Model):
+    cert_file: str  # public: callers trust it
+    key: Ref  # the CA's private key (PEM) in the secret store; never on disk in the clear
+
+
+class ForwardProxyConfig(_Model):
+    """SPEC §10: a listener for clients that honour HTTPS_PROXY (see proxy.server.forward)."""
+
+    listen: ListenAddr
+    ca: ForwardCAConfig
+    tunnel_hosts: list[str] = Field(default_factory=list)  # "host:port", relayed opaquely
 
 
 class Config(_Model):
@@ -252,6 +266,7 @@ class Config(_Model):
     leak_guard: LeakGuardMode = "redact"
     alerts: AlertsConfig = AlertsConfig()
     cluster: ClusterConfig = ClusterConfig()
+    forward_proxy: ForwardProxyConfig | None = None
 
     def leak_guard_for(self, name: str) -> str:
         return self.credentials[name].leak_guard or self.leak_guard
@@ -404,6 +419,10 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             for field in overrides:
                 if field not in own_fields:
                     out.append((base + ("auth", "per_caller", caller_name, field), "is not a secret field of this auth type"))
+    if cfg.forward_proxy is not None:
+        claim(cfg.forward_proxy.listen, ("forward_proxy", "listen"))
+        all_loopback = all_loopback and cfg.forward_proxy.listen.is_loopback
+    out += _forward_problems(cfg)
     if cfg.callers is None and not all_loopback:
         out.append((("callers",), "callers may be omitted only when every listener is loopback or a unix socket"))
     if cfg.secrets.backend == "vault" and cfg.secrets.vault is None:
@@ -418,6 +437,43 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
     if cfg.alerts.webhook_url is not None:
         for msg in _url_problems(cfg.alerts.webhook_url, True):
             out.append((("alerts", "webhook_url"), msg))
+    return out
+
+
+def _forward_problems(cfg: Config) -> list[tuple[tuple, str]]:
+    from proxy.server.forward.hosts import parse_host  # hosts builds on this module
+
+    out: list[tuple[tuple, str]] = []
+    tunnels: set[tuple[str, int]] = set()
+    if cfg.forward_proxy is not None:
+        if cfg.forward_proxy.listen.unix:
+            out.append((("forward_proxy", "listen"), "must be host:port (clients reach proxies over TCP)"))
+        for i, entry in enumerate(cfg.forward_proxy.tunnel_hosts):
+            loc = ("forward_proxy", "tunnel_hosts", i)
+            try:
+                hp = parse_host(entry, default_port=None)
+            except ValueError as exc:
+                out.append((loc, str(exc)))
+                continue
+            if hp in tunnels:
+                out.append((loc, "listed twice"))
+            tunnels.add(hp)
+    for name, cred in cfg.credentials.items():
+        seen: set[tuple[str, int]] = set()
+        for i, entry in enumerate(cred.hosts):
+            loc = ("credentials", name, "hosts", i)
+            try:
+                hp = parse_host(entry, default_port=443)
+            except ValueError as exc:
+                out.append((loc, str(exc)))
+                continue
+            if hp in seen:
+                out.append((loc, "listed twice for this credential"))
+            seen.add(hp)
+            if hp in tunnels:
+                out.append((loc, "also in forward_proxy.tunnel_hosts: a host is either intercepted or tunnelled"))
+        if cred.hosts and cfg.forward_proxy is None:
+            out.append((("credentials", name, "hosts"), "hosts needs a forward_proxy section"))
     return out
 
 

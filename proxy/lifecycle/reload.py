@@ -44,7 +44,7 @@ from proxy.lifecycle.state import State
 log = logging.getLogger("credproxy.reload")
 
 # Credential settings that do not change how material is obtained: a change to them keeps the token cache.
-SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe", "rate_limit"})
+SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe", "rate_limit", "hosts"})
 # Bound when the process starts; a change needs a restart.
 RESTART_REQUIRED = (("server", "listen"), ("server", "tls"), ("server", "limits"), ("admin", "listen"),
                     ("secrets",), ("audit",), ("alerts", "webhook_url"), ("cluster",))
@@ -63,6 +63,10 @@ def restart_required(old: Config, new: Config) -> list[str]:
             a, b = getattr(a, part), getattr(b, part)
         if a != b:
             out.append(".".join(path))
+    old_fp, new_fp = old.forward_proxy, new.forward_proxy  # tunnel_hosts and credentials' hosts apply at once
+    for part in ("listen", "ca"):
+        if getattr(old_fp, part, None) != getattr(new_fp, part, None):
+            out.append(f"forward_proxy.{part}")
     return out
 
 

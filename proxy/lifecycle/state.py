@@ -20,6 +20,7 @@ from proxy.credential import Credential
 from proxy.observe.metrics import Metrics
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
+from proxy.server.forward.hosts import HostMap
 from proxy.upstream.relay import AnswerBudget
 from proxy.store.cache import SecretCache
 
@@ -43,6 +44,7 @@ class State:
     alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
     limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
     answer_budget: AnswerBudget | None = None  # long-lived (owned by Proxy): one memory bound across reloads
+    forward_hosts: HostMap = field(default_factory=HostMap)  # forward proxy: built from the config, rebuilt on reload
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
 

@@ -86,6 +86,16 @@ class Metrics:
                                           registry=r)
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
                               ["credential"], registry=r)
+        # forward proxy (SPEC §10): requests arriving through it are also in credproxy_requests_total
+        self.forward_requests = Counter("credproxy_forward_requests_total",
+                                        "Requests through the forward-proxy listener", ["credential", "code"], registry=r)
+        self.forward_connects = Counter("credproxy_forward_connects_total",
+                                        "CONNECT requests by outcome (intercepted, tunnelled, refused, unauthenticated)",
+                                        ["outcome"], registry=r)
+        self.forward_tunnel_bytes = Counter("credproxy_forward_tunnel_bytes_total",
+                                            "Bytes through opaque tunnels (tunnel_hosts)", ["direction"], registry=r)
+        self.forward_leaf_certs = Gauge("credproxy_forward_leaf_certificates",
+                                        "Leaf certificates cached for intercepted hosts", registry=r)
         self._children: dict[tuple, object] = {}
 
     def record_refresh(self, credential: str, result: str, seconds: float) -> None:

@@ -1,0 +1,399 @@
+"""The forward-proxy listener (SPEC §10): ``CONNECT`` and absolute-form ``http://`` requests.
+
+One ``ForwardConnection`` per caller connection reads the first request line:
+
+- ``CONNECT host:port``: the caller is authenticated on it (``Proxy-Authorization``; 407 without a
+  valid one) and its ``allow_ips`` lock applied; then, by ``HostMap.decide``:
+  - a host some credential claims: ``200``, TLS with a leaf certificate minted for the host, and
+    the connection handed to the HTTP protocol (``inner``) with a ``Via`` naming the CONNECT target
+    and the caller; each request inside then runs the pipeline like any other;
+  - a host in ``tunnel_hosts``: ``200`` and an opaque byte relay to that host (the address policy
+    applies to what its name resolves to), audited with its byte counts when it ends;
+  - anything else (unlisted, IP literal, another port): ``403``.
+- anything else: an absolute-form request; the connection goes to ``inner`` as it is, with a
+  ``Via`` that has no CONNECT target (each request authenticates itself).
+
+Every CONNECT gets one audit line (``listener: forward``, ``connect_host``). ``inner`` is the one
+point where the HTTP protocol is plugged in (today aiohttp's, see ``proxy.app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy import errors
+from proxy.errors import BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
+from proxy.observe.audit import AuditEvent
+from proxy.routing import Via
+from proxy.server.connlimit import ConnectionLimit, client_address
+from proxy.server.forward.ca import LeafContexts
+from proxy.server.forward.connect import MAX_HEAD, first_line, is_connect, parse_connect
+from proxy.server.forward.hosts import target
+from proxy.upstream.address_policy import AddressPolicy
+
+log = logging.getLogger("credproxy.forward")
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+TUNNEL_HIGH_WATER = 256 * 1024
+
+
+@dataclass(eq=False)
+class ForwardContext:
+    """What every forward connection shares (one per listener)."""
+
+    holder: object  # proxy.lifecycle.state.StateHolder
+    leaves: LeafContexts
+    inner: Callable[[Via], asyncio.Protocol]  # the HTTP protocol for requests (inside a tunnel or absolute-form)
+    addresses: AddressPolicy
+    connections: ConnectionLimit | None = None
+    open: set = field(default_factory=set)  # connections not (yet) handed to ``inner``: closed at shutdown
+
+
+class Attached(asyncio.Protocol):
+    """Stands between a transport and ``inner`` once the connection is handed over, so the connection's
+    slot in ``server.limits.max_connections`` is given back when it closes, whichever protocol it ended in."""
+
+    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
+        self.inner = inner
+        self._on_lost = on_lost
+
+    def connection_made(self, transport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self):
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        try:
+            self.inner.connection_lost(exc)
+        finally:
+            self._on_lost()
+
+
+class ForwardConnection(asyncio.Protocol):
+    def __init__(self, ctx: ForwardContext) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._admitted = False
+        self._released = False
+        self._task: asyncio.Task | None = None
+        self._tunnel: _TunnelUpstream | None = None
+        self._paused = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # --- connection -------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        connections = self.ctx.connections
+        if connections is not None and not connections.admit(transport):
+            return  # over max_connections: the transport now belongs to a connlimit.Refusal
+        self._admitted = True
+        self.transport = transport
+        self.ctx.open.add(self)
+        timeout = self.ctx.holder.current.config.server.limits.header_timeout
+        if timeout > 0:
+            self._deadline = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        self.ctx.open.discard(self)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._tunnel is not None:
+            self._tunnel.close()
+        self.release()
+
+    def release(self) -> None:
+        if self._admitted and not self._released:
+            self._released = True
+            if self.ctx.connections is not None:
+                self.ctx.connections.release()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        log.info("forward-proxy request head not complete in time; connection closed",
+                 extra={"client": client_address(self.transport)})
+        self.transport.close()
+
+    # --- first request ----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self.bytes_up += len(data)
+            self._tunnel.write(data)
+            return
+        if self._task is not None:  # bytes before our answer to the CONNECT: nothing a client may send yet
+            self._buffer += data
+            return
+        self._buffer += data
+        line = first_line(self._buffer)
+        if line is None:
+            if len(self._buffer) > MAX_HEAD:
+                self._refuse(HeadersTooLarge("request line too long", reason="headers_too_large"))
+            return
+        if not is_connect(line):
+            self._hand_over(Via(None), bytes(self._buffer))
+            return
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD:
+                self._refuse(HeadersTooLarge("CONNECT head too large", reason="headers_too_large"))
+            return
+        self._disarm()
+        head, rest = bytes(self._buffer[:end]), bytes(self._buffer[end + 4:])
+        self._buffer = bytearray(rest)
+        self.transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._connect(head))
+
+    def _hand_over(self, via: Via, pending: bytes, transport=None) -> None:
+        """From here on ``inner`` owns the connection (``transport``: the TLS one, after a CONNECT)."""
+        self._disarm()
+        self.ctx.open.discard(self)
+        attached = Attached(self.ctx.inner(via), self.release)
+        transport = transport or self.transport
+        transport.set_protocol(attached)
+        attached.connection_made(transport)
+        if pending:
+            attached.data_received(pending)
+
+    async def _connect(self, head: bytes) -> None:
+        started = time.monotonic()
+        state = self.ctx.holder.current
+        client = client_address(self.transport)
+        ip = ipaddress.ip_address(client) if client else None
+        audit = _ConnectAudit(secrets.token_hex(16), started, str(ip) if ip else None)
+        try:
+            parsed = parse_connect(head)
+            audit.connect_host = parsed.authority[:300]
+            try:
+                caller = state.authenticator.authenticate_proxy(parsed.one("proxy-authorization"))
+            except errors.Unauthenticated as exc:
+                raise ProxyAuthRequired(exc.detail, reason=exc.reason) from None
+            audit.caller = caller.name
+            state.authenticator.check_source(caller, ip)
+            hp = target(parsed.authority, default_port=None)
+            decision = state.forward_hosts.decide(hp)
+            if decision == "refuse":
+                raise Forbidden("CONNECT target not listed", reason="host_not_listed")
+            audit.connect_host = f"{hp[0]}:{hp[1]}"
+            if self._buffer:
+                raise BadRequest("bytes sent before the CONNECT was answered", reason="malformed_request")
+            if decision == "tunnel":
+                await self._open_tunnel(state, hp, audit)
+                return
+            ctx = await self.ctx.leaves.context(hp[0])
+            audit.finish(state, 200, "allowed", "intercepted")
+            state.metrics.forward_connects.labels("intercepted").inc()
+            self.transport.write(ESTABLISHED)
+            loop = asyncio.get_running_loop()
+            limits = state.config.server.limits
+            try:
+                tls = await loop.start_tls(self.transport, self, ctx, server_side=True,
+                                           ssl_handshake_timeout=limits.header_timeout or None)
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.info("TLS with the caller failed inside the CONNECT (does it trust credproxy's CA?)",
+                         extra={"request_id": audit.request_id, "connect_host": audit.connect_host,
+                                "error": type(exc).__name__})
+                self.abort()
+                return
+            if tls is None:  # the caller went away during the handshake
+                return
+            self._hand_over(Via(hp, caller), bytes(self._buffer), tls)  # plaintext that came with the handshake
+        except ProxyError as exc:
+            outcome = "denied" if exc.status in (403, 407) else "error"
+            audit.finish(state, exc.status, outcome, exc.reason)
+            state.metrics.forward_connects.labels("unauthenticated" if exc.status == 407 else "refused").inc()
+            log.info("CONNECT refused", extra={"request_id": audit.request_id, "status": exc.status,
+                                               "reason": exc.reason, "detail": exc.detail})
+            self._answer(exc, audit.request_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error answering a CONNECT", extra={"request_id": audit.request_id})
+            audit.finish(state, 500, "error", "internal_error")
+            self._answer(ProxyError("unhandled"), audit.request_id)
+
+    def _refuse(self, exc: ProxyError) -> None:
+        self._disarm()
+        request_id = secrets.token_hex(16)
+        state = self.ctx.holder.current
+        _ConnectAudit(request_id, time.monotonic(), client_address(self.transport)).finish(
+            state, exc.status, "error", exc.reason)
+        self._answer(exc, request_id)
+
+    def _answer(self, exc: ProxyError, request_id: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(errors.to_bytes(exc, request_id))
+            self.transport.close()
+
+    # --- opaque tunnels (tunnel_hosts) --------------------------------------------
+
+    async def _open_tunnel(self, state, hp: tuple[str, int], audit: "_ConnectAudit") -> None:
+        loop = asyncio.get_running_loop()
+        timeout = state.config.server.connect_timeout
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(hp[0], hp[1], type=socket.SOCK_STREAM), timeout)
+            allowed = [i for i in infos if self.ctx.addresses.refusal(i[4][0], i[4][1]) is None]
+            if not allowed:
+                raise UpstreamError("tunnel host resolves only to refused addresses", reason="address_refused")
+            family, type_, proto, _, sockaddr = allowed[0]
+            _, upstream = await asyncio.wait_for(loop.create_connection(
+                lambda: _TunnelUpstream(self), host=sockaddr[0], port=sockaddr[1], family=family, proto=proto),
+                timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(f"tunnel connect failed: {type(exc).__name__}", reason="tunnel_connect") from None
+        self._tunnel = upstream
+        state.metrics.forward_connects.labels("tunnelled").inc()
+        audit.tunnel = True
+        self._audit = audit
+        self.transport.write(ESTABLISHED)
+        if self._buffer:  # reading was paused; nothing should be here, but never drop a byte of a tunnel
+            self.data_received(bytes(self._buffer))
+            self._buffer.clear()
+        self.transport.resume_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.transport.write(data)
+
+    def tunnel_closed(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        audit = getattr(self, "_audit", None)
+        if audit is not None and not audit.done:
+            state = self.ctx.holder.current
+            state.metrics.forward_tunnel_bytes.labels("up").inc(self.bytes_up)
+            state.metrics.forward_tunnel_bytes.labels("down").inc(self.bytes_down)
+            audit.finish(state, 200, "allowed", "tunnel", bytes_up=self.bytes_up, bytes_down=self.bytes_down)
+
+    def pause_writing(self) -> None:  # the caller reads slower than the tunnel host sends
+        if self._tunnel is not None:
+            self._tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._tunnel is not None:
+            self._tunnel.resume_reading()
+
+
+class _TunnelUpstream(asyncio.Protocol):
+    def __init__(self, caller: ForwardConnection) -> None:
+        self.caller = caller
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.caller.tunnel_data(data)
+
+    def connection_lost(self, exc) -> None:
+        self.caller.tunnel_closed()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_writing(self) -> None:  # the tunnel host reads slower than the caller sends
+        self.caller.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.caller.transport.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.caller.tunnel_closed()
+
+
+@dataclass(eq=False)
+class _ConnectAudit:
+    request_id: str
+    started: float
+    client_ip: str | None
+    caller: str | None = None
+    connect_host: str | None = None
+    tunnel: bool = False
+    done: bool = False
+
+    def finish(self, state, status: int, outcome: str, reason: str, **counts: int) -> None:
+        self.done = True
+        event = AuditEvent(request_id=self.request_id, caller=self.caller, client_ip=self.client_ip, credential=None,
+                           method="CONNECT", path="-", status=status, outcome=outcome, reason=reason,
+                           duration_ms=round((time.monotonic() - self.started) * 1000, 3))
+        state.audit.write(event, listener="forward", connect_host=self.connect_host, **counts)
+        if state.alerts is not None:
+            state.alerts.observe(event)
+
+
+class ForwardSite(web.BaseSite):
+    """The forward listener's socket, as an aiohttp site so the drain stops it with the others."""
+
+    __slots__ = ("_host", "_port", "_factory", "_reuse_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, factory: Callable[[], asyncio.Protocol], *,
+                 backlog: int = 128, reuse_port: bool = False) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port, self._factory, self._reuse_port = host, port, factory, reuse_port
+
+    @property
+    def name(self) -> str:
+        return f"forward://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._factory, self._host, self._port, backlog=self._backlog,
+                                                reuse_port=self._reuse_port or None)
+
+
+class ForwardRunner(web.ServerRunner):
+    """Cleans up the HTTP connections (aiohttp's server) and the CONNECTs and tunnels not handed to it."""
+
+    def __init__(self, server: web.Server, ctx_holder: list, **kwargs) -> None:
+        super().__init__(server, **kwargs)
+        self._ctx_holder = ctx_holder
+
+    async def _cleanup_server(self) -> None:
+        for ctx in self._ctx_holder:
+            for conn in list(ctx.open):
+                conn.abort()
+        await super()._cleanup_server()

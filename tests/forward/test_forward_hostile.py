@@ -1,0 +1,353 @@
+"""The forward proxy against hostile callers, on raw sockets: who may CONNECT where, what a tunnel may
+carry, and that neither the credential's secret nor the CA key shows up anywhere a caller or an
+operator can read."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import resource
+import ssl
+
+import pytest
+from aiohttp import web
+
+from proxy.store.file import FileStore, load_key
+from proxy.config import models as config_mod
+from tests.forward.support import HOST, SECRET, SHARED_HOST, start, tls_upstream
+from tests.helpers import CALLER_TOKENS, Recorder, assert_no_canary
+
+
+def basic(caller: str = "billing", token: str | None = None) -> str:
+    token = CALLER_TOKENS[caller] if token is None else token
+    return "Basic " + base64.b64encode(f"{caller}:{token}".encode()).decode()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    body = b""
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def connect(running, target: str, auth: str | None = None, extra: str = ""):
+    host, port = running.proxy.bound["forward"].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if auth:
+        head += f"Proxy-Authorization: {auth}\r\n"
+    writer.write((head + extra + "\r\n").encode())
+    status, headers, body = await read_head(reader)
+    return status, headers, body, reader, writer
+
+
+async def tunnel(running, tmp, target: str = f"{HOST}:443", auth: str | None = None):
+    status, _, _, reader, writer = await connect(running, target, auth or basic())
+    assert status == 200
+    ctx = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
+    await writer.start_tls(ctx, server_hostname=target.rpartition(":")[0])
+    return reader, writer
+
+
+async def inner(reader, writer, request: str, body: bytes = b""):
+    writer.write(request.encode() + body)
+    return await read_head(reader)
+
+
+@pytest.fixture
+async def upstream(tmp_path):
+    up = await tls_upstream(tmp_path)
+    yield up
+    await up.close()
+
+
+@pytest.fixture
+async def proxy(tmp_path, upstream):
+    running = await start(tmp_path, upstream)
+    yield running
+    await running.proxy.stop()
+
+
+async def test_connect_without_or_with_wrong_credentials_is_407_with_a_challenge(proxy):
+    for auth in (None, basic(token="wrong-token"), basic("reports"), "Bearer wrong-token",
+                 "Basic " + base64.b64encode(f"reports:{CALLER_TOKENS['billing']}".encode()).decode(),
+                 "Basic !!notbase64"):
+        status, headers, body, _, writer = await connect(proxy, f"{HOST}:443", auth)
+        writer.close()
+        if auth == basic("reports"):
+            assert status == 200  # a valid caller: reports' own name and token
+            continue
+        assert status == 407, auth
+        assert headers["proxy-authenticate"] == 'Basic realm="credproxy"'
+        assert json.loads(body)["error"] == "unauthenticated"
+    status, *_ = await connect(proxy, f"{HOST}:443", f"Bearer {CALLER_TOKENS['billing']}")
+    assert status == 200
+
+
+async def test_unlisted_hosts_ip_literals_and_other_ports_are_403(proxy, tmp_path):
+    for target in ("evil.invalid:443", "127.0.0.1:443", "[::1]:443", f"{HOST}:8443", f"{HOST}:80", HOST,
+                   f"{HOST.upper()}.:444", "10.0.0.1:443", "user@api.pay.invalid:443"):
+        status, _, body, _, writer = await connect(proxy, target, basic())
+        writer.close()
+        assert status in (400, 403), target
+    lines = proxy.audit_lines(tmp_path)
+    refused = [line for line in lines if line["method"] == "CONNECT" and line["status"] == 403]
+    assert refused and all(line["listener"] == "forward" and line["outcome"] == "denied" for line in refused)
+    assert {"evil.invalid:443", f"{HOST}:8443"} <= {line["connect_host"] for line in refused}
+    assert len(proxy.proxy.holder.current.credentials) == 1
+    # nothing was minted for a refused CONNECT
+    metrics = proxy.proxy.holder.current.metrics.render().decode()
+    assert "credproxy_forward_leaf_certificates 0.0" in metrics
+    assert 'credproxy_forward_connects_total{outcome="refused"}' in metrics
+
+
+async def test_allow_ips_lock_applies_to_the_connect(tmp_path, upstream):
+    from tests.forward.support import forward_config
+    from tests.helpers import sha, start_proxy
+
+    cfg = forward_config(tmp_path, upstream)
+    cfg["callers"]["billing"] = {"token_sha256": sha(CALLER_TOKENS["billing"]), "allow_ips": ["10.9.0.0/16"]}
+    running = await start_proxy(cfg)
+    try:
+        status, _, body, _, writer = await connect(running, f"{HOST}:443", basic())
+        writer.close()
+        assert status == 403 and json.loads(body)["error"] == "forbidden"
+        line = running.audit_lines(tmp_path)[-1]
+        assert line["caller"] == "billing" and line["reason"] == "source_ip"
+    finally:
+        await running.proxy.stop()
+
+
+async def test_inside_the_tunnel_the_secret_is_injected_and_the_callers_copy_replaced(proxy, upstream, tmp_path):
+    reader, writer = await tunnel(proxy, tmp_path)
+    status, headers, body = await inner(reader, writer, f"GET /v1/ping HTTP/1.1\r\nHost: {HOST}\r\n"
+                                        "Authorization: Bearer sk-placeholder\r\nX-Api-Key: mine\r\n\r\n")
+    assert status == 200
+    seen = upstream.recorder.seen[-1]
+    assert seen.headers.getall("Authorization") == [f"Bearer {SECRET}"]
+    assert "sk-placeholder" not in json.dumps(seen.header_items)
+    # keep-alive: a second request on the same tunnel
+    status, _, _ = await inner(reader, writer, f"GET /v1/again HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n")
+    assert status == 200 and upstream.recorder.seen[-1].path_qs == "/v1/again"
+    writer.close()
+    line = [entry for entry in proxy.audit_lines(tmp_path) if entry["path"] == "/v1/again"][-1]
+    assert (line["listener"], line["connect_host"], line["credential"], line["caller"]) == \
+        ("forward", f"{HOST}:443", "pay", "billing")
+
+
+async def test_a_request_inside_the_tunnel_for_another_host_is_refused(proxy, upstream, tmp_path):
+    for host_header in ("other.invalid", f"{HOST}:8443", "localhost", ""):
+        reader, writer = await tunnel(proxy, tmp_path)
+        extra = f"Host: {host_header}\r\n" if host_header else ""
+        status, _, body = await inner(reader, writer, f"GET /v1/ping HTTP/1.1\r\n{extra}\r\n")
+        writer.close()
+        assert status in (400, 403), host_header
+    reader, writer = await tunnel(proxy, tmp_path)
+    status, _, _ = await inner(reader, writer, f"GET /v1/ping HTTP/1.1\r\nHost: {HOST}\r\nHost: evil.invalid\r\n\r\n")
+    assert status in (400, 403)
+    reader, writer = await tunnel(proxy, tmp_path)  # absolute-form inside a tunnel: not origin-form
+    status, _, _ = await inner(reader, writer, f"GET https://evil.invalid/v1/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+    assert status in (400, 403)
+    assert not upstream.recorder.seen
+    assert any(line.get("reason") == "host_mismatch" for line in proxy.audit_lines(tmp_path))
+
+
+async def test_smuggling_inside_the_tunnel_is_refused(proxy, upstream, tmp_path):
+    attempts = [
+        f"POST /v1/a HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n",
+        f"POST /v1/a HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello",
+        f"POST /v1/a HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        f"GET /v1/a HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    ]
+    for raw in attempts:
+        reader, writer = await tunnel(proxy, tmp_path)
+        writer.write(raw.encode())
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+        status = int(data.split(b" ", 2)[1]) if data else 0
+        assert status in (0, 400), raw
+    assert all(s.path_qs != "/v1/smuggled" for s in upstream.recorder.seen)
+
+
+async def test_an_echoed_secret_inside_the_tunnel_is_redacted(tmp_path):
+    recorder = Recorder()
+
+    async def echo(request, body):
+        return web.json_response({"auth": request.headers.get("Authorization")},
+                                 headers={"X-Echo": request.headers.get("Authorization", "")})
+
+    recorder.routes["/v1/echo"] = echo
+    up = await tls_upstream(tmp_path, recorder)
+    running = await start(tmp_path, up)
+    try:
+        reader, writer = await tunnel(running, tmp_path)
+        status, headers, body = await inner(reader, writer, f"GET /v1/echo HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        writer.close()
+        assert status == 200 and "[REDACTED]" in body.decode()
+        assert_no_canary(body, SECRET, "body")
+        assert_no_canary(json.dumps(headers), SECRET, "headers")
+    finally:
+        await running.proxy.stop()
+        await up.close()
+
+
+async def test_several_credentials_on_one_host_need_a_pick(tmp_path, upstream):
+    extra = {
+        name: {"upstream": upstream.url, "hosts": [SHARED_HOST], "upstream_tls": {"ca_file": str(upstream.ca_file)},
+               "auth": {"type": "header", "header": "Authorization", "value": "Bearer {secret}", "secret": ref},
+               "allow": [{"callers": ["billing"], "paths": ["/v1/**"]}]}
+        for name, ref in (("shared-a", "apis/pay#token"), ("shared-b", "apis/other#token"))}
+    running = await start(tmp_path, upstream, extra_credentials=extra)
+    try:
+        target = f"{SHARED_HOST}:443"
+        reader, writer = await tunnel(running, tmp_path, target)
+        status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {SHARED_HOST}\r\n"
+                                   "Authorization: Bearer sk-anything\r\n\r\n")
+        assert status == 403
+        writer.close()
+        reader, writer = await tunnel(running, tmp_path, target)
+        status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {SHARED_HOST}\r\n"
+                                   "Authorization: Bearer credproxy:shared-b\r\n\r\n")
+        assert status == 200
+        assert upstream.recorder.seen[-1].headers["Authorization"] == "Bearer sk_other_canary_77aa31"
+        status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {SHARED_HOST}\r\n"
+                                   "Authorization: credproxy:shared-a\r\n\r\n")
+        assert status == 200 and upstream.recorder.seen[-1].headers["Authorization"] == f"Bearer {SECRET}"
+        writer.close()
+        line = running.audit_lines(tmp_path)[-1]
+        assert line["credential"] == "shared-a"
+        assert any(entry.get("reason") == "no_credential_pick" for entry in running.audit_lines(tmp_path))
+    finally:
+        await running.proxy.stop()
+
+
+async def test_opaque_tunnel_relays_bytes_and_audits_their_counts(tmp_path, upstream):
+    async def echo_server(reader, writer):
+        data = await reader.read(100)
+        writer.write(b"pong:" + data)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    running = await start(tmp_path, upstream, tunnel_hosts=[f"localhost:{port}"])
+    try:
+        status, _, _, reader, writer = await connect(running, f"localhost:{port}", basic())
+        assert status == 200
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.read(), 5) == b"pong:ping"
+        writer.close()
+        for _ in range(50):
+            lines = [entry for entry in running.audit_lines(tmp_path) if entry.get("reason") == "tunnel"]
+            if lines:
+                break
+            await asyncio.sleep(0.05)
+        assert lines[-1]["bytes_up"] == 4 and lines[-1]["bytes_down"] == 9
+        assert lines[-1]["connect_host"] == f"localhost:{port}" and lines[-1]["credential"] is None
+        # unauthenticated tunnels are refused too
+        status, *_ = await connect(running, f"localhost:{port}")
+        assert status == 407
+    finally:
+        await running.proxy.stop()
+        server.close()
+
+
+async def test_absolute_form_http_only_for_insecure_credentials_that_name_the_port(tmp_path, upstream):
+    recorder = Recorder()
+    runner = web.AppRunner(recorder.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    extra = {"plain": {"upstream": f"http://127.0.0.1:{port}", "allow_insecure_upstream": True,
+                       "hosts": ["plain.invalid:80"],
+                       "auth": {"type": "header", "header": "X-Key", "value": "{secret}", "secret": "apis/pay#token"},
+                       "allow": [{"callers": ["billing"], "paths": ["/v1/**"]}]}}
+    cfg_running = await start(tmp_path, upstream, extra_credentials=extra)
+    try:
+        host, fport = cfg_running.proxy.bound["forward"].split(":")
+        reader, writer = await asyncio.open_connection(host, int(fport))
+        writer.write(f"GET http://plain.invalid/v1/hi?x=1 HTTP/1.1\r\nHost: plain.invalid\r\n"
+                     f"Proxy-Authorization: {basic()}\r\nX-Key: caller-copy\r\n\r\n".encode())
+        status, _, _ = await read_head(reader)
+        assert status == 200 and recorder.seen[-1].path_qs == "/v1/hi?x=1"
+        assert recorder.seen[-1].headers.getall("X-Key") == [SECRET]
+        assert "Proxy-Authorization" not in recorder.seen[-1].headers
+        writer.write(b"GET http://plain.invalid/v1/hi HTTP/1.1\r\nHost: plain.invalid\r\n\r\n")
+        status, headers, _ = await read_head(reader)
+        assert status == 407 and headers["proxy-authenticate"].startswith("Basic")
+        writer.close()
+        reader, writer = await asyncio.open_connection(host, int(fport))
+        writer.write(f"GET http://{HOST}/v1/hi HTTP/1.1\r\nHost: {HOST}\r\nProxy-Authorization: {basic()}\r\n\r\n"
+                     .encode())
+        status, _, _ = await read_head(reader)  # port 80 is not what pay's hosts entry names
+        assert status == 403
+        writer.close()
+    finally:
+        await cfg_running.proxy.stop()
+        await runner.cleanup()
+
+
+async def test_the_ca_key_and_the_secret_are_in_no_output(proxy, upstream, tmp_path, capfd, caplog):
+    caplog.set_level("DEBUG")
+    store = FileStore(tmp_path / "secrets.enc", load_key(config_mod.FileStoreConfig(
+        path=str(tmp_path / "secrets.enc"), key_file=str(tmp_path / "master.key"))))
+    ca_key = store.get_sync("credproxy/ca").fields["key"].reveal()
+    key_body = "".join(ca_key.splitlines()[1:-1])
+    outputs = []
+    for target, auth in ((f"{HOST}:443", None), ("evil.invalid:443", basic()), (f"{HOST}:443", basic())):
+        status, headers, body, reader, writer = await connect(proxy, target, auth)
+        outputs.append(json.dumps(headers) + body.decode())
+        if status == 200:
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+            await writer.start_tls(ctx, server_hostname=HOST)
+            status, headers, body = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+            outputs.append(json.dumps(headers) + body.decode())
+        writer.close()
+    proxy.proxy.holder.current.audit.flush()
+    outputs += [(tmp_path / "audit.log").read_text(), proxy.proxy.holder.current.metrics.render().decode(),
+                caplog.text, "".join(capfd.readouterr()), repr(proxy.proxy.holder.current.config)]
+    for text in outputs:
+        assert key_body[20:60] not in text and "PRIVATE KEY" not in text
+        assert_no_canary(text, SECRET, "output")
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+async def test_ten_thousand_distinct_hosts_leave_the_cache_bounded_and_memory_flat(proxy):
+    leaves = proxy.proxy.forward_leaves
+    host, port = proxy.proxy.bound["forward"].split(":")
+    sem = asyncio.Semaphore(32)
+
+    async def one(i: int) -> int:
+        async with sem:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"CONNECT h{i}.random{i % 97}.invalid:443 HTTP/1.1\r\nProxy-Authorization: {basic()}\r\n\r\n"
+                         .encode())
+            data = await reader.read(4096)
+            writer.close()
+            return int(data.split(b" ", 2)[1])
+
+    await asyncio.gather(*(one(i) for i in range(500)))  # warm up allocator and caches
+    before = _rss_kib()
+    statuses = await asyncio.gather(*(one(i) for i in range(500, 10_500)))
+    after = _rss_kib()
+    assert set(statuses) == {403}
+    assert after - before < 20 * 1024, (before, after)
+    metrics = proxy.proxy.holder.current.metrics.render().decode()
+    assert "credproxy_forward_leaf_certificates 0.0" in metrics
+    assert len(leaves) == 0 and leaves.minted == 0
