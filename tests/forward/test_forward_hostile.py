@@ -166,7 +166,7 @@ async def test_smuggling_inside_the_tunnel_is_refused(proxy, upstream, tmp_path)
         "0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: {HOST}\r\n\r\n",
         f"POST /v1/a HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello",
         f"POST /v1/a HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-        f"GET /v1/a HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+        f"GET /v1/a HTTP/1.1\r\nHost: {HOST}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
     ]
     for raw in attempts:
         reader, writer = await tunnel(proxy, tmp_path)
