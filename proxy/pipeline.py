@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from proxy import errors
 
 from proxy.server import request_shape as guards
-from proxy.observe.audit import AuditEvent, strip_query_values
+from proxy.observe.audit import AuditEvent, ForwardEvent, strip_query_values
 from proxy.server.upload import RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential, Grant
@@ -217,16 +217,16 @@ def _record(state: State, request: web.BaseRequest, route: Route | None, trace: 
     query = route.query if route else raw_path[2]
     if query:
         path += "?" + strip_query_values(query)
-    event = AuditEvent(
+    kind, extra = (AuditEvent, {}) if via is None else (
+        ForwardEvent, {"listener": via.listener, "connect_host": _host_port(via.connect)})
+    event = kind(
         request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None,
         credential=trace.credential if route else None, method=request.method, path=path,
         status=trace.status, outcome=trace.outcome, reason=trace.reason or trace.outcome,
-        duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed,
+        duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed, **extra,
     )
-    if via is None:
-        state.audit.write(event)
-    else:
-        state.audit.write(event, listener=via.listener, connect_host=_host_port(via.connect))
+    state.audit.write(event)
+    if via is not None:
         state.metrics.forward_requests.labels(trace.credential if route else "-", str(trace.status)).inc()
     if state.alerts is not None:
         state.alerts.observe(event)

@@ -72,7 +72,18 @@ class AlertEvent(AuditEvent):
     window_s: float = 0.0
 
 
-_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (AuditEvent, AlertEvent)}
+@dataclass(frozen=True, slots=True)
+class ForwardEvent(AuditEvent):
+    """A request through the forward-proxy listener (SPEC §10): a CONNECT, or a request inside its tunnel
+    (``connect_host``), or an absolute-form one (``connect_host`` None). Opaque tunnels add their byte counts."""
+
+    listener: str = "forward"
+    connect_host: str | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+
+
+_FIELDS = {cls: tuple(f.name for f in fields(cls)) for cls in (AuditEvent, AlertEvent, ForwardEvent)}
 
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # built once, used per line
 

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from proxy import errors
 from proxy.errors import BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
-from proxy.observe.audit import AuditEvent
+from proxy.observe.audit import ForwardEvent
 from proxy.routing import Via
 from proxy.server.connlimit import ConnectionLimit, client_address
 from proxy.server.forward.ca import LeafContexts
@@ -193,6 +193,7 @@ class ForwardConnection(asyncio.Protocol):
         ip = ipaddress.ip_address(client) if client else None
         audit = _ConnectAudit(secrets.token_hex(16), started, str(ip) if ip else None)
         try:
+            state.audit.admit()  # SPEC §11: nothing is served while its audit line cannot be written
             parsed = parse_connect(head)
             audit.connect_host = parsed.authority[:300]
             try:
@@ -356,10 +357,11 @@ class _ConnectAudit:
 
     def finish(self, state, status: int, outcome: str, reason: str, **counts: int) -> None:
         self.done = True
-        event = AuditEvent(request_id=self.request_id, caller=self.caller, client_ip=self.client_ip, credential=None,
-                           method="CONNECT", path="-", status=status, outcome=outcome, reason=reason,
-                           duration_ms=round((time.monotonic() - self.started) * 1000, 3))
-        state.audit.write(event, listener="forward", connect_host=self.connect_host, **counts)
+        event = ForwardEvent(request_id=self.request_id, caller=self.caller, client_ip=self.client_ip,
+                             credential=None, method="CONNECT", path="-", status=status, outcome=outcome,
+                             reason=reason, duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+                             connect_host=self.connect_host, **counts)
+        state.audit.write(event)
         if state.alerts is not None:
             state.alerts.observe(event)
 
