@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,38 +24,10 @@ from proxy.observe import audit_sink
 from proxy.observe.audit import AuditEvent, AuditLog
 from proxy.observe.metrics import Metrics
 from tests.conftest import SECRET
+from tests.fullfs import fill, small_fs  # noqa: F401 - small_fs: a fixture
 from tests.helpers import auth, base_config
 
 FAST = {"flush_interval": "50ms"}  # the tests wait on what a user sees (readyz, answers), not on this interval
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 64 KiB tmpfs of our own, to fill up: a real full disk."""
-    where = tmp_path / "small"
-    where.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs is not permitted here (needs root): {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(fs: Path) -> Path:
-    """Fill ``fs`` to the last block (the audit file may still have room at the end of its own last block)."""
-    filler = fs / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (4096, 1):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.write(fd, b"\0" * chunk)
-    finally:
-        os.close(fd)
-    return filler
 
 
 def verify_cli(path: Path) -> tuple[int, str]:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.observe.audit import verify
+from tests.fullfs import fill, small_fs  # noqa: F401 - small_fs: a fixture
 from proxy.config.fields import Listen
 from tests.ops_support import upstream  # noqa: F401 - the ops tests' upstream fixture
 from tests.ops_support import (ADMIN_TOKEN, CALLER_TOKEN, CANARY, PYTHON, Admin, Upstream, assert_no_secret,
@@ -28,7 +29,7 @@ class Served:
         self.proc, self.data, self.path, self.log = proc, data, path, log
         self.main = f"http://{data['server']['listen']}"
         self.admin = Admin(Listen.parse(data["admin"]["listen"]), ADMIN_TOKEN)
-        self.audit = path.parent / "audit.log"
+        self.audit = Path(data["audit"]["path"])
 
     def log_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
@@ -47,9 +48,10 @@ class Served:
         return list(await asyncio.gather(*(one() for _ in range(n))))
 
 
-async def start(tmp_path: Path, upstream: Upstream, workers: int) -> Served:
+async def start(tmp_path: Path, upstream: Upstream, workers: int, audit: dict | None = None) -> Served:
     secrets = make_store(tmp_path, {"api/demo": {"token": CANARY}, "api/second": {"token": CANARY + "2"}})
     data = base_config(tmp_path, secrets, {"demo": credential(upstream.url)}, admin_token=True, drain_timeout="10s")
+    data["audit"].update(audit or {})
     path = write_config(tmp_path / "config.yaml", data)
     log = tmp_path / "stderr.log"
     with log.open("wb") as err:
@@ -73,8 +75,8 @@ async def start(tmp_path: Path, upstream: Upstream, workers: int) -> Served:
 async def serve(tmp_path, upstream):
     running: list[Served] = []
 
-    async def make(workers: int = 2) -> Served:
-        s = await start(tmp_path, upstream, workers)
+    async def make(workers: int = 2, audit: dict | None = None) -> Served:
+        s = await start(tmp_path, upstream, workers, audit)
         running.append(s)
         return s
 
@@ -184,6 +186,39 @@ async def test_sigterm_drains_and_every_request_is_in_one_audit_chain(serve, ups
     mine = [line for line in lines if line["caller"] == "app"]
     assert len(mine) == 101 and len({line["request_id"] for line in mine}) == 101
     assert [(line["path"], line["status"]) for line in mine].count(("/v1/slow", 200)) == 1
+
+
+async def test_workers_refuse_while_the_shared_audit_disk_is_full_and_lose_no_line(serve, small_fs):
+    s = await serve(2, {"path": str(small_fs / "audit.log"), "flush_interval": "50ms"})
+    ids: list[str] = []
+
+    async def one() -> int:  # a new connection each time: the kernel spreads them over the workers
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async with session.get(s.main + "/demo/v1/x", headers=AUTH) as r:
+                ids.append(r.headers["X-Request-Id"])
+                await r.read()
+                return r.status
+
+    assert {await one() for _ in range(4)} == {200}
+    filler = fill(small_fs)
+    for _ in range(200):
+        if 503 in await asyncio.gather(*(one() for _ in range(4))):
+            break
+    else:
+        pytest.fail("no request refused while the shared audit file could not be written")
+    status, body, _ = await s.admin.call("GET", "/readyz", token=None)
+    assert status == 503 and "audit" in body["waiting"]
+    filler.unlink()
+    for _ in range(300):
+        if (await s.admin.call("GET", "/readyz", token=None))[0] == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert {await one() for _ in range(4)} == {200}
+    s.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(s.proc.wait(), 15) == 0
+    assert verify(str(s.audit)) == []
+    found = [json.loads(raw)["request_id"] for raw in s.audit.read_text().splitlines()]
+    assert sorted(found) == sorted(ids)  # every request once (refused ones too), from both workers, in one chain
 
 
 @pytest.mark.parametrize("change, says", [
