@@ -17,6 +17,7 @@ from proxy.config import models as config_mod
 from proxy.server.forward.ca import CA, CAError, LeafContexts, generate_ca
 from proxy.store.file import FileStore, load_key
 from proxy.store.secret import Secret
+from tests.vault_fixture import bao  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,3 +148,26 @@ def test_config_accepts_forward_proxy_and_reports_every_host_problem():
     assert any("hosts needs a forward_proxy section" in p for p in problems(lonely))
     clash = base(listen="127.0.0.1:8080")
     assert any("forward_proxy.listen: listener already used by server.listen" in p for p in problems(clash))
+
+
+def test_ca_init_with_the_vault_backend_writes_the_key_into_vault(tmp_path, bao):
+    token_file = tmp_path / "vault.token"
+    token_file.write_text(bao.root_token)
+    bao.put("other/fields", {"keep": "me"})
+    cfg = {
+        "secrets": {"backend": "vault", "vault": {"address": bao.address, "auth": {"method": "token",
+                                                                                 "token_file": str(token_file)}}},
+        "forward_proxy": {"listen": "127.0.0.1:3128",
+                          "ca": {"cert_file": str(tmp_path / "ca.pem"), "key": "other/fields#ca_key"}},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    done = run("ca", "init", "-c", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = bao.root().secrets.kv.v2.read_secret_version(path="other/fields", raise_on_deleted_version=True)["data"]
+    assert data["data"]["keep"] == "me"  # the store's write path keeps the path's other fields
+    CA.load((tmp_path / "ca.pem").read_bytes(), Secret(data["data"]["ca_key"]))
+    assert "PRIVATE" not in done.stdout + done.stderr
+    (tmp_path / "ca.pem").unlink()
+    again = run("ca", "init", "-c", str(config), cwd=tmp_path)
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
