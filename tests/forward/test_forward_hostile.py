@@ -351,3 +351,53 @@ async def test_ten_thousand_distinct_hosts_leave_the_cache_bounded_and_memory_fl
     metrics = proxy.proxy.holder.current.metrics.render().decode()
     assert "credproxy_forward_leaf_certificates 0.0" in metrics
     assert len(leaves) == 0 and leaves.minted == 0
+
+
+async def test_refused_connects_raise_the_denied_attempts_alert(tmp_path, upstream):
+    from tests.forward.support import forward_config
+    from tests.helpers import start_proxy
+
+    cfg = forward_config(tmp_path, upstream)
+    cfg["alerts"] = {"denied_threshold": 3, "denied_window": "60s"}
+    running = await start_proxy(cfg)
+    try:
+        for i in range(4):
+            status, *_, writer = await connect(running, f"probe{i}.invalid:443", basic())
+            writer.close()
+            assert status == 403
+        alerts = [line for line in running.audit_lines(tmp_path) if line["outcome"] == "alert"]
+        assert alerts, "no alert after repeated refused CONNECTs"
+        metrics = running.proxy.holder.current.metrics.render().decode()
+        assert "credproxy_alerts_total{" in metrics
+    finally:
+        await running.proxy.stop()
+
+
+async def test_a_reload_changes_which_hosts_are_intercepted_without_a_restart(tmp_path, upstream):
+    import yaml
+
+    from proxy.app import Proxy
+    from proxy.config import models as config_mod
+    from tests.forward.support import forward_config
+    from tests.helpers import RunningProxy
+
+    cfg = forward_config(tmp_path, upstream)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proxy = Proxy(config_mod.load(path), str(path), watch_interval=None)
+    await proxy.start()
+    running = RunningProxy(proxy)
+    try:
+        cfg["credentials"]["pay"]["hosts"] = ["api.moved.invalid"]
+        path.write_text(yaml.safe_dump(cfg))
+        result = await proxy.reload()
+        assert result.result == "ok" and "forward_proxy.listen" not in result.restart_required
+        status, *_, writer = await connect(running, f"{HOST}:443", basic())
+        writer.close()
+        assert status == 403
+        reader, writer = await tunnel(running, tmp_path, "api.moved.invalid:443")
+        status, _, _ = await inner(reader, writer, "GET /v1/moved HTTP/1.1\r\nHost: api.moved.invalid\r\n\r\n")
+        writer.close()
+        assert status == 200 and upstream.recorder.seen[-1].path_qs == "/v1/moved"
+    finally:
+        await proxy.stop()
