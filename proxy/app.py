@@ -11,7 +11,6 @@ import errno
 import gc
 import logging
 import signal
-import ssl
 
 from aiohttp import web
 
@@ -31,11 +30,12 @@ from proxy.server.forward.ca import LeafContexts, load_ca
 from proxy.server.forward.hosts import HostMap
 from proxy.server.forward.listener import ForwardConnection, ForwardContext, ForwardRunner, ForwardSite
 from proxy.observe.metrics import Metrics
-from proxy.upstream.address_policy import AddressPolicy
+from proxy.upstream.address_policy import AddressPolicy, OwnListeners
 from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
 from proxy.upstream.relay import AnswerBudget
+from proxy.lifecycle.listeners import DedicatedListeners, ListenerUnavailable
 from proxy.lifecycle.reload import ReloadResult, Reloader, source_reusable
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.cache import SecretCache
@@ -43,25 +43,10 @@ from proxy.lifecycle.state import State, StateHolder
 from proxy.store import open_store
 from proxy.tokens.cluster import cluster_for
 from proxy.config.fields import Listen
+from proxy.server.binding import LISTEN_BACKLOG, server_ssl
 from proxy.lifecycle.watch import ConfigWatcher
 
 log = logging.getLogger("credproxy")
-
-# aiohttp's default of 128 pending connections drops SYNs when thousands of callers connect at once (they
-# retry after 1 s, 3 s, ...); the kernel caps this at net.core.somaxconn.
-LISTEN_BACKLOG = 4096
-
-
-def server_ssl(tls: TLSConfig | None) -> ssl.SSLContext | None:
-    if tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    if tls.client_ca_file:
-        ctx.load_verify_locations(cafile=tls.client_ca_file)
-        ctx.verify_mode = ssl.CERT_OPTIONAL  # callers may use a token instead; a cert presented is verified
-    return ctx
 
 
 def listen_error(exc: OSError, listen: Listen, field: str) -> ListenError:
@@ -100,7 +85,7 @@ class Proxy:
     def __init__(self, cfg: Config, config_path: str | None = None, *, source_factory=build_source,
                  watch_interval: float | None = 2.0, reuse_port: bool = False,
                  admin_listen: Listen | None = None) -> None:
-        self.cfg = cfg
+        self._start_cfg = cfg
         self.config_path = config_path
         self.reuse_port = reuse_port  # serve --workers: every worker binds the same caller ports (SO_REUSEPORT)
         self.admin_listen = admin_listen  # serve --workers: the worker's private admin socket (see proxy.workers)
@@ -109,7 +94,6 @@ class Proxy:
         self.watch_interval = watch_interval  # None: no config-file watcher
         self.reloader = Reloader(self)
         self.admin_auth = AdminAuth()
-        self.dedicated: dict[str, tuple[tuple, web.ServerRunner]] = {}  # name -> ((listen, tls), runner)
         self._watcher: ConfigWatcher | None = None
         self._runners: list[web.BaseRunner] = []
         self._admin_runner: web.AppRunner | None = None
@@ -120,12 +104,18 @@ class Proxy:
         self._warm_task: asyncio.Task | None = None
         self._metrics: Metrics | None = None
         self.bound: dict[str, str] = {}  # "main", "admin", "credential:<name>" -> bound address
-        self._addresses = AddressPolicy.from_config(cfg.server)  # shared by every credential's upstream client
-        self._alerts: AlertMonitor | None = None
+        self._own = OwnListeners()  # credproxy's own addresses: every config's address policy refuses them
+        self.listeners = DedicatedListeners(runner_for=self._dedicated_runner, own=self._own, bound=self.bound,
+                                            server_tls=cfg.server.tls, reuse_port=reuse_port)
         self._answer_budget = AnswerBudget()
         self._webhook: WebhookSender | None = None
         self._connections: ConnectionLimit | None = None  # server.limits.max_connections, across caller listeners
         self.forward_leaves: LeafContexts | None = None  # forward proxy: leaf certificates minted (read by tests)
+
+    @property
+    def cfg(self) -> Config:
+        """The running config (the committed State's)."""
+        return self.holder.current.config if self.holder is not None else self._start_cfg
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -142,7 +132,7 @@ class Proxy:
         self._metrics = metrics
         self._audit = AuditLog.open(cfg.audit, metrics)
         self._audit.start()
-        self._alerts = self._alert_monitor(cfg, metrics)
+        self._start_webhook(cfg, metrics)
         self.admin_auth.load(cfg.admin.token_file)
         state = self.build_state(cfg)
         self.holder = StateHolder(state)
@@ -155,29 +145,42 @@ class Proxy:
             cfg.server.limits.max_connections, on_refused=lambda client, rid: record_refusal(holder.current, client, rid))
         metrics.caller_connections.set_function(lambda: connections.open)
         await self._listen()
+        self.reloader.started()
         if self.config_path is not None and self.watch_interval:
-            self.reloader.remember_file()
             self._watcher = ConfigWatcher(self.config_path, self.reloader, interval=self.watch_interval)
             self._watcher.start()
 
-    def build_state(self, cfg: Config, reuse: dict[str, Credential] | None = None, *, keep_objects: bool = True) -> State:
-        self._addresses.configure(cfg.server)
-        credentials = build_credentials(cfg, self._cache, self._metrics, reuse, source_factory=self.source_factory,
-                                        keep_objects=keep_objects, address_policy=self._addresses,
-                                        cluster=self._cluster)
-        if self._alerts is not None:
-            self._alerts.cfg = cfg.alerts  # windows and thresholds follow a reload; the history stays
+    def build_state(self, cfg: Config, previous: State | None = None) -> State:
+        """Everything ``cfg`` decides, built without touching what is running: ``previous`` (the running
+        State) is only read. Credentials whose config is unchanged are kept (with their token cache and
+        pool) unless the upstream clients' settings changed; limiter buckets whose limit is unchanged
+        and the alert history carry over."""
+        addresses = AddressPolicy.from_config(cfg.server, own=self._own)
+        if previous is None:
+            keep = True
+            alerts = AlertMonitor(cfg.alerts, audit=self._audit, counter=self._metrics.alerts, webhook=self._webhook)
+            limiter = RateLimiter.from_config(cfg)
+        else:
+            old = previous.config.server
+            # The address policy and the timeouts live in each Credential's upstream client (and pooled
+            # connections were opened under the old rules): new rules mean new clients; sources are kept.
+            keep = previous.addresses == addresses and \
+                (old.connect_timeout, old.read_timeout) == (cfg.server.connect_timeout, cfg.server.read_timeout)
+            alerts = previous.alerts.with_settings(cfg.alerts)
+            limiter = RateLimiter.from_config(cfg, previous=previous.limiter)
+        credentials = build_credentials(cfg, self._cache, self._metrics, previous.credentials if previous else None,
+                                        source_factory=self.source_factory, keep_objects=keep,
+                                        address_policy=addresses, cluster=self._cluster)
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
-                     self._cache, alerts=self._alerts, limiter=RateLimiter.from_config(cfg),
+                     self._cache, addresses=addresses, alerts=alerts, limiter=limiter,
                      answer_budget=self._answer_budget, forward_hosts=HostMap.from_config(cfg))
 
-    def _alert_monitor(self, cfg: Config, metrics: Metrics) -> AlertMonitor:
+    def _start_webhook(self, cfg: Config, metrics: Metrics) -> None:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
             failures = metrics.alert_webhook_failures
             self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
                                           on_failure=lambda reason: failures.labels(reason).inc())
             self._webhook.start()
-        return AlertMonitor(cfg.alerts, audit=self._audit, counter=metrics.alerts, webhook=self._webhook)
 
     async def reload(self, trigger: str = "api") -> ReloadResult:
         """Re-read the config file; see ``proxy.lifecycle.reload``. Used by SIGHUP, POST /v1/reload and the file watcher."""
@@ -225,7 +228,7 @@ class Proxy:
             return str(listen)
         new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
         host, port = new[-1][:2]
-        self._addresses.add_own(host, port)  # no upstream may be credproxy itself
+        self._own.add(host, port)  # no upstream may be credproxy itself
         return f"{host}:{port}"
 
     def _server_kwargs(self) -> dict:
@@ -250,9 +253,12 @@ class Proxy:
         await runner.setup()
         self._runners.append(runner)
         self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls, "server.listen")
-        for name, cred in cfg.credentials.items():
-            if cred.listen is not None:
-                await self.start_dedicated(name, cred)
+        try:
+            await self.listeners.start(cfg)
+        except ListenerUnavailable as exc:
+            if exc.os_error is None:
+                raise
+            raise listen_error(exc.os_error, exc.listen, f"credentials.{exc.credential}.listen") from None
         if cfg.forward_proxy is not None:
             await self._start_forward(cfg)
         admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
@@ -280,7 +286,7 @@ class Proxy:
             protocol.via = via
             return protocol
 
-        ctx = ForwardContext(holder, leaves, inner, self._addresses, connections=self._connections)
+        ctx = ForwardContext(holder, leaves, inner, connections=self._connections)
         runner = ForwardRunner(server, [ctx], handle_signals=False, shutdown_timeout=FINISH_GRACE)
         await runner.setup()
         self._runners.append(runner)
@@ -288,27 +294,21 @@ class Proxy:
                            backlog=LISTEN_BACKLOG, reuse_port=self.reuse_port)
         await site.start()
         host, port = site._server.sockets[0].getsockname()[:2]
-        self._addresses.add_own(host, port)
+        self._own.add(host, port)
         self.bound["forward"] = f"{host}:{port}"
 
-    async def start_dedicated(self, name: str, cred) -> web.ServerRunner:
+    async def _dedicated_runner(self, name: str) -> web.ServerRunner:
+        """A set-up runner for credential ``name``'s own listener; ``self.listeners`` binds and serves it."""
         holder = self.holder
 
         async def dedicated(request: web.BaseRequest) -> web.StreamResponse:
             with holder.use() as state:
                 return await handle(request, state, dedicated=name)
 
-        r = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
-                             shutdown_timeout=FINISH_GRACE)
-        await r.setup()
-        try:
-            self.bound[f"credential:{name}"] = await self._site(r, cred.listen, cred.tls or self.cfg.server.tls,
-                                                                 f"credentials.{name}.listen")
-        except BaseException:
-            await r.cleanup()
-            raise
-        self.dedicated[name] = ((cred.listen, cred.tls), r)
-        return r
+        runner = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
+                                  shutdown_timeout=FINISH_GRACE)
+        await runner.setup()
+        return runner
 
     async def stop(self, *, served: bool = True) -> None:
         """Drain and release everything. ``served=False`` (start-up failed): nothing was served, so the
@@ -316,16 +316,16 @@ class Proxy:
         if self._watcher is not None:
             await self._watcher.stop()
         if not served:
-            for runner in self._runners + [r for _, r in self.dedicated.values()]:
+            for runner in self._runners + self.listeners.runners():
                 await runner.cleanup()
         elif self.holder is not None:
             self.holder.draining = True  # /readyz answers 503 from here on; reloads are refused
             async with self.reloader.lock:
                 pass  # a reload already under way finishes (or fails) before the drain starts
-            runners = self._runners + [r for _, r in self.dedicated.values()] + self.reloader.stopping_runners()
+            runners = self._runners + self.listeners.runners() + self.reloader.stopping_runners()
             await drain(runners, self.holder, self.cfg.server.drain_timeout)
         self._runners.clear()
-        self.dedicated.clear()
+        self.listeners.clear()
         if self._connections is not None:
             self._connections.close()
         if self._warm_task is not None:

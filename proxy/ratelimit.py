@@ -6,6 +6,11 @@ one bucket does not drain the other. Buckets refill continuously at ``rps``
 up to ``burst``. ``Retry-After`` is the whole seconds until both buckets have
 a token again. Checked after policy, so denied requests do not use up a
 caller's budget (they are counted by the misuse alerts instead).
+
+A reload builds a new limiter (``from_config(cfg, previous=...)``) that takes
+over the bucket objects of every caller and credential whose limit is
+unchanged, so a reload never refills a bucket; a changed limit starts full.
+Until the new State is committed both limiters draw from the same buckets.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = now
 
+    @property
+    def limit(self) -> tuple[float, float]:
+        return (self.rps, self.burst)
+
     def wait(self, now: float) -> float:
         """Seconds until a token is available (0: one is available now)."""
         self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rps)
@@ -39,18 +48,29 @@ def _bucket(limit: RateLimit, now: float) -> TokenBucket:
     return TokenBucket(limit.rps, limit.burst or max(1, math.ceil(limit.rps)), now)
 
 
+def _buckets(limits: Mapping[str, RateLimit], before: Mapping[str, TokenBucket], now: float) -> dict[str, TokenBucket]:
+    out = {}
+    for name, limit in limits.items():
+        fresh = _bucket(limit, now)
+        kept = before.get(name)
+        out[name] = kept if kept is not None and kept.limit == fresh.limit else fresh
+    return out
+
+
 class RateLimiter:
     def __init__(self, callers: Mapping[str, RateLimit], credentials: Mapping[str, RateLimit], *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, previous: "RateLimiter | None" = None) -> None:
         self._clock = clock
         now = clock()
-        self._callers = {name: _bucket(limit, now) for name, limit in callers.items()}
-        self._credentials = {name: _bucket(limit, now) for name, limit in credentials.items()}
+        self._callers = _buckets(callers, previous._callers if previous else {}, now)
+        self._credentials = _buckets(credentials, previous._credentials if previous else {}, now)
 
     @classmethod
-    def from_config(cls, cfg, *, clock: Callable[[], float] = time.monotonic) -> "RateLimiter":
+    def from_config(cls, cfg, *, clock: Callable[[], float] = time.monotonic,
+                    previous: "RateLimiter | None" = None) -> "RateLimiter":
         return cls({n: c.rate_limit for n, c in (cfg.callers or {}).items() if c.rate_limit},
-                   {n: c.rate_limit for n, c in cfg.credentials.items() if c.rate_limit}, clock=clock)
+                   {n: c.rate_limit for n, c in cfg.credentials.items() if c.rate_limit}, clock=clock,
+                   previous=previous)
 
     def acquire(self, caller: str, credential: str) -> None:
         pairs = [(kind, b) for kind, b in (("caller", self._callers.get(caller)),

@@ -74,7 +74,7 @@ async def test_a_reload_that_adds_a_credential_makes_it_usable(setup, upstream):
         status, body, text = await _reload(proxy)
         assert status == 200 and body["result"] == "ok" and body["trigger"] == "api"
         assert body["credentials"] == {"added": ["second"], "removed": [], "updated": [], "sessions_reset": []}
-        assert body["warnings"] == [] and body["restart_required"] == []
+        assert body["restart_required"] == [] and body["changed"] is True
         assert_no_secret(text)
         assert (await call(proxy, "/second/v1/x"))[0] == 200
         assert upstream.seen[-1]["authorization"] == f"Bearer {CANARY}-second"
@@ -83,16 +83,19 @@ async def test_a_reload_that_adds_a_credential_makes_it_usable(setup, upstream):
         assert metric(metrics, "credproxy_config_last_reload_successful") == 1
 
 
-async def test_a_new_credential_whose_secret_is_missing_is_reported_as_a_warning(setup, upstream):
+async def test_a_new_credential_whose_secret_is_missing_rejects_the_reload(setup, upstream):
     data, path = setup
     async with running(path) as proxy:
         data["credentials"]["later"] = credential(upstream.url, secret="api/later#token")
         write_config(path, data)
         status, body, _ = await _reload(proxy)
-        assert status == 200
-        assert body["warnings"] == ["credentials.later: secret api/later#token is not readable yet (SecretNotFound)"]
+        assert status == 422 and body["error"] == "invalid_config"
+        assert [(p["path"], p["message"]) for p in body["problems"]] == [
+            ("credentials.later", "secret api/later#token cannot be read: not in the store "
+                                  f"(add it: credproxy secrets put -c {path} api/later token)")]
         status, ready, _ = await _admin(proxy).call("GET", "/readyz", token=None)
-        assert status == 503 and ready["waiting"] == ["later"]
+        assert status == 200 and ready["waiting"] == []  # the running config is untouched
+        assert (await call(proxy, "/later/v1/x"))[0] == 403
 
 
 async def test_a_reload_that_removes_a_credential_refuses_it_afterwards(setup, upstream):
@@ -213,6 +216,24 @@ async def test_dedicated_listeners_start_and_stop_with_the_config(setup, upstrea
         assert status == 200 and body["listeners"] == {"started": [], "stopped": [f"second 127.0.0.1:{port}"]}
         with pytest.raises(aiohttp.ClientConnectorError):
             await call(proxy, "/v1/x", base=f"http://127.0.0.1:{port}")
+
+
+async def test_a_removed_listeners_address_can_be_taken_over_in_one_reload(setup, upstream):
+    data, path = setup
+    port = free_port()
+    data["credentials"]["demo"]["listen"] = f"127.0.0.1:{port}"
+    write_config(path, data)
+    async with running(path) as proxy:
+        assert (await call(proxy, "/v1/x", base=f"http://127.0.0.1:{port}"))[0] == 200
+        assert upstream.seen[-1]["authorization"] == f"Bearer {CANARY}"
+        del data["credentials"]["demo"]["listen"]
+        data["credentials"]["second"] = credential(upstream.url, secret="api/second#token", listen=f"127.0.0.1:{port}")
+        write_config(path, data)
+        status, body, _ = await _reload(proxy)
+        assert status == 200 and body["listeners"] == {"started": [f"second 127.0.0.1:{port}"],
+                                                       "stopped": [f"demo 127.0.0.1:{port}"]}
+        assert (await call(proxy, "/v1/x", base=f"http://127.0.0.1:{port}"))[0] == 200
+        assert upstream.seen[-1]["authorization"] == f"Bearer {CANARY}-second"
 
 
 async def test_a_listener_that_cannot_bind_rejects_the_whole_reload(setup, upstream):

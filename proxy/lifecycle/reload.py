@@ -1,26 +1,36 @@
-"""Reload: validate the config file, build its State, swap it in atomically, retire the old one.
+"""Reload as a transaction: build the whole new State, then commit it by swapping one reference.
 
 Triggered by SIGHUP, ``POST /v1/reload`` and the config-file watcher; one at a time.
 
-- Validation first: an unreadable or invalid file (``config.parse``), an
-  unusable ``admin.token_file``, a dedicated listener that cannot be bound, or
-  a credential source that cannot be built rejects the reload whole; the
-  running config stays and nothing it owns is touched.
-- The swap is one assignment (``holder.current``): a request runs on the
-  state it started with (``StateHolder.use``), so in-flight requests finish on
-  the old config. The operator's kill switch (``disabled``) and the request
-  counters carry over to the new Credential objects at the moment of the swap.
-- Token caches survive: a credential whose config is unchanged keeps its
-  Credential object; one whose auth-relevant settings are unchanged (only its
-  rules, listener, leak guard or probe changed) keeps its AuthSource.
-- Retiring: the old state's credentials that the new state no longer uses are
-  closed only after every request on the old state has finished.
-- Listeners: dedicated listeners that are new are started before the swap, and
-  removed or moved ones stop accepting at the swap and close once their
-  requests are done. The main and admin listeners, ``server.tls``,
-  ``server.limits``, ``secrets``, ``audit`` and ``cluster`` are bound at start: a change to
-  them is reported under ``restart_required`` (and logged as a warning) and takes
+- Build, with nothing running touched: the file is read and validated
+  (``config.parse``), ``admin.token_file`` read, and the new State built from
+  it (``Proxy.build_state``: credentials, policy, callers, upstream address
+  policy, rate limiter, alert settings); new token sources are started, every
+  secret reference the new config adds is read, and the dedicated listeners it
+  adds or moves are bound and their TLS loaded (``DedicatedListeners.prepare``)
+  but not served. Any problem (an invalid file, an unreadable token file, a
+  secret that cannot be read, a listener that cannot bind) rejects the reload
+  whole, with every problem found: what was built is discarded and the running
+  State, its listeners and its secrets cache entries are as they were.
+- Commit: ``holder.current`` is assigned (no await while the operator's kill
+  switch and the request counters are carried over to new Credential objects),
+  then leaving listeners stop accepting and the new ones start. A request runs
+  on the State it started with (``StateHolder.use``), so in-flight requests
+  finish on the old config.
+- Carried over: a credential whose config is unchanged keeps its Credential
+  object (token cache, pool) unless the upstream clients' settings changed;
+  one whose auth-relevant settings are unchanged keeps its AuthSource; rate
+  limit buckets whose limit is unchanged keep their level; the alert history
+  is kept under the new thresholds.
+- Retiring: the old State's credentials the new one no longer uses, and the
+  listeners it stopped, are closed once every request on the old State is done.
+- The main and admin listeners, ``server.tls``, ``server.limits``,
+  ``secrets``, ``audit`` and ``cluster`` are bound at start: a change to them is
+  reported under ``restart_required`` (and logged as a warning) and takes
   effect at the next restart; the rest of the new config is applied.
+- The last reload that changed something is kept (``last_change``, with its
+  trigger and time): a reload that finds nothing to change says who changed
+  it last, e.g. the file watcher a moment before ``credproxy reload``.
 """
 
 from __future__ import annotations
@@ -28,9 +38,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
@@ -38,7 +48,8 @@ from aiohttp import web
 from proxy.config import models as config_mod
 from proxy.admin.api import AdminAuth, AdminTokenError
 from proxy.config.models import Config, ConfigInvalid, CredentialConfig, Problem
-from proxy.lifecycle.drain import stop_accepting
+from proxy.errors import SecretAccessDenied, SecretNotFound
+from proxy.lifecycle.listeners import ListenerUnavailable, Plan
 from proxy.lifecycle.state import State
 
 log = logging.getLogger("credproxy.reload")
@@ -48,11 +59,28 @@ SOURCE_INDEPENDENT = frozenset({"allow", "listen", "tls", "leak_guard", "probe",
 # Bound when the process starts; a change needs a restart.
 RESTART_REQUIRED = (("server", "listen"), ("server", "tls"), ("server", "limits"), ("admin", "listen"),
                     ("secrets",), ("audit",), ("alerts", "webhook_url"), ("cluster",))
-WARM_TIMEOUT = 5.0
+RESOLVE_TIMEOUT = 5.0  # for reading every secret reference a reload adds
+TRIGGERS = {"api": "the admin API (credproxy reload)", "sighup": "SIGHUP", "watch": "the file watcher",
+            "start": "the start of the proxy"}
 
 
 def source_reusable(old: CredentialConfig, new: CredentialConfig) -> bool:
     return all(getattr(old, f) == getattr(new, f) for f in type(new).model_fields if f not in SOURCE_INDEPENDENT)
+
+
+def settings_changed(old: Config, new: Config) -> list[str]:
+    """Dotted names of the settings outside ``credentials`` that differ (two levels deep)."""
+    out = []
+    for name in type(new).model_fields:
+        a, b = getattr(old, name), getattr(new, name)
+        if name == "credentials" or a == b:
+            continue
+        fields = getattr(type(b), "model_fields", None)
+        if fields and a is not None:
+            out += [f"{name}.{f}" for f in fields if getattr(a, f) != getattr(b, f)]
+        else:
+            out.append(name)
+    return out
 
 
 def restart_required(old: Config, new: Config) -> list[str]:
@@ -81,16 +109,30 @@ class ReloadResult:
     sessions_reset: list[str] = field(default_factory=list)  # updated credentials whose token cache was dropped
     listeners_started: list[str] = field(default_factory=list)
     listeners_stopped: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # other settings applied (callers, server.deny_..., alerts...)
+    admin_token_replaced: bool = False
     restart_required: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.time)
+    last_change: "ReloadResult | None" = None  # set when this reload changed nothing: who changed it last
 
     @property
     def ok(self) -> bool:
         return self.result == "ok"
 
     @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.updated or self.listeners_started or self.listeners_stopped
+                    or self.settings or self.admin_token_replaced)
+
+    @property
     def status(self) -> int:
         return {"ok": 200, "invalid": 422}.get(self.result, 503)
+
+    def changes(self) -> dict:
+        return {"credentials": {"added": self.added, "removed": self.removed, "updated": self.updated,
+                                "sessions_reset": self.sessions_reset},
+                "listeners": {"started": self.listeners_started, "stopped": self.listeners_stopped},
+                "settings": self.settings, "admin_token_replaced": self.admin_token_replaced}
 
     def as_dict(self) -> dict:
         if self.result == "invalid":
@@ -99,23 +141,51 @@ class ReloadResult:
         if self.result == "refused":
             return {"error": "draining", "result": self.result, "trigger": self.trigger,
                     "message": "the proxy is shutting down"}
-        return {"result": self.result, "trigger": self.trigger,
-                "credentials": {"added": self.added, "removed": self.removed, "updated": self.updated,
-                                "sessions_reset": self.sessions_reset},
-                "listeners": {"started": self.listeners_started, "stopped": self.listeners_stopped},
-                "restart_required": self.restart_required, "warnings": self.warnings}
+        out = {"result": self.result, "trigger": self.trigger, "at": _iso(self.at), "changed": self.changed,
+               **self.changes(), "restart_required": self.restart_required}
+        if self.last_change is not None:
+            last = self.last_change
+            out["last_change"] = {"trigger": last.trigger, "by": TRIGGERS.get(last.trigger, last.trigger),
+                                  "at": _iso(last.at), **last.changes()}
+        return out
+
+
+@dataclass(eq=False)
+class _Built:
+    """A new State and what was made for it, not yet committed."""
+
+    state: State
+    new_sources: list
+    listeners: Plan | None = None
+
+
+class Rejected(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("; ".join(map(str, problems)))
+        self.problems = problems
 
 
 class Reloader:
+    """Needs from the proxy (``proxy.app.Proxy``): ``holder``, ``config_path``, ``admin_auth``,
+    ``build_state(cfg, previous)`` and ``listeners`` (``DedicatedListeners``)."""
+
     def __init__(self, proxy) -> None:
-        self.proxy = proxy  # proxy.app.Proxy
+        self.proxy = proxy
         self.lock = asyncio.Lock()
         self.last_digest: str | None = None  # of the file content the last reload (or the start) saw
+        self.last_change: ReloadResult | None = None  # the last reload that changed something (or the start)
         self._retiring: set[State] = set()
         self._stopping: list[web.BaseRunner] = []
         self._tasks: set[asyncio.Task] = set()
 
+    def started(self) -> None:
+        """The proxy is serving the config it started with."""
+        self.last_change = ReloadResult("ok", "start")
+        self.remember_file()
+
     def remember_file(self) -> None:
+        if self.proxy.config_path is None:
+            return
         try:
             self.last_digest = hashlib.sha256(Path(self.proxy.config_path).read_bytes()).hexdigest()
         except OSError:
@@ -153,107 +223,114 @@ class Reloader:
         except AdminTokenError as exc:
             return ReloadResult("invalid", trigger, [Problem(path, None, "admin.token_file", exc.reason)])
 
-        old_cfg, old = proxy.cfg, holder.current
-        result = ReloadResult("ok", trigger, restart_required=restart_required(old_cfg, cfg))
-        # Upstream timeouts live in each Credential's client: rebuild the objects (sources are still kept).
-        keep = (old_cfg.server.connect_timeout, old_cfg.server.read_timeout) == \
-               (cfg.server.connect_timeout, cfg.server.read_timeout)
-        old_sources = {id(c.source) for c in old.credentials.values()}
-        state: State | None = None
+        old = holder.current
         try:
-            state = proxy.build_state(cfg, old.credentials, keep_objects=keep)
-            new_sources = [c.source for c in state.credentials.values() if id(c.source) not in old_sources]
-            for source in new_sources:
-                await source.start()
-            stopped = await self._start_listeners(old_cfg, cfg, result)
-        except Exception as exc:  # noqa: BLE001 - any failure here rejects the reload whole
-            if state is not None:
-                await self._discard(state, old)
-            problem = exc.problem if isinstance(exc, ApplyFailed) else \
-                Problem(path, None, "", f"cannot be applied ({type(exc).__name__})")
-            log.warning("reload could not be applied", exc_info=not isinstance(exc, ApplyFailed))
-            return ReloadResult("invalid", trigger, [problem])
+            built = await self._build(cfg, old)
+        except Rejected as exc:
+            return ReloadResult("invalid", trigger, exc.problems)
 
-        # --- the swap: no await from here to the assignment --------------------------------
+        # --- the commit: no await from here to the assignment --------------------------------
+        state = built.state
         for name, cred in state.credentials.items():
             before = old.credentials.get(name)
             if before is not None and before is not cred:
                 cred.disabled = before.disabled
                 cred.stats = before.stats
-        proxy.cfg = cfg
-        proxy.admin_auth.digest = admin_digest
+        admin_replaced = proxy.admin_auth.digest != admin_digest
         holder.current = state
+        proxy.admin_auth.digest = admin_digest
         # -----------------------------------------------------------------------------------
-
-        result.added = sorted(set(cfg.credentials) - set(old_cfg.credentials))
-        result.removed = sorted(set(old_cfg.credentials) - set(cfg.credentials))
-        result.updated = sorted(n for n, c in cfg.credentials.items()
-                                if n in old.credentials and old.credentials[n].cfg != c)
-        result.sessions_reset = sorted(n for n in result.updated
-                                       if state.credentials[n].source is not old.credentials[n].source)
+        stopped = await proxy.listeners.commit(built.listeners)
+        await self._start_new(state, old)
+        result = self._describe(trigger, old, state, built, admin_replaced)
         self._retire(old, stopped)
-        await self._warm(state, new_sources, result)
+        if result.changed:
+            self.last_change = result
+        else:
+            result.last_change = self.last_change
         return result
 
-    async def _start_listeners(self, old_cfg: Config, cfg: Config, result: ReloadResult) -> list[web.BaseRunner]:
-        """Start new dedicated listeners; stop accepting on removed or changed ones. Returns the runners to
-        close once the old state is idle. On failure everything is put back as it was, then it raises."""
-        proxy = self.proxy
-        want = {n: (c.listen, c.tls) for n, c in cfg.credentials.items() if c.listen is not None}
-        have = dict(proxy.dedicated)
-        leaving = [n for n, (key, _) in have.items() if want.get(n) != key]
-        coming = [n for n, key in want.items() if n not in have or have[n][0] != key]
-        paused: list[str] = []
-        started: list[str] = []
-        bound = dict(proxy.bound)
+    async def _build(self, cfg: Config, old: State) -> _Built:
+        """The new State with its sources started, its new secrets read and its listeners bound; raises
+        ``Rejected`` (with every problem found) after discarding all of it."""
+        path = self.proxy.config_path
+        built: _Built | None = None
+        problems: list[Problem] = []
         try:
-            for name in coming:
-                listen = str(cfg.credentials[name].listen)
-                for other in leaving:  # same address as a listener that is going: it must let go first
-                    if str(have[other][0][0]) == listen and other not in paused:
-                        await _stop_sites(have[other][1])  # only the socket: rollback can re-open it
-                        paused.append(other)
-                try:
-                    await proxy.start_dedicated(name, cfg.credentials[name])
-                except OSError as exc:
-                    reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-                    raise ApplyFailed(Problem(proxy.config_path, None, f"credentials.{name}.listen",
-                                              f"cannot listen ({reason})")) from None
-                started.append(name)
-        except BaseException:
-            for name in started:
-                _, runner = proxy.dedicated.pop(name)
-                await runner.cleanup()
-            for name in paused:
-                proxy.dedicated[name] = have[name]
-                key, runner = have[name]
-                await proxy._site(runner, key[0], key[1] or old_cfg.server.tls)
-            proxy.bound.clear()
-            proxy.bound.update(bound)
-            raise
-        stopped = []
-        for name in leaving:
-            _, runner = have[name]
-            if proxy.dedicated.get(name, (None, None))[1] is runner:
-                del proxy.dedicated[name]
-                proxy.bound.pop(f"credential:{name}", None)
-            await stop_accepting([runner])
-            stopped.append(runner)
-        result.listeners_started = [f"{n} {want[n][0]}" for n in coming]
-        result.listeners_stopped = [f"{n} {have[n][0][0]}" for n in leaving]
-        return stopped
+            state = self.proxy.build_state(cfg, old)
+            old_sources = {id(c.source) for c in old.credentials.values()}
+            built = _Built(state, [c.source for c in state.credentials.values() if id(c.source) not in old_sources])
+            for source in built.new_sources:
+                await source.start()
+            problems += await self._resolve(state, old)
+            try:
+                built.listeners = await self.proxy.listeners.prepare(cfg)
+            except ListenerUnavailable as exc:
+                problems.append(Problem(path, None, f"credentials.{exc.credential}.{exc.field}", exc.reason))
+        except Exception as exc:  # noqa: BLE001 - any failure here rejects the reload whole
+            log.warning("reload could not be applied", exc_info=True)
+            problems.append(Problem(path, None, "", f"cannot be applied ({type(exc).__name__})"))
+        if problems:
+            if built is not None:
+                await self._discard(built, old)
+            raise Rejected(problems)
+        return built
 
-    async def _discard(self, state: State, old: State) -> None:
-        """Undo a reload that failed before the swap: close what only the new state had."""
+    async def _resolve(self, state: State, old: State) -> list[Problem]:
+        """Read every secret reference the new config adds (those the running config also has are not
+        its doing); one that cannot be read now is a problem: the running config stays."""
+        path = self.proxy.config_path
+        before = {ref for c in old.credentials.values() for ref in c.refs()}
+        deadline = time.monotonic() + RESOLVE_TIMEOUT
+        problems = []
+        for name, cred in state.credentials.items():
+            for ref in sorted(cred.refs() - before, key=str):
+                try:
+                    await asyncio.wait_for(state.cache.read(ref), max(0.0, deadline - time.monotonic()))
+                except Exception as exc:  # noqa: BLE001 - each one is reported
+                    problems.append(Problem(path, None, f"credentials.{name}",
+                                            f"secret {ref} cannot be read: {_unreadable(exc, ref, path, state)}"))
+        return problems
+
+    async def _discard(self, built: _Built, old: State) -> None:
+        """Close what only the rejected State had; nothing the running one uses."""
+        if built.listeners is not None:
+            await self.proxy.listeners.discard(built.listeners)
         old_creds = {id(c) for c in old.credentials.values()}
         old_sources = {id(c.source) for c in old.credentials.values()}
-        for cred in state.credentials.values():
+        for cred in built.state.credentials.values():
             if id(cred) in old_creds:
                 continue
             if id(cred.source) not in old_sources:
                 await cred.close()
             else:
                 await cred.client.close()
+
+    async def _start_new(self, state: State, old: State) -> None:
+        """After the commit: upstream client certificates of new Credential objects start watching for
+        rotation (they register with the shared cache and metrics, so not before)."""
+        kept = {id(c) for c in old.credentials.values()}
+        for cred in state.credentials.values():
+            if id(cred) not in kept and cred.tls is not None:
+                await cred.tls.start()
+
+    def _describe(self, trigger: str, old: State, state: State, built: _Built, admin_replaced: bool) -> ReloadResult:
+        old_cfg, cfg = old.config, state.config
+        plan = built.listeners
+        return ReloadResult(
+            "ok", trigger,
+            added=sorted(set(cfg.credentials) - set(old_cfg.credentials)),
+            removed=sorted(set(old_cfg.credentials) - set(cfg.credentials)),
+            updated=sorted(n for n, c in cfg.credentials.items()
+                           if n in old.credentials and old.credentials[n].cfg != c),
+            sessions_reset=sorted(n for n, c in cfg.credentials.items()
+                                  if n in old.credentials and old.credentials[n].cfg != c
+                                  and state.credentials[n].source is not old.credentials[n].source),
+            listeners_started=plan.started,
+            listeners_stopped=[f"{n} {old_cfg.credentials[n].listen}" for n in plan.leaving],
+            settings=[s for s in settings_changed(old_cfg, cfg) if not _restart_field(s)],
+            admin_token_replaced=admin_replaced,
+            restart_required=restart_required(old_cfg, cfg))
 
     def _retire(self, old: State, runners: list[web.BaseRunner]) -> None:
         self._retiring.add(old)
@@ -295,28 +372,6 @@ class Reloader:
                 await cred.close()
                 used_sources.add(id(cred.source))  # another retired credential may share it
 
-    async def _warm(self, state: State, new_sources: list, result: ReloadResult) -> None:
-        """Read the secrets of new or changed sources once, so the first caller does not wait and the
-        answer can say what is missing; whatever fails keeps being retried in the background."""
-        failed = False
-        deadline = time.monotonic() + WARM_TIMEOUT
-        fresh = {id(s) for s in new_sources}
-        for name, cred in state.credentials.items():
-            if id(cred.source) not in fresh:
-                continue
-            for ref in sorted(cred.source.refs(), key=str):
-                remaining = deadline - time.monotonic()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    await asyncio.wait_for(state.cache.read(ref), remaining)
-                except Exception as exc:  # noqa: BLE001 - reported, retried by the warmer
-                    failed = True
-                    result.warnings.append(
-                        f"credentials.{name}: secret {ref} is not readable yet ({type(exc).__name__})")
-        if failed:
-            self.proxy.ensure_warming()
-
     # --- reporting --------------------------------------------------------------------
 
     def _report(self, result: ReloadResult) -> None:
@@ -330,10 +385,9 @@ class Reloader:
         if result.ok:
             for item in result.restart_required:
                 log.warning("config change needs a restart to take effect", extra={"field": item})
-            log.info("config reloaded", extra={**extra, "added": ",".join(result.added),
-                                               "removed": ",".join(result.removed),
-                                               "updated": ",".join(result.updated),
-                                               "warnings": len(result.warnings)})
+            log.info("config reloaded" if result.changed else "config reloaded: nothing changed",
+                     extra={**extra, "added": ",".join(result.added), "removed": ",".join(result.removed),
+                            "updated": ",".join(result.updated), "settings": ",".join(result.settings)})
         elif result.result == "invalid":
             log.error("config reload rejected; the running config stays",
                       extra={**extra, "problems": "; ".join(str(p) for p in result.problems)})
@@ -366,16 +420,22 @@ class Reloader:
                     await cred.close()
 
 
-class ApplyFailed(Exception):
-    """A valid config that cannot be applied (a listener cannot bind): reported as a config problem."""
-
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(str(problem))
-        self.problem = problem
+def _restart_field(name: str) -> bool:
+    return any(name == ".".join(p) or name.startswith(".".join(p) + ".") for p in RESTART_REQUIRED)
 
 
-async def _stop_sites(runner: web.BaseRunner) -> None:
-    for site in list(runner.sites):
-        await site.stop()
+def _unreadable(exc: Exception, ref, config_path: str, state: State) -> str:
+    """Why a secret could not be read, in words that say what to do (never the store's own text)."""
+    if isinstance(exc, SecretNotFound):
+        if state.config.secrets.backend == "file":
+            return f"not in the store (add it: credproxy secrets put -c {config_path} {ref.path} {ref.field})"
+        return "not found in the secret store"
+    if isinstance(exc, SecretAccessDenied):
+        return "access denied by the secret store"
+    if isinstance(exc, TimeoutError):
+        return f"the secret store did not answer within {RESOLVE_TIMEOUT:g}s"
+    return f"the secret store is unavailable ({type(exc).__name__})"
 
 
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

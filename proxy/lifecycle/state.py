@@ -1,7 +1,11 @@
 """The running configuration as one immutable-by-convention bundle.
 
+Everything a config decides lives here — credentials, policy, callers, the
+upstream address policy, the rate limiter, the alert settings — so a reload
+builds a whole new State and commits it by assigning ``holder.current``; a
+rejected reload drops the State it built and nothing running has changed.
 A request takes ``holder.current`` once at its start and finishes on it, so a
-reload (which swaps ``current``) never changes a request mid-flight. ``use()``
+reload never changes a request mid-flight. ``use()``
 counts requests per state, so a reload knows when an old state has no request
 left (and its retired credentials can be closed), and shutdown knows when
 nothing is in flight.
@@ -21,6 +25,7 @@ from proxy.observe.metrics import Metrics
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
 from proxy.server.forward.hosts import HostMap
+from proxy.upstream.address_policy import AddressPolicy
 from proxy.upstream.relay import AnswerBudget
 from proxy.store.cache import SecretCache
 
@@ -40,9 +45,9 @@ class State:
     audit: AuditLog
     metrics: Metrics
     cache: SecretCache
-    ready: bool = True
-    alerts: AlertMonitor | None = None  # long-lived (owned by Proxy): carried into a reloaded State
-    limiter: RateLimiter | None = None  # built from the config: rebuilt on reload
+    addresses: AddressPolicy | None = None  # this config's upstream address rules (the credentials' clients use it)
+    alerts: AlertMonitor | None = None  # this config's alert settings over the alert history of every config
+    limiter: RateLimiter | None = None  # this config's limits; unchanged ones keep their buckets across reloads
     answer_budget: AnswerBudget | None = None  # long-lived (owned by Proxy): one memory bound across reloads
     forward_hosts: HostMap = field(default_factory=HostMap)  # forward proxy: built from the config, rebuilt on reload
     in_flight: int = 0
@@ -56,7 +61,6 @@ class State:
 class StateHolder:
     current: State
     draining: bool = False
-    extras: dict = field(default_factory=dict)
     in_flight: int = 0
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
     _tasks: set = field(default_factory=set, repr=False)

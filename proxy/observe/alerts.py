@@ -92,9 +92,13 @@ class WebhookSender:
 
 
 class AlertMonitor:
+    """One config's alert settings over the history of every config before it: a reload builds the
+    next monitor with ``with_settings`` (nothing running changes until that State is committed), and
+    the addresses and denied requests seen so far still count."""
+
     def __init__(self, cfg: AlertsConfig, *, audit: AuditLog, counter, webhook: WebhookSender | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
-        self.cfg = cfg
+        self._cfg = cfg
         self._wall_clock = wall_clock
         self._audit = audit
         self._counter = counter
@@ -102,6 +106,18 @@ class AlertMonitor:
         self._clock = clock
         self._addresses: dict[str, OrderedDict[str, float]] = {}
         self._denied: OrderedDict[str, deque[float]] = OrderedDict()
+
+    @property
+    def cfg(self) -> AlertsConfig:
+        return self._cfg
+
+    def with_settings(self, cfg: AlertsConfig) -> "AlertMonitor":
+        """A monitor with ``cfg``'s windows and thresholds that shares this one's history (and its audit,
+        metric and webhook); this one is left as it is."""
+        new = AlertMonitor(cfg, audit=self._audit, counter=self._counter, webhook=self._webhook,
+                           clock=self._clock, wall_clock=self._wall_clock)
+        new._addresses, new._denied = self._addresses, self._denied
+        return new
 
     def observe(self, event: AuditEvent) -> None:
         now = self._clock()

@@ -23,6 +23,7 @@ IPv4 addresses embedded in IPv6 (``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``,
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -74,30 +75,61 @@ def _is_local(ip: IPAddress) -> bool:
     return True
 
 
-class AddressPolicy:
-    def __init__(self, *, deny_private: bool = False, deny: Iterable[IPNetwork] = ()) -> None:
-        self.denied = ALWAYS_DENIED + (PRIVATE if deny_private else ()) + tuple(deny)
-        self._own: set[tuple[IPAddress, int]] = set()
-        self._own_any_host: set[int] = set()  # ports we listen on at 0.0.0.0 / ::
-        self._local_cache: dict[IPAddress, bool] = {}
+class OwnListeners:
+    """The addresses credproxy itself listens on: a fact about the process, not the config, so one
+    registry is shared by the address policy of every config (a listener a rejected reload bound is
+    forgotten again when that reload discards it)."""
 
-    @classmethod
-    def from_config(cls, server) -> "AddressPolicy":
-        policy = cls()
-        policy.configure(server)
-        return policy
+    def __init__(self) -> None:
+        self._exact: set[tuple[IPAddress, int]] = set()
+        self._any_host: set[int] = set()  # ports we listen on at 0.0.0.0 / ::
 
-    def configure(self, server) -> None:
-        """Apply ``server.deny_private_upstreams`` / ``deny_upstream_networks`` (at start and on reload)."""
-        self.denied = ALWAYS_DENIED + (PRIVATE if server.deny_private_upstreams else ()) + tuple(server.deny_upstream_networks)
-
-    def add_own(self, host: str, port: int) -> None:
-        """Record one of credproxy's own listening addresses."""
+    def add(self, host: str, port: int) -> None:
         ip = effective(ipaddress.ip_address(host))
         if ip.is_unspecified:
-            self._own_any_host.add(port)
+            self._any_host.add(port)
         else:
-            self._own.add((ip, port))
+            self._exact.add((ip, port))
+
+    def discard(self, host: str, port: int) -> None:
+        ip = effective(ipaddress.ip_address(host))
+        if ip.is_unspecified:
+            self._any_host.discard(port)
+        else:
+            self._exact.discard((ip, port))
+
+    def match(self, ip: IPAddress, port: int) -> bool:
+        return (ip, port) in self._exact or (port in self._any_host and _local(ip))
+
+
+@functools.lru_cache(maxsize=4096)
+def _local(ip: IPAddress) -> bool:
+    return _is_local(ip)
+
+
+class AddressPolicy:
+    """The ranges one config denies (immutable: a reload builds a new policy and commits it with its
+    State), plus credproxy's own listeners."""
+
+    __slots__ = ("denied", "own")
+
+    def __init__(self, *, deny_private: bool = False, deny: Iterable[IPNetwork] = (),
+                 own: OwnListeners | None = None) -> None:
+        object.__setattr__(self, "denied", ALWAYS_DENIED + (PRIVATE if deny_private else ()) + tuple(deny))
+        object.__setattr__(self, "own", own if own is not None else OwnListeners())
+
+    def __setattr__(self, name, value) -> None:
+        raise AttributeError("an AddressPolicy is immutable: build a new one from the config")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AddressPolicy) and self.denied == other.denied and self.own is other.own
+
+    __hash__ = None
+
+    @classmethod
+    def from_config(cls, server, own: OwnListeners | None = None) -> "AddressPolicy":
+        """``server.deny_private_upstreams`` / ``deny_upstream_networks``."""
+        return cls(deny_private=server.deny_private_upstreams, deny=server.deny_upstream_networks, own=own)
 
     def refusal(self, host: str, port: int) -> str | None:
         """Why connecting to ``host:port`` is refused, or None when it is allowed."""
@@ -108,14 +140,9 @@ class AddressPolicy:
         for net in self.denied:
             if ip.version == net.version and ip in net:
                 return f"in denied range {net}"
-        if (ip, port) in self._own or (port in self._own_any_host and self._local(ip)):
+        if self.own.match(ip, port):
             return "credproxy's own listener"
         return None
-
-    def _local(self, ip: IPAddress) -> bool:
-        if ip not in self._local_cache:
-            self._local_cache[ip] = _is_local(ip)
-        return self._local_cache[ip]
 
     def socket_factory(self, addr_info) -> socket.socket:
         """For ``aiohttp.TCPConnector(socket_factory=...)``: check, then create the socket."""

@@ -64,6 +64,18 @@ def test_second_address_within_the_window_alerts_once(monitor):
     assert metrics.alerts.labels("multi_ip")._value.get() == 1
 
 
+def test_new_settings_keep_the_history_and_leave_the_running_monitor_alone(monitor):
+    mon, clock, alerts, _ = monitor
+    mon.observe(event(None, "10.0.0.9", outcome="denied", status=401))
+    stricter = mon.with_settings(AlertsConfig(multi_ip_window=300, denied_threshold=2, denied_window=60))
+    assert mon.cfg.denied_threshold == 3 and stricter.cfg.denied_threshold == 2
+    stricter.observe(event(None, "10.0.0.9", outcome="denied", status=401))  # the earlier denial counts
+    assert [a["reason"] for a in alerts()] == ["denied_burst"]
+    mon.observe(event(None, "10.0.0.8", outcome="denied", status=401))
+    mon.observe(event(None, "10.0.0.8", outcome="denied", status=401))
+    assert len(alerts()) == 1  # the running monitor still wants 3
+
+
 def test_addresses_outside_the_window_do_not_alert(monitor):
     mon, clock, alerts, _ = monitor
     mon.observe(event("billing", "10.0.0.1"))

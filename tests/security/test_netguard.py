@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver
 
-from proxy.upstream.address_policy import AddressDenied, AddressPolicy
+from proxy.upstream.address_policy import AddressDenied, AddressPolicy, OwnListeners
 
 
 @pytest.mark.parametrize("ip", ["169.254.169.254", "169.254.0.1", "fe80::1", "::ffff:169.254.169.254",
@@ -32,9 +32,10 @@ def test_loopback_and_public_stay_allowed(ip):
 
 
 def test_own_listeners_are_refused():
-    policy = AddressPolicy()
-    policy.add_own("127.0.0.1", 8080)
-    policy.add_own("0.0.0.0", 9090)
+    own = OwnListeners()
+    own.add("127.0.0.1", 8080)
+    own.add("0.0.0.0", 9090)
+    policy = AddressPolicy(own=own)
     assert policy.refusal("127.0.0.1", 8080) is not None
     assert policy.refusal("127.0.0.1", 8081) is None
     # a wildcard listener is reachable at every local address, loopback or not
@@ -46,6 +47,18 @@ def test_own_listeners_are_refused():
     if local is not None:
         assert policy.refusal(local, 9090) is not None
     assert policy.refusal("93.184.216.34", 9090) is None
+    own.discard("127.0.0.1", 8080)  # a listener a rejected reload bound, then let go
+    assert policy.refusal("127.0.0.1", 8080) is None
+
+
+def test_a_policy_cannot_be_changed_in_place():
+    policy = AddressPolicy()
+    with pytest.raises(AttributeError):
+        policy.denied = ()
+    assert AddressPolicy(deny_private=True) != AddressPolicy(deny_private=True)  # each has its own listeners
+    own = OwnListeners()
+    assert AddressPolicy(deny_private=True, own=own) == AddressPolicy(deny_private=True, own=own)
+    assert AddressPolicy(own=own) != AddressPolicy(deny_private=True, own=own)
 
 
 def test_operator_ranges():

@@ -59,6 +59,28 @@ def test_a_refused_request_takes_from_neither_bucket():
     limiter.acquire("billing", "elsewhere")
 
 
+def test_a_rebuilt_limiter_keeps_the_buckets_whose_limit_is_unchanged():
+    clock = Clock()
+    old = RateLimiter({"billing": RateLimit(rps=1, burst=1), "other": RateLimit(rps=1, burst=1)},
+                      {"demo": RateLimit(rps=1, burst=1)}, clock=clock)
+    old.acquire("billing", "x")
+    old.acquire("other", "demo")
+    new = RateLimiter({"billing": RateLimit(rps=1, burst=1), "other": RateLimit(rps=1, burst=2)},
+                      {"demo": RateLimit(rps=1, burst=1)}, clock=clock, previous=old)
+    with pytest.raises(RateLimited):
+        new.acquire("billing", "x")  # unchanged: still empty
+    with pytest.raises(RateLimited):
+        new.acquire("nobody", "demo")
+    new.acquire("other", "x")  # changed: starts full
+    new.acquire("other", "x")
+    with pytest.raises(RateLimited):
+        old.acquire("other", "x")  # the old limiter's bucket for "other" is its own (and empty)
+    clock.now += 1
+    new.acquire("billing", "x")
+    with pytest.raises(RateLimited):
+        old.acquire("billing", "x")  # until the commit both draw from the one kept bucket
+
+
 def test_burst_defaults_to_rps_rounded_up():
     clock = Clock()
     limiter = RateLimiter({"billing": RateLimit(rps=2.5)}, {}, clock=clock)

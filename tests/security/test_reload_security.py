@@ -40,7 +40,7 @@ async def test_reload_applies_limits_and_keeps_alert_history(upstream, tmp_path)
         assert result.sessions_reset == []  # a rate limit does not touch how material is obtained
         assert result.restart_required == ["alerts.webhook_url"]
         assert [await get(url) for _ in range(2)] == [200, 429]
-        assert h.proxy._addresses.refusal("192.0.2.1", 443) is not None
+        assert h.proxy.holder.current.addresses.refusal("192.0.2.1", 443) is not None
 
         # the address seen before the reload still counts: a second source raises the alert
         await get(url, source="127.0.0.2")

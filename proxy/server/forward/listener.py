@@ -38,7 +38,6 @@ from proxy.server.connlimit import ConnectionLimit, client_address
 from proxy.server.forward.ca import LeafContexts
 from proxy.server.forward.connect import MAX_HEAD, first_line, is_connect, parse_connect
 from proxy.server.forward.hosts import target
-from proxy.upstream.address_policy import AddressPolicy
 
 log = logging.getLogger("credproxy.forward")
 
@@ -53,7 +52,6 @@ class ForwardContext:
     holder: object  # proxy.lifecycle.state.StateHolder
     leaves: LeafContexts
     inner: Callable[[Via], asyncio.Protocol]  # the HTTP protocol for requests (inside a tunnel or absolute-form)
-    addresses: AddressPolicy
     connections: ConnectionLimit | None = None
     open: set = field(default_factory=set)  # connections not (yet) handed to ``inner``: closed at shutdown
 
@@ -264,7 +262,7 @@ class ForwardConnection(asyncio.Protocol):
         timeout = state.config.server.connect_timeout
         try:
             infos = await asyncio.wait_for(loop.getaddrinfo(hp[0], hp[1], type=socket.SOCK_STREAM), timeout)
-            allowed = [i for i in infos if self.ctx.addresses.refusal(i[4][0], i[4][1]) is None]
+            allowed = [i for i in infos if state.addresses.refusal(i[4][0], i[4][1]) is None]
             if not allowed:
                 raise UpstreamError("tunnel host resolves only to refused addresses", reason="address_refused")
             family, type_, proto, _, sockaddr = allowed[0]
