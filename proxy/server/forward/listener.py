@@ -96,7 +96,7 @@ class ForwardConnection(asyncio.Protocol):
         self._released = False
         self._task: asyncio.Task | None = None
         self._tunnel: _TunnelUpstream | None = None
-        self._paused = False
+        self._audit: _ConnectAudit | None = None  # an opaque tunnel's line, written when it closes
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -174,7 +174,11 @@ class ForwardConnection(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._connect(head))
 
     def _hand_over(self, via: Via, pending: bytes, transport=None) -> None:
-        """From here on ``inner`` owns the connection (``transport``: the TLS one, after a CONNECT)."""
+        """From here on ``inner`` owns the connection (``transport``: the TLS one, after a CONNECT).
+
+        With the llhttp connection protocol (``proxy.server.connection.HTTPConnection``) this becomes
+        ``conn = HTTPConnection(<forward context with caller=via.caller>); transport.set_protocol(conn);
+        conn.attach(transport, release=self.release); conn.data_received(pending)`` — ``Attached`` goes."""
         self._disarm()
         self.ctx.open.discard(self)
         attached = Attached(self.ctx.inner(via), self.release)
@@ -288,7 +292,7 @@ class ForwardConnection(asyncio.Protocol):
     def tunnel_closed(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
-        audit = getattr(self, "_audit", None)
+        audit = self._audit
         if audit is not None and not audit.done:
             state = self.ctx.holder.current
             state.metrics.forward_tunnel_bytes.labels("up").inc(self.bytes_up)
