@@ -24,6 +24,7 @@ from proxy.callers import Authenticator
 from proxy.config.models import Config, TLSConfig
 from proxy.server.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
+from proxy.errors import SecretBackendError
 from proxy.lifecycle.drain import FINISH_GRACE, drain
 from proxy.server.http import GuardedServer
 from proxy.server.forward.ca import LeafContexts, load_ca
@@ -203,7 +204,8 @@ class Proxy:
                     except Exception as exc:  # noqa: BLE001 - reported, retried
                         failed += 1
                         log.warning("secret not readable yet", extra={"credential": cred.name, "secret_path": ref.path,
-                                                                      "error": type(exc).__name__})
+                                                                      "error": type(exc).__name__},
+                                    exc_info=None if isinstance(exc, SecretBackendError) else exc)
             if not failed:
                 return
             await asyncio.sleep(delay)

@@ -120,7 +120,8 @@ class StaticSource(AuthSource):
         cached = self._grants.get(principal)
         if cached is not None and cached[0] == key:
             return cached[1]
-        SCRUBBER.register(*(v.reveal() for v in values.values()))
+        for name, ref in self.refs_for(principal).items():  # a rotated secret replaces its old value
+            SCRUBBER.hold(("secret", str(ref)), values[name].reveal())
         g = Grant(values)
         self._grants[principal] = (key, g)
         return g

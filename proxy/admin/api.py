@@ -103,7 +103,7 @@ async def require_token(request: web.Request, handler):
     except ProxyError as exc:
         return _error(exc.status, exc.code, exc.message)
     except Exception as exc:  # noqa: BLE001 - an admin bug answers 500 JSON; the detail goes to the scrubbed log
-        log.error("admin request failed", extra={"path": request.path[:200], "error": type(exc).__name__})
+        log.error("admin request failed", exc_info=exc, extra={"path": request.path[:200], "error": type(exc).__name__})
         return _error(500, "internal_error", "internal error")
 
 

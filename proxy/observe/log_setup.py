@@ -1,8 +1,9 @@
 """JSON-lines logging on stderr, with every record passed through the scrubber first.
 
-The formatter scrubs its own output; ``setup`` also installs the scrubbing
-filter (``proxy.redact.log_filter``) on every logger and handler, so records are clean
-before any handler sees them.
+``setup`` installs the scrubbing filter (``proxy.redact.log_filter``) on every
+logger and handler, so records are clean before any handler sees them; the
+formatter then scrubs its whole line only for a record the filter has not seen
+(fail closed), so each line is scrubbed once.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = "".join(traceback.format_exception(*record.exc_info))
         elif record.exc_text:  # the scrubbing filter keeps only the text of the exception
             out["exc"] = record.exc_text
-        return SCRUBBER.scrub(json.dumps(out, ensure_ascii=False, default=str))
+        line = json.dumps(out, ensure_ascii=False, default=str)
+        return line if getattr(record, logfilter.MARK, False) else SCRUBBER.scrub(line)
 
 
 def setup(level: str = "INFO", stream=None) -> None:

@@ -86,17 +86,23 @@ def patterns(secret: str) -> list[tuple[bytes, int]]:
     return out
 
 
+def compile_patterns(secrets: Iterable[str]) -> tuple[re.Pattern[bytes] | None, int]:
+    """One regex for every form of ``secrets`` (longest alternatives first), and its longest match."""
+    found: dict[bytes, int] = {}
+    for s in secrets:
+        if s and len(s) >= MIN_SECRET:
+            found.update(patterns(s))
+    ordered = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
+    if not ordered:
+        return None, 0
+    return re.compile(b"|".join(p for p, _ in ordered)), ordered[0][1]
+
+
 class LeakGuard:
     """Compiled patterns for one set of secrets (per credential and principal)."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        found: dict[bytes, int] = {}
-        for s in secrets:
-            if s and len(s) >= MIN_SECRET:
-                found.update(patterns(s))
-        ordered = sorted(found.items(), key=lambda kv: kv[1], reverse=True)
-        self.longest = ordered[0][1] if ordered else 0
-        self._re = re.compile(b"|".join(p for p, _ in ordered)) if ordered else None
+        self._re, self.longest = compile_patterns(secrets)
         found = needles(self._re)
         self._needles = NeedleSet(found) if found else None
 

@@ -7,6 +7,11 @@ asyncio). The filter rewrites the record in place — message with its
 arguments, extra fields, exception text with its traceback, stack info — so
 every handler downstream sees only the scrubbed copy. The exception object is
 dropped from the record once its text is taken: it may carry the value.
+
+Each part is scrubbed once, here; a record marked as scrubbed is not scrubbed
+again by our formatter. A field whose name says it holds a secret (``token``,
+``client_secret``, ``cookie``) is replaced whole, as the line rules would do
+to ``"token": "..."`` in the formatted line.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 import threading
 
 from proxy.redact.scrubber import Scrubber
+from proxy.redact.shapes import names_a_secret
 
 # Loggers whose records may carry request or token details. A filter on a logger
 # sees only records logged on that very logger, so the known children are named too.
@@ -28,7 +34,7 @@ LOGGERS = (
     "requests", "asyncio", "authlib", "botocore", "py.warnings",
 )
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
-_MARK = "_credproxy_scrubbed"
+MARK = "_credproxy_scrubbed"
 
 
 class ScrubFilter(logging.Filter):
@@ -37,7 +43,7 @@ class ScrubFilter(logging.Filter):
         self.scrubber = scrubber
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, _MARK, False):
+        if getattr(record, MARK, False):
             return True
         scrub = self.scrubber.scrub
         try:
@@ -47,7 +53,7 @@ class ScrubFilter(logging.Filter):
         record.msg, record.args = scrub(message), None
         for key, value in list(vars(record).items()):
             if key not in _STD and not key.startswith("_"):
-                record.__dict__[key] = _scrub_value(scrub, value)
+                record.__dict__[key] = _scrub_field(scrub, key, value)
         if record.exc_info:
             record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
             record.exc_info = None
@@ -55,12 +61,16 @@ class ScrubFilter(logging.Filter):
             record.exc_text = scrub(record.exc_text)
         if record.stack_info:
             record.stack_info = scrub(record.stack_info)
-        setattr(record, _MARK, True)
+        setattr(record, MARK, True)
         return True
 
 
-def _scrub_value(scrub, value):
-    if value is None or isinstance(value, (bool, int, float)):
+def _scrub_field(scrub, key: str, value):
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (str, int, float)) and names_a_secret(key):
+        return "[REDACTED]"
+    if isinstance(value, (int, float)):
         return value
     return scrub(value if isinstance(value, str) else str(value))
 

@@ -48,7 +48,7 @@ def _read(path: str | None, what: str) -> str:
         raise LoginRefused(f"cannot read secrets.vault.auth.{what} {path} ({reason})") from None
     if not text:
         raise LoginRefused(f"secrets.vault.auth.{what} {path} is empty")
-    SCRUBBER.register(text)
+    SCRUBBER.hold(("vault auth", what), text)
     return text
 
 
@@ -57,7 +57,7 @@ def _from_auth(answer: object, what: str) -> Login:
     token = auth.get("client_token")
     if not isinstance(token, str) or not token:
         raise VaultUnavailable(f"{what}: vault answered without a token")
-    SCRUBBER.register(token)
+    SCRUBBER.hold("vault token", token)  # a new login's token replaces the last one
     return Login(Secret(token), float(auth.get("lease_duration") or 0), bool(auth.get("renewable")))
 
 
@@ -99,7 +99,7 @@ class VaultLogin:
         token = (self._env.get(TOKEN_ENV) or "").strip()
         if not token:
             raise LoginRefused(f"no vault token: set secrets.vault.auth.token_file or ${TOKEN_ENV}")
-        SCRUBBER.register(token)
+        SCRUBBER.hold(("vault auth", TOKEN_ENV), token)
         return token
 
     def _lookup(self, token: str) -> Login:

@@ -195,7 +195,8 @@ class TokenSlot:
             raise self._failed("secret_unavailable", exc.detail, started) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave waiters hanging; type name only
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave waiters hanging; its traceback goes to the log
+            log.error("token provider failed unexpectedly", exc_info=exc, extra={"credential": self.label})
             raise self._failed("internal", type(exc).__name__, started) from None
         finally:
             self._task = None

@@ -41,7 +41,7 @@ class Material:
             value = await self.cache.read(self.refs[name])
         except SecretBackendError as exc:
             raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {self.refs[name].path}") from None
-        SCRUBBER.register(value.reveal())
+        SCRUBBER.hold(("secret", str(self.refs[name])), value.reveal())
         return value
 
     async def maybe(self, name: str) -> Secret | None:

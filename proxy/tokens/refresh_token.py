@@ -50,7 +50,7 @@ class RefreshTokenProvider(ClientRevocation, Provider):
             value = entry.get(ref)
         except SecretBackendError as exc:
             raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {ref.path}") from None
-        SCRUBBER.register(value.reveal())
+        SCRUBBER.hold(("secret", str(ref)), value.reveal())
         return value, entry.version
 
     async def fetch(self, material: Material) -> TokenAnswer:
@@ -61,7 +61,8 @@ class RefreshTokenProvider(ClientRevocation, Provider):
         answer = parse_oauth2(await self.post(req), now_wall=self.wall())
         rotated = answer.refresh_token
         if rotated is not None and rotated != refresh:
-            SCRUBBER.register(rotated.reveal())
+            # Its own owner: the store may still answer the old one until the rotated one is saved.
+            SCRUBBER.hold(("rotated refresh token", str(ref)), rotated.reveal())
             await self._save(ref, rotated, version, material)
         elif ref in self._unsaved:
             await self._save(ref, refresh, version, material)

@@ -13,6 +13,7 @@ import logging
 
 from proxy.credential import AuthSource, Grant
 from proxy.errors import CredentialUnavailable
+from proxy.tokens.failure import TokenFailure
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
@@ -41,6 +42,7 @@ class TokenSource(AuthSource):
         self.metrics = metrics
         self.settings = settings or Settings(ttl=session.ttl, refresh_before=session.refresh_before)
         self.slots: dict[str, TokenSlot] = {}
+        self._scrub_owner = object()  # this source's tokens in the log scrubber (another source of the name has its own)
         self.cluster = cluster  # a ClusterTokens (cluster.backend: vault): replicas share their tokens
         self._refused: dict[str, Secret] = {}  # principal -> the token the upstream refused, until the next fetch
         self._value_refs = tuple(auth.value.refs)
@@ -84,7 +86,7 @@ class TokenSource(AuthSource):
             answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(material),
                                                refresh_before=self.settings.refresh_before,
                                                rejected=self._refused.pop(principal, None))
-        SCRUBBER.register(answer.access.reveal())
+        SCRUBBER.hold((self._scrub_owner, principal), answer.access.reveal())  # replaces the slot's last token
         values = {"secret": answer.access}
         for ref in self._value_refs:  # placeholders besides {secret} in the injected value
             values[str(ref)] = await material.read(str(ref))
@@ -147,7 +149,8 @@ class TokenSource(AuthSource):
                 await asyncio.wait_for(self.provider.revoke(tok.grant.values["secret"], self.material(principal)),
                                        REVOKE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - best effort; the token is dropped locally anyway
-                log.warning("token revocation failed", extra={"credential": self.name, "error": type(exc).__name__})
+                log.warning("token revocation failed", extra={"credential": self.name, "error": type(exc).__name__},
+                            exc_info=None if isinstance(exc, (TokenFailure, TimeoutError)) else exc)
 
     async def start(self) -> None:
         if self.session.prefetch:  # the credential's own token; per-caller ones stay lazy
@@ -156,8 +159,9 @@ class TokenSource(AuthSource):
             slot.start()
 
     async def close(self) -> None:
-        for slot in self.slots.values():
+        for principal, slot in self.slots.items():
             await slot.close()
+            SCRUBBER.release((self._scrub_owner, principal))
         if self.session.revoke_on_shutdown:
             await self.revoke()
         await self.http.close()

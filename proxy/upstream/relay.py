@@ -6,8 +6,10 @@ names, the reason phrase and the body (Content-Length is dropped since the
 length may change). ``block``: the first ``BLOCK_BUFFER`` bytes are held
 before anything is sent, so a leak there answers 502; a leak found later
 aborts the connection (the caller sees a truncated answer, never the secret).
-Compressed bodies are not decompressed: ``redact`` passes them on unscanned,
-``block`` refuses them (502), since it cannot prove them clean.
+A compressed body (an upstream that ignored ``Accept-Encoding: identity``) is
+decoded for the scan by ``proxy.redact.encoding`` and sent decoded, without
+``Content-Encoding``, by ``relay_whole``, or refused with 502 when it cannot be
+decoded — never passed on unscanned.
 
 An upstream answer whose framing credproxy would have to guess at never gets
 here: the client refuses it (``proxy.upstream.answer``) and the caller gets 502.
@@ -34,6 +36,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.redact import encoding
 from proxy.redact.leak_guard import LeakGuard, StreamRedactor
 from proxy.upstream.answer import BodyFailed, UpstreamResponse
 from proxy.upstream.client import strip_hop_by_hop
@@ -91,11 +94,6 @@ class CallerStalled(Exception):
     """The caller took no response bytes within the write timeout."""
 
 
-def is_compressed(headers) -> bool:
-    codings = {c.strip().lower() for v in headers.getall("Content-Encoding", []) for c in v.split(",")}
-    return bool(codings - {"identity", ""})
-
-
 def _header_text(headers: CIMultiDict[str]) -> bytes:
     """All names and values as one text, for one quick check before scanning header by header."""
     return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
@@ -132,7 +130,7 @@ async def relay(request: web.BaseRequest, upstream: UpstreamResponse, head: byte
     try:
         headers = strip_hop_by_hop(upstream.headers)
         scanning = mode != "off" and guard.active
-        compressed = is_compressed(upstream.headers)
+        compressed = bool(encoding.content_codings(upstream.headers))
         reason, found = _reason(upstream.reason, guard if scanning else None)
         if scanning:
             headers, in_headers = _guard_headers(headers, guard)
@@ -141,16 +139,18 @@ async def relay(request: web.BaseRequest, upstream: UpstreamResponse, head: byte
             leak_counter.inc(found)
             if mode == "block":
                 raise LeakBlocked("secret echoed in the response head", reason="leak_blocked")
-        if scanning and compressed and mode == "block" and request.method != "HEAD":
-            raise LeakBlocked("compressed body cannot be scanned under block", reason="leak_unscannable")
-        scan_body = scanning and not compressed
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY
+        decoder = encoding.decoder_for(upstream.headers) if scanning and compressed and has_body else None
+        scan_body = scanning and not (compressed and decoder is None)
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
     except BaseException:
         upstream.release()
         raise
+    if decoder is not None:  # held whole, decoded (bounded), scanned, sent decoded
+        headers.popall("Content-Encoding", None)
+        return await relay_whole(upstream, head, headers, reason, guard, mode, leak_counter, decoder)
     length = upstream.content_length
     if has_body and length is not None and length <= WHOLE_BODY_MAX:
         return await relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode, leak_counter)
@@ -213,11 +213,19 @@ async def relay_streamed(request: web.BaseRequest, upstream: UpstreamResponse, h
 
 
 async def relay_whole(upstream: UpstreamResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
-                       guard: LeakGuard | None, mode: str, leak_counter) -> web.Response:
-    """A small answer of known length: read it whole, scan it once, send it with its (new) length."""
+                       guard: LeakGuard | None, mode: str, leak_counter,
+                       decoder: encoding.Decoder | None = None) -> web.Response:
+    """A small answer of known length, or a compressed one to decode (``decoder``): read it whole, scan it once,
+    send it with its (new) length."""
     try:
         with BODY_READ:
-            data = head + await upstream.read()
+            if decoder is None:
+                data = head + await upstream.read()
+            else:
+                decoder.feed(head)
+                while chunk := await upstream.read_chunk():
+                    decoder.feed(chunk)
+                data = decoder.finish()
     finally:
         upstream.release()
     if guard is not None:

@@ -24,7 +24,7 @@ CALLER = "cp_Zk3J9fQ2mN8vX1cR4tY7uI0oP5aS6dF"
 def captured():
     """A plain handler with the stdlib formatter on the root logger, then the filter installed
     (the order ``logs.setup`` uses)."""
-    SCRUBBER.register(CANARY)
+    SCRUBBER.hold("test canary", CANARY)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s %(detail)s", defaults={"detail": ""}))
@@ -84,7 +84,7 @@ def test_ordinary_log_text_is_left_alone():
 
 
 def test_json_formatter_output_is_scrubbed():
-    SCRUBBER.register(CANARY)
+    SCRUBBER.hold("test canary", CANARY)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
