@@ -62,7 +62,7 @@ async def test_an_admin_500_logs_its_traceback_without_the_secret(tmp_path, upst
     def broken_readiness(holder):  # fault injection: a bug in an admin handler
         raise RuntimeError(f"readiness bug near {CANARY}")
 
-    monkeypatch.setattr(admin_api, "is_ready", broken_readiness)
+    monkeypatch.setattr(admin_api, "readiness", broken_readiness)
     store = make_store(tmp_path, {"api/demo": {"token": CANARY}})
     cfg = write_config(tmp_path / "config.yaml",
                        base_config(tmp_path, store, {"demo": credential(upstream.url)}, admin_token=True))
