@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 
 import jsonschema
@@ -142,6 +143,45 @@ async def test_reload_applies_a_good_file_and_explains_a_bad_one(setup, cli, ups
             ": credentials.second.upstream: must be an absolute https:// URL")
         code, out, _ = await cli("reload", "-c", str(path), "--json")
         assert code == 1 and json.loads(out)["error"] == "invalid_config"
+        assert (await call(proxy, "/second/v1/x"))[0] == 200
+
+
+async def _real_reload(path, *extra: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(PYTHON, "-m", "proxy", "reload", "-c", str(path), *extra,
+                                                stdout=asyncio.subprocess.PIPE, env=subprocess_env())
+    out, _ = await proc.communicate()
+    return proc.returncode, out.decode()
+
+
+async def test_reload_after_the_file_watcher_says_who_applied_the_edit_and_when(setup, upstream):
+    data, path = setup
+    async with running(path, watch_interval=0.05) as proxy:
+        code, out = await _real_reload(path)
+        started = re.fullmatch(r"reload: nothing to apply: the running config is the one the proxy started with "
+                               r"at (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)\n", out)
+        assert code == 0 and started, out
+        data["credentials"]["second"] = credential(upstream.url, secret="api/second#token")
+        data["server"]["deny_private_upstreams"] = True
+        write_config(path, data)
+        for _ in range(250):  # the watcher applies it
+            if "second" in proxy.holder.current.credentials:
+                break
+            await asyncio.sleep(0.02)
+        assert "second" in proxy.holder.current.credentials
+        for _ in range(2):  # the same answer however often it is asked
+            code, out = await _real_reload(path)
+            lines = out.splitlines()
+            assert code == 0
+            when = re.fullmatch(r"reload: nothing to apply: the file watcher already applied this config at (\S+)",
+                                lines[0])
+            assert when and when[1] >= started[1], out
+            assert lines[1:] == ["  added: second", "  settings: server.deny_private_upstreams"]
+        code, out = await _real_reload(path, "--json")
+        body = json.loads(out)
+        assert code == 0 and body["changed"] is False and body["credentials"]["added"] == []
+        last = body["last_change"]
+        assert (last["trigger"], last["by"], last["at"]) == ("watch", "the file watcher", when[1])
+        assert last["credentials"]["added"] == ["second"]
         assert (await call(proxy, "/second/v1/x"))[0] == 200
 
 

@@ -275,8 +275,8 @@ async def test_the_admin_token_rotates_on_reload_and_a_bad_token_file_is_rejecte
     async with running(path) as proxy:
         listen = proxy.cfg.admin.listen
         (tmp_path / "admin.token").write_text("the-new-admin-token\n")
-        status, _, _ = await _reload(proxy)
-        assert status == 200
+        status, body, _ = await _reload(proxy)
+        assert status == 200 and body["changed"] is True and body["admin_token_replaced"] is True
         assert (await Admin(listen, ADMIN_TOKEN).call("GET", "/v1/credentials"))[0] == 401
         assert (await Admin(listen, "the-new-admin-token").call("GET", "/v1/credentials"))[0] == 200
         data["admin"]["token_file"] = str(tmp_path / "missing.token")

@@ -187,20 +187,36 @@ def _reload(client: AdminClient, as_json: bool) -> int:
         return 1
     if status != 200:
         return _refused(status, body, None, as_json)
-    creds = body["credentials"]
-    print("reload: applied")
+    if body.get("changed", True):
+        print("reload: applied")
+        _print_changes(body)
+    else:
+        last = body.get("last_change") or {}
+        if last.get("trigger") == "start":
+            print(f"reload: nothing to apply: the running config is the one the proxy started with at {last['at']}")
+        elif last:
+            print(f"reload: nothing to apply: {last['by']} already applied this config at {last['at']}")
+            _print_changes(last)
+        else:
+            print("reload: nothing to apply: the running config already matches the file")
+    for item in body.get("restart_required", []):
+        print(f"  needs a restart to take effect: {item}")
+    return 0
+
+
+def _print_changes(body: dict) -> None:
+    creds = body.get("credentials", {})
     for label, key in (("added", "added"), ("removed", "removed"), ("updated", "updated"),
                        ("token cache reset", "sessions_reset")):
         if creds.get(key):
             print(f"  {label}: {', '.join(creds[key])}")
     for label, key in (("listener started", "started"), ("listener stopped", "stopped")):
-        for item in body["listeners"].get(key, []):
+        for item in body.get("listeners", {}).get(key, []):
             print(f"  {label}: {item}")
-    for item in body.get("restart_required", []):
-        print(f"  needs a restart to take effect: {item}")
-    for item in body.get("warnings", []):
-        print(f"  warning: {item}")
-    return 0
+    if body.get("settings"):
+        print(f"  settings: {', '.join(body['settings'])}")
+    if body.get("admin_token_replaced"):
+        print("  admin token replaced")
 
 
 def _quote(name: str) -> str:
