@@ -22,6 +22,7 @@ from proxy.observe.alerts import AlertMonitor, WebhookSender
 from proxy.observe.audit import AuditLog
 from proxy.callers import Authenticator
 from proxy.config.models import Config, TLSConfig
+from proxy.config.references import secret_references
 from proxy.server.connlimit import ConnectionLimit, record_refusal
 from proxy.credential import Credential, build_source
 from proxy.errors import SecretBackendError
@@ -61,6 +62,11 @@ def listen_error(exc: OSError, listen: Listen, field: str) -> ListenError:
     else:
         reason = f"cannot be opened ({exc.strerror or type(exc).__name__})"
     return ListenError(exc.errno, str(listen), field, reason)
+
+
+def fields_naming(cred: Credential, ref) -> list[str]:
+    """The config field paths that name ``ref`` in ``cred`` (``credentials.x.auth.secret``), for the log."""
+    return [config_mod.dotted(("credentials", cred.name) + loc) for loc, r in secret_references(cred.cfg) if r == ref]
 
 
 def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
@@ -203,9 +209,10 @@ class Proxy:
                         await state.cache.read(ref)
                     except Exception as exc:  # noqa: BLE001 - reported, retried
                         failed += 1
-                        log.warning("secret not readable yet", extra={"credential": cred.name, "secret_path": ref.path,
-                                                                      "error": type(exc).__name__},
-                                    exc_info=None if isinstance(exc, SecretBackendError) else exc)
+                        log.warning("secret not readable yet", extra={
+                            "credential": cred.name, "secret_path": ref.path, "secret_field": ref.field,
+                            "field": ", ".join(fields_naming(cred, ref)), "error": type(exc).__name__},
+                            exc_info=None if isinstance(exc, SecretBackendError) else exc)
             if not failed:
                 return
             await asyncio.sleep(delay)

@@ -93,7 +93,7 @@ async def test_a_failed_refresh_exits_1_with_the_reason(tmp_path, upstream, cli)
         assert (code, out) == (1, "")
         assert err == "credproxy: refresh gone failed: credential unavailable (credential_unavailable)\n"
         code, out, _ = await cli("status", "-c", str(path))
-        assert "NOT ready (waiting for: gone)" in out and "SecretNotFound" in out
+        assert code == 1 and "NOT ready (waiting for: gone)" in out and "SecretNotFound" in out  # scripts see it
 
 
 async def test_probe_reports_success_and_failure(setup, cli, upstream):

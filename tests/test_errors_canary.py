@@ -140,9 +140,7 @@ credentials:
       type: header
       secret: {SECRET}
 """)
-    with pytest.raises(SystemExit) as exc:
-        main(["check", "-c", str(path)])
-    assert exc.value.code == 1
+    assert main(["check", "-c", str(path)]) == 1
     out = capsys.readouterr()
     assert_no_canary(out.out + out.err, SECRET, "check output")
     assert "credentials.example.auth.secret" in out.err

@@ -44,7 +44,7 @@ async def test_a_broken_file_is_rejected_and_the_old_config_keeps_serving(setup,
         status, body, _ = await _reload(proxy)
         assert status == 422 and body["error"] == "invalid_config"
         [problem] = body["problems"]
-        assert problem["path"] == "credentials.other.auth" and problem["message"] == "Field required"
+        assert problem["path"] == "credentials.other.auth" and problem["message"] == "is required"
         assert problem["file"] == str(path) and problem["line"] is not None
         assert (await call(proxy, "/demo/v1/x"))[0] == 200
         broken = copy.deepcopy(data)

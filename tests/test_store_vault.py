@@ -489,10 +489,10 @@ def test_config_requires_the_files_each_auth_method_needs():
     with pytest.raises(config.ConfigInvalid) as info:
         config.parse(text, "c.yaml")
     assert [str(p) for p in info.value.problems] == [
-        "c.yaml:5: secrets.vault.auth: Value error, auth method approle needs secret_id_file"]
+        "c.yaml:5: secrets.vault.auth: auth method approle needs secret_id_file"]
     text = text.replace("approle", "kubernetes").replace("      role_id_file: /etc/credproxy/role_id\n", "")
     with pytest.raises(config.ConfigInvalid) as info:
         config.parse(text, "c.yaml")
-    assert [p.message for p in info.value.problems] == ["Value error, auth method kubernetes needs role"]
+    assert [p.message for p in info.value.problems] == ["auth method kubernetes needs role"]
     ok = text.replace("method: kubernetes", "method: kubernetes\n      role: credproxy")
     assert config.parse(ok).secrets.vault.auth.jwt_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"

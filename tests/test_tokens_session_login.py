@@ -212,7 +212,8 @@ async def test_session_ids_and_passwords_never_reach_callers_logs_or_audit(sf, r
 
 def test_the_salesforce_soap_example_config_validates():
     root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-m", "proxy", "check", "-c", "config/examples/salesforce-soap.yaml"],
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config-only", "-c",
+                             "config/examples/salesforce-soap.yaml"],
                             cwd=root, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "ok (1 credentials" in result.stdout

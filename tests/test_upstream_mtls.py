@@ -210,7 +210,7 @@ def test_client_cert_needs_its_key():
     with pytest.raises(config_mod.ConfigInvalid) as err:
         config_mod.parse(json.dumps(doc))
     assert [(p.path, p.message) for p in err.value.problems] == [
-        ("credentials.x.upstream_tls", "Value error, client_cert and client_key are set together")]
+        ("credentials.x.upstream_tls", "client_cert and client_key are set together")]
 
 
 def test_fallback_file_is_private_and_removed(tmp_path):

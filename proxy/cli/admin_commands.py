@@ -106,9 +106,10 @@ def _status(client: AdminClient, as_json: bool) -> int:
     status, body = client.call("GET", "/v1/credentials")
     if status != 200:
         return _refused(status, body, None, as_json)
+    not_ready = 0 if ready.get("ready") else 1  # scripts and probes can act on the exit code alone
     if as_json:
         _print_json({"ready": ready.get("ready"), "waiting": ready.get("waiting", []), **body})
-        return 0
+        return not_ready
     now = time.time()
     if ready.get("ready"):
         print(f"credproxy on {client.listen}: ready")
@@ -122,7 +123,7 @@ def _status(client: AdminClient, as_json: bool) -> int:
                     rows))
     else:
         print("no credentials configured")
-    return 0
+    return not_ready
 
 
 # --- one credential ----------------------------------------------------------------

@@ -47,9 +47,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_check(args) -> int:
-    cfg = _load(args.config)
-    print(f"{args.config}: ok ({len(cfg.credentials)} credentials, {len(cfg.callers or {})} callers)")
-    return 0
+    from proxy.cli import check
+
+    return check.run(args.config, open_store=not args.config_only)
 
 
 def _file_store(args):
@@ -146,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-admin", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)
 
-    s = sub.add_parser("check", help="validate a config file without starting")
+    s = sub.add_parser("check", help="validate a config file without starting (and that the store holds its secrets)")
     s.add_argument("-c", "--config", required=True)
+    s.add_argument("--config-only", action="store_true",
+                   help="check the file alone, without opening the secret store (CI, before a deploy)")
     s.set_defaults(fn=cmd_check)
 
     sec = sub.add_parser("secrets", help="manage the embedded encrypted file store")

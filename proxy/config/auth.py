@@ -45,10 +45,32 @@ class _Auth(BaseModel):
         return tuple(out)
 
 
-class HeaderAuth(_Auth):
+def default_value(header: str) -> str:
+    """What a header carries when ``value`` is not set: a bearer token in ``Authorization``, the bare
+    secret in any other header (``X-Api-Key: {secret}``: API-key upstreams refuse a ``Bearer`` prefix)."""
+    return "Bearer {secret}" if header.lower() == "authorization" else "{secret}"
+
+
+_VALUE_DOC = 'template; default "Bearer {secret}" in Authorization, "{secret}" in any other header'
+
+
+class _InjectsHeader(_Auth):
+    """``header: value``, the value's default following the header (``default_value``)."""
+
+    header: str = Field(default="Authorization", min_length=1)
+    value: TemplateStr = Field(default=None, description=_VALUE_DOC,  # always set by _value_for_header
+                               json_schema_extra=lambda schema: schema.pop("default", None))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _value_for_header(cls, data):
+        if isinstance(data, dict) and data.get("value") is None and isinstance(data.get("header", ""), str):
+            data = {**data, "value": default_value(data.get("header") or "Authorization")}
+        return data
+
+
+class HeaderAuth(_InjectsHeader):
     type: Literal["header"]
-    header: str = "Authorization"
-    value: TemplateStr = Template.parse("Bearer {secret}")
     secret: Ref
 
     @model_validator(mode="after")
@@ -73,11 +95,8 @@ class BasicAuth(_Auth):
 # --- token types (runtime: proxy.tokens) -------------------------------------------
 
 
-class _TokenAuth(_Auth):
+class _TokenAuth(_InjectsHeader):
     """A token obtained from a provider, injected as ``header: value`` (``{secret}`` is the token)."""
-
-    header: str = "Authorization"
-    value: TemplateStr = Template.parse("Bearer {secret}")
 
     @model_validator(mode="after")
     def _value_uses_token(self) -> "_TokenAuth":

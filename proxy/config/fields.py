@@ -7,40 +7,65 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import (BeforeValidator, ByteSize, PlainSerializer, ValidationError, ValidationInfo,
+                      ValidatorFunctionWrapHandler, WithJsonSchema, WrapValidator)
 
 from proxy.store.secret import SecretRef
 from proxy.template import Template
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "k": 1024, "K": 1024, "KiB": 1024, "KB": 1000, "M": 1 << 20, "MiB": 1 << 20,
-               "MB": 10**6, "G": 1 << 30, "GiB": 1 << 30, "GB": 10**9}
+_DURATION_HINT = "must be a duration such as 250ms, 30s, 5m or 2h"
+
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+FROM_FILE = {"source": "file"}
+"""Validation context of a config file (``proxy.config.models.parse``): there a duration must name its unit."""
 
 
-def parse_duration(v: Any) -> float:
+def parse_duration(v: Any, info: ValidationInfo) -> float:
     if isinstance(v, bool):
-        raise ValueError("must be a duration such as 250ms, 30s, 5m or 2h")
+        raise ValueError(_DURATION_HINT)
     if isinstance(v, (int, float)):
-        seconds = float(v)
+        if info.context == FROM_FILE:
+            # ``drain_timeout: 5`` could mean seconds or minutes to whoever reads the file: it must say.
+            raise ValueError(f"a number alone has no unit: write {v:g}s (or 250ms, 5m, 2h)")
+        seconds = float(v)  # from code: seconds
     else:
         m = _DURATION.match(str(v))
         if not m:
-            raise ValueError("must be a duration such as 250ms, 30s, 5m or 2h")
+            raise ValueError(_DURATION_HINT)
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
 
 
-def parse_size(v: Any) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    m = _SIZE.match(str(v))
-    if not m:
+def format_duration(seconds: float) -> str:
+    """Seconds as the file would say them: ``20s``, ``5m``, ``1h``, ``250ms``."""
+    for unit in ("d", "h", "m", "s"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return "0s" if not seconds else f"{seconds * 1000:g}ms"
+
+
+def _size(v: Any, handler: ValidatorFunctionWrapHandler) -> int:
+    """pydantic's ByteSize (bytes, ``512KiB``, ``1MiB``, ``1GiB``, ``1MB``...) as a plain int, in our words."""
+    if isinstance(v, bool):
         raise ValueError("must be a size such as 1048576, 512KiB or 1GiB")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    try:
+        return int(handler(v))
+    except ValidationError:
+        raise ValueError("must be a size such as 1048576, 512KiB or 1GiB") from None
+
+
+def _network(v: Any) -> IPNet:
+    if isinstance(v, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return v
+    try:
+        return ipaddress.ip_network(str(v))
+    except ValueError:
+        raise ValueError("must be an IP address or network such as 10.1.0.0/16 (no host bits set)") from None
 
 
 def _ref(v: Any) -> SecretRef:
@@ -97,11 +122,13 @@ class Listen:
         return f"unix:{self.unix}" if self.unix else f"{self.host}:{self.port}"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration),
-                     WithJsonSchema({"type": ["string", "number"], "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$",
-                                     "description": "duration: 250ms, 30s, 5m, 2h (or seconds)"})]
-Size = Annotated[int, BeforeValidator(parse_size),
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration),
+                     WithJsonSchema({"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)$",
+                                     "description": "duration: 250ms, 30s, 5m, 2h (the unit is required)"})]
+Size = Annotated[ByteSize, WrapValidator(_size),
                  WithJsonSchema({"type": ["string", "integer"], "description": "bytes, or 512KiB, 1MiB, 1GiB"})]
+Network = Annotated[IPNet, BeforeValidator(_network),
+                    WithJsonSchema({"type": "string", "description": "IP address or CIDR network"})]
 Ref = Annotated[SecretRef, BeforeValidator(_ref), PlainSerializer(str),
                 WithJsonSchema({"type": "string", "pattern": r"^[A-Za-z0-9_.\-/]+#[A-Za-z0-9_.\-]+$",
                                 "description": "secret reference PATH#FIELD"})]

@@ -16,14 +16,16 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
+from proxy.config import schema_problems
 from proxy.config.auth import AuthConfig
-from proxy.config.fields import Duration, ListenAddr, Listen, Ref, Size
+from proxy.config.fields import FROM_FILE, Duration, ListenAddr, Listen, Network, Ref, Size
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LeakGuardMode = Literal["redact", "block", "off"]
-IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class _Model(BaseModel):
@@ -54,7 +56,7 @@ class ServerConfig(_Model):
     connect_timeout: Duration = 10.0  # upstream TCP+TLS connect
     read_timeout: Duration = 60.0  # upstream: time to the response head, and between body reads
     deny_private_upstreams: bool = False  # also refuse upstream addresses in private ranges (see proxy.upstream.address_policy)
-    deny_upstream_networks: list[IPNet] = Field(default_factory=list)  # further ranges never connected to
+    deny_upstream_networks: list[Network] = Field(default_factory=list)  # further ranges never connected to
 
 
 class AdminConfig(_Model):
@@ -136,7 +138,7 @@ class AlertsConfig(_Model):
 
 class CallerConfig(_Model):
     token_sha256: str | None = None
-    allow_ips: list[IPNet] | None = None
+    allow_ips: list[Network] | None = None
     cert_subject: str | None = None
     rate_limit: RateLimit | None = None
 
@@ -176,7 +178,7 @@ class AllowRule(_Model):
     callers: list[str] | None = None  # None: any caller (anonymous sidecars included)
     methods: list[str] = Field(default_factory=lambda: ["*"])
     paths: list[str] = Field(min_length=1)
-    source_ips: list[IPNet] | None = None
+    source_ips: list[Network] | None = None
 
     @field_validator("methods")
     @classmethod
@@ -296,20 +298,29 @@ class ConfigInvalid(Exception):
         self.problems = problems
 
 
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML document to its 1-based line."""
-    index: dict[tuple, int] = {}
+def _read_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:
+    """The document, read once: composed into nodes (which know their lines), then built from that node."""
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return index
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigInvalid([Problem(filename, mark.line + 1 if mark else None, "", "is not valid YAML")]) from None
+    finally:
+        loader.dispose()
+    return data, _line_index(root)
+
+
+def _line_index(root: yaml.Node | None) -> dict[tuple, int]:
+    """Map each key path in the document to its 1-based line."""
+    index: dict[tuple, int] = {}
 
     def walk(node: yaml.Node, path: tuple) -> None:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                key = k.value
-                index[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
+                index[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 index[path + (i,)] = item.start_mark.line + 1
@@ -329,7 +340,8 @@ def _line_for(index: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def _dotted(loc: tuple) -> str:
+def dotted(loc: tuple) -> str:
+    """``("credentials", "x", "allow", 0)`` -> ``credentials.x.allow[0]``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -354,10 +366,12 @@ def _url_problems(url: str, insecure_ok: bool) -> list[str]:
     return out
 
 
-def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
-    """Cross-field checks the schema cannot express. Returns (loc, message)."""
+def semantic_problems(cfg: Config, declared_callers=None) -> list[tuple[tuple, str]]:
+    """Cross-field checks the schema cannot express. Returns (loc, message). ``declared_callers``: the names a
+    reference may use (default: the config's callers)."""
     out: list[tuple[tuple, str]] = []
     callers = cfg.callers or {}
+    declared = callers if declared_callers is None else declared_callers
     token_owner: dict[str, str] = {}
     for name, caller in callers.items():
         if caller.token_sha256:
@@ -377,7 +391,7 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
         if listen.port == 0:  # an ephemeral port never collides
             return
         if key in listeners:
-            out.append((loc, f"listener already used by {_dotted(listeners[key])}"))
+            out.append((loc, f"listener already used by {dotted(listeners[key])}"))
         else:
             listeners[key] = loc
 
@@ -406,15 +420,15 @@ def semantic_problems(cfg: Config) -> list[tuple[tuple, str]]:
             out.append((base + ("tls",), "tls applies to a dedicated listener: set listen as well"))
         for i, rule in enumerate(cred.allow):
             for c in rule.callers or []:
-                if c != "*" and c not in callers:
+                if c != "*" and c not in declared:
                     out.append((base + ("allow", i, "callers"), "names a caller that is not defined under callers"))
         for caller_name in getattr(cred.auth, "per_caller_subject", {}):
-            if caller_name not in callers:
+            if caller_name not in declared:
                 out.append((base + ("auth", "per_caller_subject", caller_name),
                             "names a caller that is not defined under callers"))
         own_fields = cred.auth.overridable_fields()
         for caller_name, overrides in cred.auth.per_caller.items():
-            if caller_name not in callers:
+            if caller_name not in declared:
                 out.append((base + ("auth", "per_caller", caller_name), "names a caller that is not defined under callers"))
             for field in overrides:
                 if field not in own_fields:
@@ -477,60 +491,121 @@ def _forward_problems(cfg: Config) -> list[tuple[tuple, str]]:
     return out
 
 
-def _without_input(err: dict) -> str:
-    """pydantic's message, minus any echo of the offending value (a tag error quotes it)."""
-    if err["type"] == "union_tag_invalid":
-        return f"must be one of {err['ctx']['expected_tags']}"
-    msg, value = err["msg"], err.get("input")
-    if isinstance(value, str) and value and value in msg:
-        msg = msg.replace(value, "…")
-    return msg
+@dataclass(frozen=True)
+class Examined:
+    """A config file read and checked: what validates of it, and every problem found."""
+
+    filename: str
+    cfg: Config  # with what the problems are about set aside: for the checks that need a valid config
+    problems: list[Problem]
+    lines: dict[tuple, int]
+    set_aside: tuple[tuple, ...]  # the paths the problems are about (with stand-ins for required keys)
+
+    def problem(self, loc: tuple, message: str) -> Problem:
+        return Problem(self.filename, _line_for(self.lines, loc), dotted(loc), message)
+
+    def as_written(self, loc: tuple) -> bool:
+        """Whether ``cfg`` holds the file's own value at ``loc`` (nothing at or around it was set aside)."""
+        return not any(schema_problems.related(loc, gone) for gone in self.set_aside)
 
 
-def parse(text: str, filename: str = "<config>") -> Config:
-    index = _line_index(text)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise ConfigInvalid([Problem(filename, line, "", "is not valid YAML")]) from None
+def examine(text: str, filename: str = "<config>") -> Examined:
+    """Every problem of a config file: the schema's, and the checks that need a valid config, run over what
+    is left once the schema's problems are set aside. Raises ``ConfigInvalid`` only when the file is not a
+    YAML mapping at all."""
+    data, index = _read_yaml(text, filename)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigInvalid([Problem(filename, 1, "", "the top level must be a mapping")])
+    found: list[tuple[tuple, str]] = []
+    removed: list[tuple] = []
+    remaining = data
+    for _ in range(64):  # each round sets at least one key aside, and the root validates once empty
+        try:
+            cfg = Config.model_validate(remaining, context=FROM_FILE)
+            break
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if not removed:
+                found = schema_problems.explain(Config, errors)  # later rounds only see what removal caused
+            remaining, gone = schema_problems.without(remaining, Config, errors, _STAND_INS)
+            removed += gone
+    else:  # pragma: no cover - removal always ends in a valid (at worst empty) document
+        cfg, removed = Config(), [()]
+    for loc, msg in semantic_problems(cfg, declared_callers=_declared(data.get("callers"))):
+        if not any(schema_problems.related(loc, gone) for gone in removed):
+            found.append((loc, msg))
+    found = _note_denies_everything(found, data)
+    problems = [Problem(filename, _line_for(index, loc), dotted(loc), msg) for loc, msg in found]
+    return Examined(filename, cfg, sorted(problems, key=lambda p: p.line or 0), index, tuple(removed))
+
+
+def parse(text: str, filename: str = "<config>") -> Config:
+    """A validated ``Config``, or ``ConfigInvalid`` with every problem ``examine`` finds."""
+    examined = examine(text, filename)
+    if examined.problems:
+        raise ConfigInvalid(examined.problems)
+    return examined.cfg
+
+
+# Valid values for required keys that are missing or wrong, so the rest of their section is still checked
+# (problems at a stand-in itself are not reported: it is set aside like a removed key).
+_STAND_INS = {"upstream": "https://stand-in.invalid", "paths": ["/"],
+              "auth": {"type": "header", "secret": "stand-in#value"}}
+
+
+class _Everyone:
+    def __contains__(self, name: object) -> bool:
+        return True
+
+
+def _declared(callers: Any):
+    """Caller names the file declares, valid or not (a reference to a broken caller is not a second problem)."""
+    if callers is None:
+        return set()
+    return set(callers) if isinstance(callers, dict) else _Everyone()
+
+
+def _note_denies_everything(found: list[tuple[tuple, str]], data: dict) -> list[tuple[tuple, str]]:
+    """A misspelt or misplaced ``allow`` leaves its credential with no rule: say that it would deny everything."""
+    creds = data.get("credentials") if isinstance(data.get("credentials"), dict) else {}
+    out = []
+    for loc, msg in found:
+        raw = creds.get(loc[1]) if len(loc) > 2 and loc[0] == "credentials" else None
+        if (isinstance(raw, dict) and not (isinstance(raw.get("allow"), list) and raw["allow"])
+                and schema_problems.misplaced(loc, msg, "allow")):
+            msg += f" (as written, credential {loc[1]} has no allow rules and denies every request)"
+        out.append((loc, msg))
+    return out
+
+
+def read(path: str | Path) -> str:
+    p = Path(path)
     try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
-            if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-                loc += ("type",)
-            problems.append(Problem(filename, _line_for(index, loc), _dotted(loc), _without_input(err)))
-        raise ConfigInvalid(problems) from None
-    problems = [Problem(filename, _line_for(index, loc), _dotted(loc), msg) for loc, msg in semantic_problems(cfg)]
-    if problems:
-        raise ConfigInvalid(problems)
-    return cfg
-
-
-# pydantic puts the union member's tag in the error location; drop it from paths.
-_UNION_TAGS = {"header", "query", "basic", "oauth2_client_credentials", "oauth2_refresh_token",
-               "oauth2_jwt_bearer", "session_login", "aws_sigv4", "hmac"}
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigInvalid([Problem(str(p), None, "", f"cannot be read ({exc.strerror or 'error'})")]) from None
 
 
 def load(path: str | Path) -> Config:
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigInvalid([Problem(str(p), None, "", f"cannot be read ({exc.strerror or 'error'})")]) from None
-    return parse(text, str(p))
+    return parse(read(path), str(path))
+
+
+class _AsWritten(GenerateJsonSchema):
+    """Defaults as a config file would say them (``"20s"``, ``"127.0.0.1:8080"``, ``"Bearer {secret}"``),
+    through each field's own serializer, not as the objects they become (``{"host": ..., "port": ...}``)."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        out = super().default_schema(schema)
+        ser = schema["schema"].get("serialization") or {}
+        if "default" in out and ser.get("type") == "function-plain":
+            out["default"] = ser["function"](self.get_default_value(schema))
+        return out
 
 
 def json_schema() -> dict[str, Any]:
-    schema = Config.model_json_schema(mode="validation")
+    schema = Config.model_json_schema(mode="validation", schema_generator=_AsWritten)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "credproxy configuration"
     return schema
