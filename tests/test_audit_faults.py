@@ -17,11 +17,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.cli import main as cli
 from proxy.config import models as config_mod
 from proxy.observe import audit_sink
-from proxy.observe.audit import AuditEvent, AuditLog
+from proxy.observe.audit import AuditEvent, AuditLog, verify
 from proxy.observe.metrics import Metrics
 from tests.conftest import SECRET
 from tests.fullfs import fill, small_fs  # noqa: F401 - small_fs: a fixture
@@ -264,8 +266,26 @@ async def test_lines_that_cannot_be_written_at_shutdown_are_counted(small_fs):
 
 def test_audit_settings_and_their_defaults():
     cfg = config_mod.AuditConfig()
-    assert (cfg.flush_interval, cfg.on_failure, cfg.max_buffered_lines) == (1.0, "refuse", 100_000)
+    assert (cfg.flush_interval, cfg.on_failure, cfg.max_buffered_lines) == (1.0, "refuse", 50_000)
     with pytest.raises(ValueError):
         config_mod.AuditConfig(on_failure="ignore")
     with pytest.raises(ValueError):
         config_mod.AuditConfig(flush_interval="0s")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(), tricky=st.sampled_from(['","prev_hash":"' + "0" * 64 + '"', '\\"', "\\", '"', "\u2028"]))
+def test_any_field_text_makes_a_line_that_verifies_and_reads_back(tmp_path_factory, text, tricky):
+    """Each line is encoded once and its prev_hash spliced in: whatever a field holds, even the
+    placeholder's own text, the chain verifies and the line reads back as written."""
+    path = tmp_path_factory.mktemp("prop") / "audit.log"
+    log = AuditLog(str(path))
+    value = text + tricky + text
+    log.write(AuditEvent(request_id="r1", caller=value, client_ip=None, credential=value, method="GET", path=value,
+                         status=200, outcome="allowed", reason=value, duration_ms=0.5))
+    log.write(event(2))
+    assert log.flush()
+    log._sink.close()
+    assert verify(str(path)) == []
+    first = json.loads(path.read_text(encoding="utf-8").split("\n")[0])  # not splitlines: U+2028 is in a line
+    assert (first["caller"], first["path"], first["reason"]) == (value, value, value)

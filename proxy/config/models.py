@@ -118,7 +118,7 @@ class AuditConfig(_Model):
     path: str = "audit.log"  # or "-": stdout
     flush_interval: Duration = Field(default=1.0, gt=0, le=60)  # buffered lines are written at least this often
     on_failure: Literal["refuse", "continue"] = "refuse"  # while lines cannot be written: refuse requests, or serve
-    max_buffered_lines: int = Field(default=100_000, ge=1)  # held while writes fail; past it lines are dropped
+    max_buffered_lines: int = Field(default=50_000, ge=1)  # held while writes fail; past it lines are dropped
 
 
 class RateLimit(_Model):

@@ -5,9 +5,10 @@ hash as ``prev_hash`` (64 zeros for the first line of a file).
 
 ``AuditLog.write`` is the one way anything writes an audit line, and it takes typed events only
 (``AuditEvent``, ``AlertEvent``), so no field can carry a secret by accident. The request path only
-appends the event to a buffer; each line is encoded and chained once, when its batch is written
-(``proxy.observe.audit_sink``): at least every ``audit.flush_interval``, as soon as a batch is
-full, and at shutdown.
+encodes the line once (without its ``prev_hash``) and buffers it; lines are chained onto the
+file's real tail when their batch is written (``proxy.observe.audit_sink``), which costs a
+concatenation and a hash per line: at least every ``audit.flush_interval``, as soon as a batch
+is full, and at shutdown. A retried or re-chained line is never encoded again.
 
 A write that fails keeps its lines, in order, and is retried with a short backoff. While it fails
 the log is *failing*: each failed attempt counts in ``credproxy_audit_write_errors_total``,
@@ -92,22 +93,31 @@ def _canonical(obj: dict) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
-def _record(ts: float, event: AuditEvent, prev_hash: str) -> dict:
-    record = {"ts": ts}
+_PREV_KEY = b',"prev_hash":"'
+_PLACEHOLDER = _PREV_KEY + GENESIS.encode() + b'"'
+
+
+def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
+    """The line's canonical JSON in two parts, before and after the ``prev_hash`` value: the one encoding
+    of a line. Chaining it onto the line before is then a concatenation and a hash."""
+    record = {"ts": ts, "prev_hash": GENESIS}
     for name in _FIELDS[type(event)]:  # not dataclasses.asdict: it deep-copies
         record[name] = getattr(event, name)
-    record["prev_hash"] = prev_hash
-    return record
+    canonical = _canonical(record)
+    # Found once, at the key: inside a JSON string every quote is escaped, and in every event a key sorts
+    # before "prev_hash" (so the comma is there).
+    cut = canonical.index(_PLACEHOLDER) + len(_PREV_KEY)
+    return canonical[:cut], canonical[cut + len(GENESIS):]
 
 
-def _chain(batch: list[tuple[float, AuditEvent]], prev: str) -> list[tuple[bytes, str]]:
+def _chain(batch: list[tuple[bytes, bytes]], prev: str) -> list[tuple[bytes, str]]:
     """The batch as chained lines (each with its newline and its hash), the first chained onto ``prev``."""
     out = []
-    for ts, event in batch:
-        canonical = _canonical(_record(ts, event, prev))
+    for head, tail in batch:
+        canonical = b"%s%s%s" % (head, prev.encode(), tail)
         prev = hashlib.sha256(canonical).hexdigest()
-        # The line is the canonical text with "hash" appended: one encoding per line (``verify`` parses
-        # the line, drops "hash" and re-canonicalizes, so key order is free).
+        # The line is the canonical text with "hash" appended (``verify`` parses the line, drops "hash" and
+        # re-canonicalizes, so key order is free).
         out.append((b'%s,"hash":"%s"}\n' % (canonical[:-1], prev.encode()), prev))
     return out
 
@@ -130,7 +140,7 @@ class _NoCount:
 
 class AuditLog:
     def __init__(self, path: str, *, flush_interval: float = 1.0, on_failure: str = "refuse",
-                 max_buffered_lines: int = 100_000, write_errors=_NoCount(), lines_dropped=_NoCount(),
+                 max_buffered_lines: int = 50_000, write_errors=_NoCount(), lines_dropped=_NoCount(),
                  clock=time.time) -> None:
         self.path = path
         self._sink = StdoutSink() if path == "-" else FileSink(path)
@@ -140,7 +150,7 @@ class AuditLog:
         self._write_errors = write_errors
         self._lines_dropped = lines_dropped
         self._clock = clock
-        self._pending: deque[tuple[float, AuditEvent]] = deque()
+        self._pending: deque[tuple[bytes, bytes]] = deque()  # encoded lines, not yet chained (see ``encode``)
         self.failure: str | None = None  # why the last write failed; None while lines are being written
         self._dropping = False  # a line was dropped since the log was last healthy (logged once per outage)
         self._wake = asyncio.Event()
@@ -160,7 +170,7 @@ class AuditLog:
         return len(self._pending)
 
     def write(self, event: AuditEvent) -> None:
-        """Buffer the line for ``event`` (it is encoded when written out)."""
+        """Encode the line for ``event`` and buffer it (it is chained when its batch is written)."""
         if len(self._pending) >= self._max:
             self._lines_dropped.inc()
             if not self._dropping:
@@ -168,7 +178,7 @@ class AuditLog:
                 log.error("audit buffer full: lines are dropped (counted in credproxy_audit_lines_dropped_total)",
                           extra={"buffered": len(self._pending), "error": self.failure})
             return
-        self._pending.append((round(self._clock(), 3), event))
+        self._pending.append(encode(round(self._clock(), 3), event))
         if len(self._pending) >= FLUSH_LINES and self.failure is None:
             self._wake.set()
 
