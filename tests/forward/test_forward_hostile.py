@@ -401,3 +401,14 @@ async def test_a_reload_changes_which_hosts_are_intercepted_without_a_restart(tm
         assert status == 200 and upstream.recorder.seen[-1].path_qs == "/v1/moved"
     finally:
         await proxy.stop()
+
+
+async def test_a_pick_of_a_credential_the_host_does_not_have_is_refused(proxy, upstream, tmp_path):
+    reader, writer = await tunnel(proxy, tmp_path)
+    status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {HOST}\r\n"
+                               "Authorization: Bearer credproxy:pay-test\r\n\r\n")
+    assert status == 403 and not upstream.recorder.seen
+    status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {HOST}\r\n"
+                               "Authorization: Bearer credproxy:pay\r\n\r\n")
+    writer.close()
+    assert status == 200 and upstream.recorder.seen[-1].headers["Authorization"] == f"Bearer {SECRET}"

@@ -136,10 +136,12 @@ def named_pick(value: str | None) -> str | None:
 
 def pick(candidates: tuple[str, ...], headers: Mapping[str, str],
          injected_headers: Callable[[str], tuple[str, ...]]) -> str | None:
-    """The credential for a request to a host several credentials claim: the one whose injected
-    header carries ``credproxy:<its name>``. One candidate needs no pick; none or an ambiguous pick: None."""
-    if len(candidates) == 1:
+    """The credential for a request: the one whose injected header carries ``credproxy:<its name>``, or the
+    host's only credential when the request names none. No pick among several, an ambiguous one, or a pick of
+    a credential the host does not have (``credproxy:stripe-test`` sent to a host only ``stripe-live`` claims):
+    None — a caller never gets a credential other than the one it named."""
+    picks = {name: {named_pick(headers.get(h)) for h in injected_headers(name)} - {None} for name in candidates}
+    if len(candidates) == 1 and not picks[candidates[0]]:
         return candidates[0]
-    chosen = [name for name in candidates
-              if any(named_pick(headers.get(h)) == name for h in injected_headers(name))]
+    chosen = [name for name in candidates if picks[name] == {name}]
     return chosen[0] if len(chosen) == 1 else None
