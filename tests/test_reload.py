@@ -255,6 +255,24 @@ async def test_a_listener_that_cannot_bind_rejects_the_whole_reload(setup, upstr
             assert (await call(proxy, "/second/v1/x"))[0] == 403
 
 
+async def test_a_listener_whose_certificate_cannot_be_loaded_rejects_the_reload(setup, upstream, tmp_path):
+    data, path = setup
+    (tmp_path / "bad.pem").write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    port = free_port()
+    data["credentials"]["second"] = credential(upstream.url, secret="api/second#token", listen=f"127.0.0.1:{port}",
+                                               tls={"cert_file": str(tmp_path / "bad.pem"),
+                                                    "key_file": str(tmp_path / "bad.pem")})
+    async with running(path) as proxy:
+        write_config(path, data)
+        status, body, _ = await _reload(proxy)
+        assert status == 422
+        assert [(p["path"], p["message"]) for p in body["problems"]] == [
+            ("credentials.second.tls", "cannot load the certificate (not a valid PEM certificate and key)")]
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await call(proxy, "/v1/x", base=f"http://127.0.0.1:{port}")
+        assert (await call(proxy, "/demo/v1/x"))[0] == 200
+
+
 async def test_main_and_admin_listener_changes_need_a_restart(setup, upstream, caplog):
     data, path = setup
     async with running(path) as proxy:

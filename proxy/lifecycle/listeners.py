@@ -179,6 +179,8 @@ def _remove_socket_file(path: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):  # its errno is OpenSSL's, not the system's
+        return "not a valid PEM certificate and key"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno)
     return type(exc).__name__

@@ -368,6 +368,8 @@ class Reloader:
             closed.add(id(cred))
             if id(cred.source) in used_sources:
                 await cred.client.close()
+                if cred.tls is not None:  # its own (a kept source does not own it): stop its rotation watch
+                    await cred.tls.close()
             else:
                 await cred.close()
                 used_sources.add(id(cred.source))  # another retired credential may share it
