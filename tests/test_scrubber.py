@@ -19,6 +19,7 @@ from proxy.redact import log_filter
 from proxy.redact import value_index
 from proxy.redact.leak_guard import LeakGuard
 from proxy.redact.scrubber import Scrubber
+from proxy.redact import shapes
 from proxy.redact.shapes import scrub_shapes
 
 ENGINES = [pytest.param(True, id="hyperscan",
@@ -195,3 +196,18 @@ def test_a_field_named_for_a_secret_is_redacted_in_the_json_line():
     line = json.loads(stream.getvalue())
     assert line["client_secret"] == "[REDACTED]" and line["access_token"] == "[REDACTED]"
     assert line["secret_path"] == "apis/demo"
+
+
+def test_keyword_prefilter_finds_overlapping_words():
+    assert scrub_shapes("basicookie: sid-0123456789") == "basicookie: [REDACTED]"
+    assert scrub_shapes("apasswd-token=hunter2hunter2") == "apasswd-token=[REDACTED]"
+    words = sorted({w for _, _, ws in shapes._RULES for w in ws})
+    assert not [(a, b) for a in words for b in words if a != b and b.startswith(a)]
+
+
+@given(st.text(alphabet="abcdeiknoprstwy_0D:= \"'-ABKE", max_size=40))
+def test_prefiltered_shapes_equal_running_every_rule(text):
+    every = text
+    for rule, replacement, _ in shapes._RULES:
+        every = rule.sub(replacement, every)
+    assert scrub_shapes(text) == every

@@ -3,12 +3,14 @@
 Bearer/basic credentials, JWTs, Salesforce session IDs, credproxy caller tokens, and
 ``key=value`` / ``"key": "value"`` pairs whose key names a secret. Python's ``re`` tries each rule
 at every position (~140 µs for seven rules over a 250-byte line), so each rule carries the
-lower-case words one of which every match contains: for an ASCII text (nearly every log line) a
-rule runs only when ``word in text.lower()`` — at memory speed; other texts run every rule.
+lower-case words one of which every match contains: for an ASCII text (nearly every log line) one
+search for all the words in ``text.lower()`` picks the rules that can match — usually none; other
+texts run every rule.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 _SECRET_KEYS = (r"access_token|refresh_token|id_token|client_secret|client_assertion|password|passwd|"
@@ -33,19 +35,32 @@ _RULES = [
      r"\1[REDACTED]", _SECRET_WORDS),
 ]
 
+# A lookahead, so that overlapping words are all found ("basicookie" holds "basic" and "cookie"); no word
+# is a prefix of another, so the one alternative tried at a position reports every word starting there.
+_WORDS = re.compile("(?=(" + "|".join(sorted({re.escape(w) for _, _, words in _RULES for w in words})) + "))")
+_SHORTEST = 7  # the shortest text any rule matches ("token=x"): shorter texts are left as they are
+
 # A log field whose name would make the line rules above redact its value in a JSON line.
 _FIELD = re.compile(r"(?i)(?:\b(?:" + _SECRET_KEYS + r")|(?:proxy-)?authorization|cookie)\Z")
 
 
 def scrub_shapes(text: str) -> str:
-    low = text.lower() if text.isascii() else None
-    for rule, replacement, words in _RULES:
-        if low is not None and not any(w in low for w in words):
-            continue
+    if len(text) < _SHORTEST:
+        return text
+    if text.isascii():
+        present = set(_WORDS.findall(text.lower()))
+        if not present:
+            return text
+        for rule, replacement, words in _RULES:
+            if not present.isdisjoint(words):
+                text = rule.sub(replacement, text)
+        return text
+    for rule, replacement, _ in _RULES:
         text = rule.sub(replacement, text)
     return text
 
 
+@functools.lru_cache(maxsize=1024)  # log field names are few and fixed
 def names_a_secret(field: str) -> bool:
     """Does a log field called ``field`` hold a secret by its name (``token``, ``client_secret``, ``cookie``)?"""
     return _FIELD.search(field) is not None
