@@ -74,3 +74,36 @@ async def test_an_admin_500_logs_its_traceback_without_the_secret(tmp_path, upst
     assert failed["path"] == "/readyz" and failed["error"] == "RuntimeError"
     assert "Traceback" in failed["exc"] and "in broken_readiness" in failed["exc"]
     assert_no_secret(json_log.getvalue())
+
+
+def test_an_unexpected_vault_client_error_logs_its_traceback_without_the_secret(json_log):
+    from proxy.store.vault_client import translate
+
+    def parse_answer():
+        raise ZeroDivisionError(f"while reading {CANARY}")
+
+    try:
+        parse_answer()
+    except ZeroDivisionError as exc:
+        mapped = translate(exc, "vault read apis/demo")
+    assert CANARY not in str(mapped)
+    [bug] = [r for r in records(json_log) if r["msg"] == "vault call failed unexpectedly"]
+    assert "in parse_answer" in bug["exc"] and "ZeroDivisionError" in bug["exc"]
+    assert_no_secret(json_log.getvalue())
+
+
+async def test_a_reload_that_cannot_be_applied_logs_its_traceback_without_the_secret(tmp_path, upstream, json_log,
+                                                                                     monkeypatch):
+    store = make_store(tmp_path, {"api/demo": {"token": CANARY}})
+    cfg = write_config(tmp_path / "config.yaml",
+                       base_config(tmp_path, store, {"demo": credential(upstream.url)}, admin_token=True))
+    async with running(cfg) as proxy:
+        def build_state_with_a_bug(*args, **kw):  # fault injection: a bug while the new state is built
+            raise RuntimeError(f"state bug near {CANARY}")
+
+        monkeypatch.setattr(proxy, "build_state", build_state_with_a_bug)
+        result = await proxy.reload()
+    assert result.result == "invalid" and any("cannot be applied" in p.message for p in result.problems)
+    [failed] = [r for r in records(json_log) if r["msg"] == "reload could not be applied"]
+    assert "in build_state_with_a_bug" in failed["exc"] and "RuntimeError" in failed["exc"]
+    assert_no_secret(json_log.getvalue())

@@ -27,7 +27,9 @@ from proxy.redact.shapes import names_a_secret
 # sees only records logged on that very logger, so the known children are named too.
 LOGGERS = (
     "credproxy", "credproxy.request", "credproxy.relay", "credproxy.secrets", "credproxy.tokens",
-    "credproxy.alerts", "credproxy.server",
+    "credproxy.alerts", "credproxy.server", "credproxy.admin", "credproxy.audit", "credproxy.cluster",
+    "credproxy.drain", "credproxy.forward", "credproxy.reload", "credproxy.upstream_tls", "credproxy.vault",
+    "credproxy.watch", "credproxy.workers",
     "aiohttp", "aiohttp.access", "aiohttp.client", "aiohttp.internal", "aiohttp.server", "aiohttp.web",
     "aiohttp.websocket",
     "hvac", "hvac.adapters", "hvac.api", "urllib3", "urllib3.connectionpool", "urllib3.util.retry",

@@ -63,6 +63,8 @@ def translate(exc: BaseException, what: str) -> SecretBackendError:
         return VaultUnavailable(f"{what}: vault is unreachable")
     if isinstance(exc, (KeyError, TypeError, ValueError, AttributeError)):
         return VaultUnavailable(f"{what}: unexpected answer from vault ({type(exc).__name__})")
+    # Not a Vault or network answer: a bug (ours or hvac's). Its traceback goes to the (scrubbed) log.
+    log.error("vault call failed unexpectedly", exc_info=exc, extra={"call": what})
     return VaultUnavailable(f"{what}: vault call failed ({type(exc).__name__})")
 
 
