@@ -187,3 +187,59 @@ async def test_stripe_sdk_with_a_placeholder_key(env):
     assert "cus_via_credproxy" in out
     assert_injected(recorder, "/v1/customers")
     assert "sk-placeholder" not in str(recorder.seen[-1].header_items)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_credproxy_serve_process_with_curl_then_sigterm(tmp_path):
+    """The real command (uvloop when installed), not the in-process Proxy: CA read from the store at start."""
+    import os
+    import signal
+
+    import yaml
+
+    from tests.helpers import free_port
+
+    up = await tls_upstream(tmp_path)
+    cfg = forward_config(tmp_path, up)
+    port = free_port()
+    cfg["forward_proxy"]["listen"] = f"127.0.0.1:{port}"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "proxy", "serve", "-c", str(config),
+                                                stderr=asyncio.subprocess.PIPE, env=dict(os.environ))
+    try:
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        environ = dict(os.environ, HTTPS_PROXY=f"http://billing:tok-billing-7f3a@127.0.0.1:{port}", NO_PROXY="",
+                       no_proxy="", CURL_CA_BUNDLE=str(tmp_path / "ca.pem"))
+        code, out, err = await run(environ, "curl", "-sS", f"https://{HOST}/v1/served")
+        assert code == 0, err
+        assert '"path": "/v1/served"' in out
+        assert up.recorder.seen[-1].headers["Authorization"] == f"Bearer {SECRET}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        await up.close()
+    assert proc.returncode == 0
+    assert_no_canary(stderr, SECRET, "serve log")
+    assert b"PRIVATE KEY" not in stderr
+
+
+async def test_serve_without_the_ca_says_to_run_ca_init(tmp_path):
+    import os
+
+    import yaml
+
+    up = await tls_upstream(tmp_path)
+    cfg = forward_config(tmp_path, up)
+    (tmp_path / "ca.pem").unlink()
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    code, out, err = await run(dict(os.environ), sys.executable, "-m", "proxy", "serve", "-c", str(config))
+    await up.close()
+    assert code == 1 and "credproxy ca init" in err
