@@ -232,7 +232,7 @@ async def test_several_credentials_on_one_host_need_a_pick(tmp_path, upstream):
 
 async def test_opaque_tunnel_relays_bytes_and_audits_their_counts(tmp_path, upstream):
     async def echo_server(reader, writer):
-        data = await reader.read(100)
+        data = await reader.read()  # until the caller's half-close comes through the tunnel
         writer.write(b"pong:" + data)
         await writer.drain()
         writer.close()
@@ -244,6 +244,7 @@ async def test_opaque_tunnel_relays_bytes_and_audits_their_counts(tmp_path, upst
         status, _, _, reader, writer = await connect(running, f"localhost:{port}", basic())
         assert status == 200
         writer.write(b"ping")
+        writer.write_eof()  # half-close: the answer still comes back
         assert await asyncio.wait_for(reader.read(), 5) == b"pong:ping"
         writer.close()
         for _ in range(50):

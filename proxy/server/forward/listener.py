@@ -285,6 +285,13 @@ class ForwardConnection(asyncio.Protocol):
             self._buffer.clear()
         self.transport.resume_reading()
 
+    def eof_received(self):
+        """A tunnel's caller finished sending: pass the half-close on; the tunnel ends when both sides have."""
+        if self._tunnel is None:
+            return None  # before or instead of a tunnel: close
+        self._tunnel.half_closed_by_caller()
+        return True
+
     def tunnel_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
         self.transport.write(data)
@@ -312,6 +319,7 @@ class _TunnelUpstream(asyncio.Protocol):
     def __init__(self, caller: ForwardConnection) -> None:
         self.caller = caller
         self.transport: asyncio.Transport | None = None
+        self._caller_eof = self._upstream_eof = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -319,6 +327,22 @@ class _TunnelUpstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.caller.tunnel_data(data)
+
+    def eof_received(self):
+        self._upstream_eof = True
+        caller = self.caller.transport
+        if self._caller_eof or not caller.can_write_eof():
+            self.close()
+            return None
+        caller.write_eof()
+        return True
+
+    def half_closed_by_caller(self) -> None:
+        self._caller_eof = True
+        if self._upstream_eof or self.transport is None or not self.transport.can_write_eof():
+            self.close()
+        else:
+            self.transport.write_eof()
 
     def connection_lost(self, exc) -> None:
         self.caller.tunnel_closed()
