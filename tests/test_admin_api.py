@@ -221,10 +221,11 @@ def test_probe_settings_are_checked_with_the_config(tmp_path):
     for probe, field, message in [({"path": "health"}, "path", "must start with /"),
                                   ({"method": "GE T"}, "method", "must be an HTTP method name"),
                                   ({"expect_status": 700}, "expect_status", "less than or equal to 599")]:
-        doc = {"credentials": {"x": credential("https://api.example.com", probe=probe)}}
+        doc = {"callers": {"app": {"token_sha256": "0" * 64}},
+               "credentials": {"x": credential("https://api.example.com", probe=probe)}}
         with pytest.raises(ConfigInvalid) as err:
             parse(yaml.safe_dump(doc), "c.yaml")
-        [problem] = err.value.problems
+        [problem] = err.value.problems  # check reports every problem: the doc has exactly this one
         assert problem.path == f"credentials.x.probe.{field}" and message in problem.message
 
 
