@@ -91,8 +91,8 @@ async def test_a_new_credential_whose_secret_is_missing_rejects_the_reload(setup
         status, body, _ = await _reload(proxy)
         assert status == 422 and body["error"] == "invalid_config"
         assert [(p["path"], p["message"]) for p in body["problems"]] == [
-            ("credentials.later", "secret api/later#token cannot be read: not in the store "
-                                  f"(add it: credproxy secrets put -c {path} api/later token)")]
+            ("credentials.later.auth.secret", "api/later#token is not in the secret store; add it with: "
+                                              f"credproxy secrets put -c {path} api/later token")]
         status, ready, _ = await _admin(proxy).call("GET", "/readyz", token=None)
         assert status == 200 and ready["waiting"] == []  # the running config is untouched
         assert (await call(proxy, "/later/v1/x"))[0] == 403

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shlex
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +49,7 @@ from aiohttp import web
 from proxy.config import models as config_mod
 from proxy.admin.api import AdminAuth, AdminTokenError
 from proxy.config.models import Config, ConfigInvalid, CredentialConfig, Problem
+from proxy.config.references import secret_references
 from proxy.errors import SecretAccessDenied, SecretNotFound
 from proxy.lifecycle.listeners import ListenerUnavailable, Plan
 from proxy.lifecycle.state import State
@@ -284,12 +286,15 @@ class Reloader:
         deadline = time.monotonic() + RESOLVE_TIMEOUT
         problems = []
         for name, cred in state.credentials.items():
+            fields: dict = {}
+            for loc, ref in secret_references(state.config.credentials[name]):
+                fields.setdefault(ref, ".".join(map(str, ("credentials", name, *loc))))
             for ref in sorted(cred.refs() - before, key=str):
                 try:
                     await asyncio.wait_for(state.cache.read(ref), max(0.0, deadline - time.monotonic()))
                 except Exception as exc:  # noqa: BLE001 - each one is reported
-                    problems.append(Problem(path, None, f"credentials.{name}",
-                                            f"secret {ref} cannot be read: {_unreadable(exc, ref, path, state)}"))
+                    problems.append(Problem(path, None, fields.get(ref, f"credentials.{name}"),
+                                            _unreadable(exc, ref, path, state)))
         return problems
 
     async def _discard(self, built: _Built, old: State) -> None:
@@ -430,13 +435,14 @@ def _unreadable(exc: Exception, ref, config_path: str, state: State) -> str:
     """Why a secret could not be read, in words that say what to do (never the store's own text)."""
     if isinstance(exc, SecretNotFound):
         if state.config.secrets.backend == "file":
-            return f"not in the store (add it: credproxy secrets put -c {config_path} {ref.path} {ref.field})"
-        return "not found in the secret store"
+            command = shlex.join(["credproxy", "secrets", "put", "-c", config_path, ref.path, ref.field])
+            return f"{ref} is not in the secret store; add it with: {command}"
+        return f"{ref} is not in the secret store"
     if isinstance(exc, SecretAccessDenied):
-        return "access denied by the secret store"
+        return f"{ref} cannot be read: access denied by the secret store"
     if isinstance(exc, TimeoutError):
-        return f"the secret store did not answer within {RESOLVE_TIMEOUT:g}s"
-    return f"the secret store is unavailable ({type(exc).__name__})"
+        return f"{ref} cannot be read: the secret store did not answer within {RESOLVE_TIMEOUT:g}s"
+    return f"{ref} cannot be read: the secret store is unavailable ({type(exc).__name__})"
 
 
 def _iso(ts: float) -> str:

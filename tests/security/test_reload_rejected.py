@@ -78,7 +78,7 @@ async def refused_connection(port: int) -> bool:
 @pytest.mark.parametrize("poison, where", [
     (poison_invalid, "credentials.broken.auth"),
     (poison_listener, "credentials.second.listen"),
-    (poison_secret, "credentials.later"),
+    (poison_secret, "credentials.later.auth.secret"),
 ], ids=["invalid-config", "listener-cannot-bind", "secret-cannot-be-read"])
 async def test_a_rejected_reload_leaves_the_running_gate_as_it_was(tmp_path, secrets, upstream, poison, where):
     demo_port, new_port = free_port(), free_port()
