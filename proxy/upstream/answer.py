@@ -178,22 +178,23 @@ class UpstreamResponse:
             raise self._refuse("control character in the reason phrase")  # llhttp lets NUL through there
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._in_head or self.done:
-            return  # trailer fields: not forwarded (the caller's answer carries none)
-        size = len(name) + len(value)
-        self._field_bytes += size
-        if size > MAX_FIELD:
-            raise self._refuse("header field over the limit")
-        if len(self._fields) >= MAX_HEADERS:
-            raise self._refuse("too many header fields")
-        if self._field_bytes > MAX_HEAD:  # fields of a 1xx count too
-            raise self._refuse("answer head over the limit")
-        self._fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        if self._in_head:  # after the head: trailer fields, not forwarded (the caller's answer carries none)
+            self._fields.append((name, value))  # checked once the head is complete: this runs per field
 
     def on_headers_complete(self) -> None:
         if self.done:
             self._dirty = True
             return
+        fields = self._fields
+        if len(fields) > MAX_HEADERS:
+            raise self._refuse("too many header fields")
+        if fields:
+            sizes = [len(n) + len(v) for n, v in fields]
+            self._field_bytes += sum(sizes)
+            if max(sizes) > MAX_FIELD:
+                raise self._refuse("header field over the limit")
+            if self._field_bytes > MAX_HEAD:  # the fields of 1xx answers count too
+                raise self._refuse("answer head over the limit")
         status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -203,7 +204,8 @@ class UpstreamResponse:
                 raise self._refuse("too many 1xx answers", "upstream_bad_framing")
             self._reason = b""
             return
-        headers = CIMultiDict(self._fields)
+        headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                               for n, v in fields])
         te = headers.getall("Transfer-Encoding", ())
         if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
             raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")

@@ -8,6 +8,8 @@ Measures requests/s, p50/p99 latency, peak RSS and CPU per request for
   (c) a bare aiohttp reverse proxy (tests/bench/bare_proxy.py),
   (d) credproxy with caller auth, policy, header injection, audit log, leak guard
       (redact) and metrics,
+  (e) the llhttp floor: a minimal header-injecting proxy on httptools both sides
+      (tests/bench/llhttp_floor.py), what a Python proxy must at least spend,
 for small JSON answers at 10 and 64 connections and for 1 MiB bodies; then
 credproxy --workers 2 against one worker, a 1 GiB streamed body each way, and
 5,000 concurrent connections across a token expiry (when ``proxy.tokens`` exists).
@@ -194,7 +196,7 @@ class Bench:
         self.logdir = self.workdir / "logs"
         self.logdir.mkdir()
         self.procs: list[Proc] = []
-        self.ports = {k: free_port() for k in ("upstream", "nginxproxy", "bare", "aux")}
+        self.ports = {k: free_port() for k in ("upstream", "nginxproxy", "bare", "floor", "aux")}
         self.results: dict = {"cells": [], "extra": {}, "notes": []}
 
     # -- processes ---------------------------------------------------------------------------------
@@ -216,10 +218,12 @@ class Bench:
         self.upstream_url = f"http://127.0.0.1:{self.ports['upstream']}"
         self.bare = self._start("bare-proxy", [sys.executable, str(HERE / "bare_proxy.py"), str(self.ports["bare"]),
                                                self.upstream_url], SUT_CPU, self.logdir)
+        self.floor = self._start("llhttp-floor", [sys.executable, str(HERE / "llhttp_floor.py"),
+                                                  str(self.ports["floor"]), self.upstream_url], SUT_CPU, self.logdir)
         self.aux = self._start("aux", [sys.executable, str(HERE / "aux_server.py"), str(self.ports["aux"]),
                                        str(TOKEN_LIFETIME_S)], LOAD_CPU, self.logdir)
         for name, proc in (("upstream", self.upstream), ("nginxproxy", self.nginxproxy), ("bare", self.bare),
-                           ("aux", self.aux)):
+                           ("floor", self.floor), ("aux", self.aux)):
             wait_port(self.ports[name], proc=proc.popen)
         self.with_tokens = credproxy_rig.tokens_available()
         credproxy_rig.write_store(self.workdir)
@@ -274,6 +278,7 @@ class Bench:
             Target("b: nginx proxy", f"http://127.0.0.1:{self.ports['nginxproxy']}/bench", lambda: [self.nginxproxy.pid]),
             Target("c: bare aiohttp", f"http://127.0.0.1:{self.ports['bare']}/bench", lambda: [self.bare.pid]),
             Target("d: credproxy", cp_url + "/bench", lambda: [cp.pid], credproxy_rig.CALLER_TOKEN),
+            Target("e: llhttp floor", f"http://127.0.0.1:{self.ports['floor']}/bench", lambda: [self.floor.pid]),
         ]
         targets = [t for t in targets if not a.targets or t.name[0] in a.targets]
         print(f"matrix (one process each; {a.rounds} rounds of {a.duration / a.rounds:.0f} s per cell, round-robin):",
@@ -395,7 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-big", action="store_true", help="skip the 1 GiB streamed bodies")
     p.add_argument("--skip-workers", action="store_true", help="skip --workers 2")
     p.add_argument("--skip-tokens", action="store_true", help="skip the token expiry scenario")
-    p.add_argument("--targets", default="", help="only these targets, e.g. cd (default: abcd)")
+    p.add_argument("--targets", default="", help="only these targets, e.g. cde (default: abcde)")
     p.add_argument("--loads", type=lambda v: v.split(","), default=None,
                    help="only these loads, comma-separated: " + ",".join(LOADS))
     p.add_argument("--quiet", type=float, default=QUIET["threshold"],

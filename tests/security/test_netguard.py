@@ -10,7 +10,10 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver
 
+from proxy.errors import UpstreamError
 from proxy.upstream.address_policy import AddressDenied, AddressPolicy, OwnListeners
+
+from .scripted_upstream import OK, ScriptedUpstream, always, client, fetch
 
 
 @pytest.mark.parametrize("ip", ["169.254.169.254", "169.254.0.1", "fe80::1", "::ffff:169.254.169.254",
@@ -66,7 +69,7 @@ def test_operator_ranges():
     assert policy.refusal("203.0.113.7", 443) is not None and policy.refusal("203.0.114.7", 443) is None
 
 
-class FlippingResolver(AbstractResolver):
+class FlippingAiohttpResolver(AbstractResolver):
     """Answers a name with a harmless address first and a metadata address after — a
     DNS-rebinding attacker's resolver. A fault-injecting fake: no DNS server does this on demand."""
 
@@ -83,9 +86,10 @@ class FlippingResolver(AbstractResolver):
         pass
 
 
-async def test_a_name_rebound_to_metadata_is_refused_at_connect(upstream):
+async def test_a_name_rebound_to_metadata_is_refused_at_connect_by_aiohttp_clients(upstream):
+    """Token endpoints and webhooks stay on aiohttp: its socket factory runs the same check."""
     policy = AddressPolicy()
-    connector = aiohttp.TCPConnector(resolver=FlippingResolver("127.0.0.1", upstream.port), use_dns_cache=False,
+    connector = aiohttp.TCPConnector(resolver=FlippingAiohttpResolver("127.0.0.1", upstream.port), use_dns_cache=False,
                                      force_close=True, socket_factory=policy.socket_factory)
     async with aiohttp.ClientSession(connector=connector) as s:
         async with s.get(f"http://api.example.test:{upstream.port}/first") as r:
@@ -94,3 +98,58 @@ async def test_a_name_rebound_to_metadata_is_refused_at_connect(upstream):
             await s.get(f"http://api.example.test:{upstream.port}/second")
     assert isinstance(err.value.os_error, AddressDenied)
     assert [s.path for s in upstream.seen] == ["/first"]
+
+
+# -- the upstream client (proxy.upstream.dial): resolve, check every address, connect to a checked one --
+
+
+class FlippingResolver:
+    """Answers the name with a harmless address first and a metadata address after — a DNS-rebinding
+    attacker's resolver (a fault-injecting fake: no DNS server does this on demand)."""
+
+    def __init__(self, first: str) -> None:
+        self.answers = [first, "169.254.169.254"]
+
+    async def __call__(self, host: str, port: int):
+        ip = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        return [(socket.AF_INET, (ip, port))]
+
+
+async def test_a_name_rebound_to_metadata_is_refused_at_connect():
+    async with ScriptedUpstream(always((OK, "close"))) as up:
+        c = client(resolver=FlippingResolver("127.0.0.1"))
+        try:
+            assert await fetch(c, f"http://api.example.test:{up.port}") == (200, b"ok")
+            with pytest.raises(UpstreamError) as err:
+                await fetch(c, f"http://api.example.test:{up.port}")
+        finally:
+            await c.close()
+    assert err.value.reason == "upstream_address_denied"
+    assert len(up.requests) == 1
+
+
+async def test_a_name_with_one_denied_address_is_refused():
+    async def mixed(host, port):
+        return [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET, ("169.254.169.254", port))]
+
+    async with ScriptedUpstream(always(OK)) as up:
+        c = client(resolver=mixed)
+        try:
+            with pytest.raises(UpstreamError) as err:
+                await fetch(c, f"http://api.example.test:{up.port}")
+        finally:
+            await c.close()
+    assert err.value.reason == "upstream_address_denied" and up.connections == 0
+
+
+async def test_credproxy_itself_is_refused_as_an_upstream():
+    async with ScriptedUpstream(always(OK)) as up:
+        own = OwnListeners()
+        own.add("0.0.0.0", up.port)  # as if credproxy listened on this port on every address
+        c = client(address_policy=AddressPolicy(own=own))
+        try:
+            with pytest.raises(UpstreamError) as err:
+                await fetch(c, f"http://127.0.0.1:{up.port}")
+        finally:
+            await c.close()
+    assert err.value.reason == "upstream_address_denied" and up.connections == 0

@@ -1,9 +1,9 @@
 """The upstream client against upstreams that misbehave: framing, keep-alive, 1xx, timeouts, stale pooled
 connections, addresses — and a differential test of its answer parsing against h11.
 
-The upstreams here are ``ScriptedUpstream``: raw asyncio socket servers on loopback that answer with the
-bytes a test scripts. They are fault-injecting fakes on purpose: no real server produces these answers on
-demand. The differential test feeds bytes to the parser through ``_Wire``, a stand-in for the connection
+The upstreams here are ``ScriptedUpstream`` (``scripted_upstream.py``): raw asyncio socket servers on
+loopback that answer with the bytes a test scripts. They are fault-injecting fakes on purpose: no real
+server produces these answers on demand. (The address checks of the same client: ``test_netguard.py``.) The differential test feeds bytes to the parser through ``_Wire``, a stand-in for the connection
 (also a fake: it only records what the answer asks of its connection).
 """
 
@@ -11,113 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
 
 import h11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.upstream.address_policy import AddressPolicy
 from proxy.upstream.answer import HIGH_WATER, BodyFailed, UpstreamResponse
-from proxy.upstream.client import UpstreamClient
-from proxy.upstream.outbound import Outbound
 
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-CLOSE = "close"  # the script's answer: hang up without answering
-SILENT = "silent"  # read the request, never answer
-
-
-class ScriptedUpstream:
-    """Answers request number N with ``script(N, head)``: bytes, ``(bytes, "close")`` to hang up after them,
-    ``CLOSE`` or ``SILENT``. Counts connections and keeps each request's head and body."""
-
-    def __init__(self, script: Callable[[int, bytes], object]) -> None:
-        self.script = script
-        self.connections = 0
-        self.requests: list[tuple[bytes, bytes]] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def __aenter__(self) -> "ScriptedUpstream":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._tasks.add(asyncio.current_task())
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                body = await _read_body(reader, head)
-                n = len(self.requests)
-                self.requests.append((head, body))
-                answer = self.script(n, head)
-                if answer == CLOSE:
-                    break
-                if answer == SILENT:
-                    await asyncio.sleep(3600)
-                close = isinstance(answer, tuple)
-                writer.write(answer[0] if close else answer)
-                await writer.drain()
-                if close:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-
-async def _read_body(reader: asyncio.StreamReader, head: bytes) -> bytes:
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            body += (await reader.readexactly(size + 2))[:-2]
-            if size == 0:
-                return body
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            return await reader.readexactly(int(line.split(b":")[1]))
-    return b""
-
-
-def always(answer) -> Callable[[int, bytes], object]:
-    return lambda n, head: answer
-
-
-def client(**kw) -> UpstreamClient:
-    kw.setdefault("connect_timeout", 5.0)
-    kw.setdefault("read_timeout", 5.0)
-    return UpstreamClient(**kw)
-
-
-def outbound(url: str, method: str = "GET", body=None, headers: dict | None = None) -> Outbound:
-    return Outbound(method, URL(url), "/x", "", CIMultiDict(headers or {}), body)
-
-
-async def fetch(c: UpstreamClient, url: str, method: str = "GET", body=None, headers=None) -> tuple[int, bytes]:
-    answer = await c.send(outbound(url, method, body, headers))
-    try:
-        return answer.status, await answer.read()
-    finally:
-        answer.release()
-
+from .scripted_upstream import CLOSE, OK, SILENT, ScriptedUpstream, always, client, fetch, outbound
 
 # -- keep-alive and framing that must work ------------------------------------------------------------
 
@@ -432,58 +335,6 @@ async def test_a_header_that_would_break_the_request_head_is_never_sent(headers)
         finally:
             await c.close()
     assert up.requests == []
-
-
-class FlippingResolver:
-    """Answers the name with a harmless address first and a metadata address after — a DNS-rebinding
-    attacker's resolver (a fault-injecting fake: no DNS server does this on demand)."""
-
-    def __init__(self, first: str) -> None:
-        self.answers = [first, "169.254.169.254"]
-
-    async def __call__(self, host: str, port: int):
-        ip = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-        return [(socket.AF_INET, (ip, port))]
-
-
-async def test_a_name_rebound_to_metadata_is_refused_at_connect():
-    async with ScriptedUpstream(always((OK, "close"))) as up:
-        c = client(resolver=FlippingResolver("127.0.0.1"))
-        try:
-            assert await fetch(c, f"http://api.example.test:{up.port}") == (200, b"ok")
-            with pytest.raises(UpstreamError) as err:
-                await fetch(c, f"http://api.example.test:{up.port}")
-        finally:
-            await c.close()
-    assert err.value.reason == "upstream_address_denied"
-    assert len(up.requests) == 1
-
-
-async def test_a_name_with_one_denied_address_is_refused():
-    async def mixed(host, port):
-        return [(socket.AF_INET, ("127.0.0.1", port)), (socket.AF_INET, ("169.254.169.254", port))]
-
-    async with ScriptedUpstream(always(OK)) as up:
-        c = client(resolver=mixed)
-        try:
-            with pytest.raises(UpstreamError) as err:
-                await fetch(c, f"http://api.example.test:{up.port}")
-        finally:
-            await c.close()
-    assert err.value.reason == "upstream_address_denied" and up.connections == 0
-
-
-async def test_credproxy_itself_is_refused_as_an_upstream():
-    async with ScriptedUpstream(always(OK)) as up:
-        policy = AddressPolicy()
-        policy.add_own("0.0.0.0", up.port)  # as if credproxy listened on this port on every address
-        c = client(address_policy=policy)
-        try:
-            with pytest.raises(UpstreamError) as err:
-                await fetch(c, f"http://127.0.0.1:{up.port}")
-        finally:
-            await c.close()
-    assert err.value.reason == "upstream_address_denied" and up.connections == 0
 
 
 async def test_a_refused_connect_is_an_upstream_connect_error():
