@@ -301,7 +301,10 @@ class Proxy:
         self._runners.append(runner)
         site = ForwardSite(runner, fp.listen.host, fp.listen.port, lambda: ForwardConnection(ctx),
                            backlog=LISTEN_BACKLOG, reuse_port=self.reuse_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise listen_error(exc, fp.listen, "forward_proxy.listen") from None
         host, port = site._server.sockets[0].getsockname()[:2]
         self._own.add(host, port)
         self.bound["forward"] = f"{host}:{port}"

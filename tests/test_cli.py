@@ -124,7 +124,7 @@ def test_a_wrong_key_says_where_the_key_comes_from(tmp_path):
 # --- serving twice on one port ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["server", "admin", "dedicated"])
+@pytest.mark.parametrize("which", ["server", "admin", "dedicated", "forward_proxy"])
 def test_an_address_in_use_is_one_line_and_exit_1(tmp_path, which):
     cfg = init_with_secret(tmp_path)
     doc = yaml.safe_load(cfg.read_text())
@@ -132,9 +132,13 @@ def test_an_address_in_use_is_one_line_and_exit_1(tmp_path, which):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     address = "127.0.0.1:%d" % taken.getsockname()[1]
-    field = {"server": "server.listen", "admin": "admin.listen", "dedicated": "credentials.example.listen"}[which]
+    field = "credentials.example.listen" if which == "dedicated" else f"{which}.listen"
     if which == "dedicated":
         doc["credentials"]["example"]["listen"] = address
+    elif which == "forward_proxy":
+        doc["forward_proxy"] = {"listen": address, "ca": {"cert_file": "ca.pem", "key": "credproxy/ca#key"}}
+        cfg.write_text(yaml.safe_dump(doc))
+        assert cli("ca", "init", "-c", cfg.name, cwd=tmp_path).returncode == 0
     else:
         doc[which]["listen"] = address
     cfg.write_text(yaml.safe_dump(doc))

@@ -64,8 +64,9 @@ class _InjectsHeader(_Auth):
     @model_validator(mode="before")
     @classmethod
     def _value_for_header(cls, data):
-        if isinstance(data, dict) and data.get("value") is None and isinstance(data.get("header", ""), str):
-            data = {**data, "value": default_value(data.get("header") or "Authorization")}
+        if isinstance(data, dict) and data.get("value") is None:
+            header = data.get("header")  # not text: its own problem, reported by the field
+            data = {**data, "value": default_value(header if isinstance(header, str) and header else "Authorization")}
         return data
 
 

@@ -7,7 +7,6 @@ message ever contains a configured value.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path

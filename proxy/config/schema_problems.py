@@ -114,14 +114,14 @@ def explain(root: type[BaseModel], errors: list[dict]) -> list[tuple[Loc, str]]:
         if err["type"] == "missing":
             missing.setdefault(path[:-1], set()).add(str(path[-1]))
     typos: dict[Loc, str] = {}  # the misspelt key -> the required key it stands for
-    for (path, parent_models), err in located:
+    for (path, _), err in located:
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(path[-1]), sorted(missing.get(path[:-1], ())), n=1, cutoff=0.6)
             if close:
                 typos[path] = close[0]
     meant = {(path[:-1], key) for path, key in typos.items()}
     out: list[tuple[Loc, str]] = []
-    for (path, models), err in located:
+    for (path, _), err in located:
         if err["type"] == "missing" and (path[:-1], str(path[-1])) in meant:
             continue  # reported once, at the misspelt key
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
