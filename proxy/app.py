@@ -24,7 +24,8 @@ from proxy.callers import Authenticator
 from proxy.config.models import Config, TLSConfig
 from proxy.config.references import secret_references
 from proxy.server.connlimit import ConnectionLimit, record_refusal
-from proxy.credential import Credential, build_source
+from proxy.auth_types import build_source
+from proxy.credential import Credential
 from proxy.errors import SecretBackendError
 from proxy.lifecycle.drain import FINISH_GRACE, drain
 from proxy.server.http import GuardedServer
@@ -186,6 +187,7 @@ class Proxy:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
             failures = metrics.alert_webhook_failures
             self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
+                                          socket_factory=AddressPolicy().socket_factory,  # always-denied ranges
                                           on_failure=lambda reason: failures.labels(reason).inc())
             self._webhook.start()
 

@@ -7,7 +7,7 @@ caller-credential headers from what it forwards, whatever the outcome.
 audit line and the misuse alerts name the caller whose token was used from the
 wrong place.
 
-A ``cert_subject`` such as ``"CN=billing"`` or ``"CN=billing,O=acme"`` names
+A ``cert_subject`` such as ``"CN=billing"`` or ``"CN=billing,O=acme"`` (RFC 4514) names
 attributes the verified client certificate's subject must carry (it may carry
 more, such as the issuing CA's ``O``/``OU``). A certificate that matches more
 than one caller identifies none.
@@ -23,6 +23,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.config.fields import SubjectAttributes, subject_attributes
 from proxy.config.models import CallerConfig
 from proxy.errors import Forbidden, Unauthenticated
 
@@ -60,37 +61,17 @@ def _basic(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+# The ssl module's peer dict names attributes by OpenSSL's long names; configured subjects use RFC 4514's.
 _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU", "countryName": "C",
           "localityName": "L", "stateOrProvinceName": "ST", "domainComponent": "DC", "emailAddress": "EMAILADDRESS",
-          "serialNumber": "SERIALNUMBER", "userId": "UID"}
-Attributes = frozenset[tuple[str, str]]
+          "serialNumber": "SERIALNUMBER", "userId": "UID", "streetAddress": "STREET"}
 
 
-def cert_attributes(peercert: dict | None) -> Attributes:
+def cert_attributes(peercert: dict | None) -> SubjectAttributes:
     """``{("CN", "billing"), ("O", "acme")}`` from the ssl module's verified peer certificate dict."""
     if not peercert:
         return frozenset()
-    return frozenset((_SHORT.get(key, key).upper(), value) for rdn in peercert.get("subject", ()) for key, value in rdn)
-
-
-def parse_subject(text: str) -> Attributes:
-    """``"CN=billing, O=acme"`` (RFC 4514 order-free; ``\\,`` escapes a comma in a value)."""
-    out, part, escaped = [], "", False
-    for ch in text + ",":
-        if escaped:
-            part, escaped = part + ch, False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ",":
-            if part.strip():
-                key, sep, value = part.partition("=")
-                if not sep or not key.strip():
-                    raise ValueError("cert_subject must be ATTR=value pairs such as CN=billing,O=acme")
-                out.append((key.strip().upper(), value.strip()))
-            part = ""
-        else:
-            part += ch
-    return frozenset(out)
+    return frozenset((_SHORT.get(key, key), value) for rdn in peercert.get("subject", ()) for key, value in rdn)
 
 
 class Authenticator:
@@ -100,7 +81,7 @@ class Authenticator:
         # the lookup's timing says nothing about the stored ones (what comparing every digest also ensured).
         self._tokens: dict[bytes, str] = {bytes.fromhex(c.token_sha256): name
                                           for name, c in (callers or {}).items() if c.token_sha256}
-        self._subjects = [(parse_subject(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
+        self._subjects = [(subject_attributes(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
 
     def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
@@ -141,7 +122,7 @@ class Authenticator:
         if nets is not None and (peer_ip is None or not any(peer_ip in n for n in nets)):
             raise Forbidden("caller used from a source address outside allow_ips", reason="source_ip")
 
-    def _by_cert(self, attributes: Attributes) -> str | None:
+    def _by_cert(self, attributes: SubjectAttributes) -> str | None:
         matches = [name for wanted, name in self._subjects if wanted and wanted <= attributes]
         return matches[0] if len(matches) == 1 else None
 

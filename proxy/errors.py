@@ -1,11 +1,14 @@
 """The proxy's exception tree and its one mapping to status + fixed message.
 
-Every error credproxy itself answers is one of these. The public message is
+Every error credproxy itself answers is a ``ProxyError``. The public message is
 fixed per class; ``detail`` goes to the (scrubbed) log only, never to callers.
+The exceptions that never reach a caller (token failures, configuration, store
+and admin-client problems) live here too, so the whole tree reads in one place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 from http import HTTPStatus
 
@@ -116,6 +119,109 @@ class ListenError(OSError):
 
     def __str__(self) -> str:
         return f"{self.address} {self.reason} ({self.field})"
+
+
+class TokenUnavailable(CredentialUnavailable):
+    """No valid token could be obtained; ``reason`` is ``token_<failure reason>``."""
+
+
+class VaultUnavailable(SecretBackendError):
+    """Vault could not be asked or gave no usable answer: unreachable, timed out,
+    TLS failure, sealed, standby, 5xx, 429, or an answer of the wrong shape."""
+
+
+class VaultRefused(SecretBackendError):
+    """Vault answered a 4xx. ``status`` lets the caller decide what it means
+    (403 on a read: access denied; 400 on a cas write: conflict; 400 on login: bad credentials)."""
+
+    def __init__(self, detail: str, status: int) -> None:
+        super().__init__(detail, reason=f"vault_{status}")
+        self.status = status
+
+
+class LoginRefused(StoreError):
+    """Vault rejected credproxy's own credentials, or they cannot be read. Retrying does not
+    help until an operator acts: fatal at start-up, retried with backoff at run time."""
+
+
+class AddressDenied(OSError):
+    """Raised from the socket factory: aiohttp reports it as a connect failure."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.EACCES, f"upstream address refused: {why}")
+        self.why = why
+
+
+# --- outside the request path -------------------------------------------------------
+
+
+# The whole vocabulary; ``credproxy_token_refresh_total{result}`` takes these and "ok".
+TOKEN_FAILURE_REASONS = frozenset({
+    "timeout",            # the endpoint did not answer within the token request timeout
+    "unreachable",        # connection refused / reset / DNS
+    "tls",                # certificate verification failed
+    "too_large",          # answer body over the limit
+    "rejected",           # 4xx: bad client credentials, invalid_grant, ...
+    "http_error",         # any other non-2xx answer (5xx, redirects)
+    "html",               # an HTML page instead of a token (captive portal, error page)
+    "invalid_json",       # not JSON, or not a JSON object
+    "invalid_xml",        # not well-formed XML, or XML with a DOCTYPE
+    "no_access_token",    # JSON without a usable access_token
+    "no_session_id",      # login answer without the session ID
+    "bad_expires_in",     # expires_in zero or negative
+    "bad_instance_url",   # instance_url / server_url missing, not https, or with userinfo
+    "bad_private_key",    # the private key is not a PEM RSA or EC P-256 key
+    "secret_unavailable",  # a referenced secret could not be read
+    "rotation_conflict",  # the rotated refresh token lost a compare-and-set race
+    "store_unavailable",  # the rotated refresh token could not be written back
+    "internal",           # a bug: logged with its type name only
+})
+
+
+class TokenFailure(Exception):
+    """Why a token could not be obtained: a fixed reason (metric label, admin ``last_error``) and a
+    detail that is safe to log. Neither ever carries a response body or a secret."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in TOKEN_FAILURE_REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigInvalid(Exception):
+    """The configuration cannot be used; each problem names file, line and field path, never a value."""
+
+    def __init__(self, problems: list) -> None:  # of proxy.config.models.Problem
+        super().__init__(f"{len(problems)} configuration problem(s)")
+        self.problems = problems
+
+
+class AdminTokenError(Exception):
+    """The admin token file cannot be used; the message names the file, never its content."""
+
+    def __init__(self, token_file: str, reason: str) -> None:
+        super().__init__(f"admin.token_file {token_file} {reason}")
+        self.reason = reason
+
+
+class AdminClientError(Exception):
+    """The CLI could not do what the operator asked through the admin API; ``exit_code`` per kind."""
+
+    exit_code = 1
+    code = "error"
+
+
+class AdminConfigError(AdminClientError):
+    exit_code, code = 2, "config"
+
+
+class AdminUnreachable(AdminClientError):
+    exit_code, code = 3, "proxy_unreachable"
+
+
+class AdminUnauthorized(AdminClientError):
+    exit_code, code = 4, "admin_unauthorized"
 
 
 # After a malformed or oversized request the connection's framing cannot be trusted

@@ -27,7 +27,8 @@ from proxy.server import request_shape as guards
 from proxy.observe.audit import AuditEvent, ForwardEvent, strip_query_values
 from proxy.server.upload import RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
-from proxy.credential import Credential, Grant
+from proxy.credential import Credential
+from proxy.grant import Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
 from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay

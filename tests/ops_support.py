@@ -22,7 +22,8 @@ from aiohttp import web
 
 from proxy.config import models as config_mod
 from proxy.app import Proxy
-from proxy.credential import AuthSource, Grant, build_source
+from proxy.auth_types import build_source
+from proxy.grant import AuthSource, Grant
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.secret import Secret
 from proxy.store.file import FileStore
@@ -118,8 +119,6 @@ class Upstream:
 class CountingTokenSource(AuthSource):
     """Stands in for a token type (OAuth2 etc., built on another branch): each ``fetch`` is what a
     token-endpoint call would be, so tests can see whether a reload kept the token cache."""
-
-    kind = "test_token"
 
     def __init__(self, name: str, counter: dict) -> None:
         self.name = name

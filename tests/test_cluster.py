@@ -189,7 +189,7 @@ async def test_a_failed_fetch_releases_the_lease_at_once(bao, replicas):
     nodes = await replicas(2, lease_timeout=30.0)
 
     async def fails() -> TokenAnswer:
-        from proxy.tokens.failure import TokenFailure
+        from proxy.errors import TokenFailure
 
         raise TokenFailure("http_error", "token endpoint answered HTTP 503")
 

@@ -29,7 +29,7 @@ async def test_put_get_versions_and_cas(store):
     assert await store.put("apis/x", "other", Secret("o")) == 2
     entry = await store.get("apis/x")
     assert entry.version == 2 and entry.fields["token"].reveal() == "v1" and entry.fields["other"].reveal() == "o"
-    assert (await store.read(SecretRef.parse("apis/x#token"))).reveal() == "v1"
+    assert (await store.get("apis/x")).get(SecretRef.parse("apis/x#token")).reveal() == "v1"
     assert await store.put("apis/x", "token", Secret("v2"), cas=2) == 3
     with pytest.raises(ConflictError):
         await store.put("apis/x", "token", Secret("v3"), cas=2)
@@ -39,7 +39,7 @@ async def test_put_get_versions_and_cas(store):
     with pytest.raises(SecretNotFound):
         await store.get("apis/none")
     with pytest.raises(SecretNotFound):
-        await store.read(SecretRef.parse("apis/x#nofield"))
+        (await store.get("apis/x")).get(SecretRef.parse("apis/x#nofield"))
 
 
 def test_file_is_encrypted_and_private(store):

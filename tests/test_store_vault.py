@@ -21,8 +21,8 @@ from proxy.errors import ConflictError, SecretAccessDenied, SecretBackendError, 
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.file import FileStore, generate_key, decode_key
 from proxy.store.vault import VaultStore
-from proxy.store.vault_auth import LoginRefused
-from proxy.store.vault_client import VaultUnavailable
+from proxy.errors import LoginRefused
+from proxy.errors import VaultUnavailable
 from tests.vault_fixture import OpenBao, bao, fresh_bao, raw_log  # noqa: F401 - fixtures
 
 POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
@@ -63,7 +63,7 @@ async def test_token_file_login_reads_every_field_with_its_version(bao, root_sto
     assert entry.get(SecretRef.parse("t1/api#token")).reveal() == "tok-2"
     assert entry.fields["port"].reveal() == "8443"  # non-string JSON values are used as their JSON text
     assert entry.fields["flags"].reveal() == '["a"]'
-    assert await root_store.read(SecretRef.parse("t1/api#user")) == Secret("svc")
+    assert (await root_store.get("t1/api")).get(SecretRef.parse("t1/api#user")) == Secret("svc")
     assert await root_store.version("t1/api") == 2
     assert "tok-2" not in repr(entry)
 
@@ -137,7 +137,7 @@ async def test_vault_down_at_start_is_not_fatal(tmp_path):
                                    auth={"method": "token", "token_file": str(tf)}))
     await store.start()  # returns: the keeper keeps trying in the background
     try:
-        assert not store.healthy()
+        assert store.keeper.token is None
         with pytest.raises(VaultUnavailable, match="not logged in to vault"):
             await store.get("any/path")
     finally:
@@ -178,7 +178,7 @@ async def test_deploy_policy_allows_exactly_what_credproxy_needs(bao, tmp_path):
                               ("other/new", 0)):
             with pytest.raises(SecretAccessDenied):
                 await store.put(path, "token", Secret("overwrite"), cas=version)
-        assert store.healthy()  # denials did not make it think its own token is bad
+        assert store.keeper.token is not None  # denials did not make it think its own token is bad
     finally:
         await store.close()
     assert bao.root().secrets.kv.v2.read_secret_version(
@@ -195,7 +195,7 @@ async def test_missing_path_field_and_deleted_version_are_not_found(bao, root_st
         await root_store.version("t3/missing")
     bao.put("t3/api", {"token": "x"})
     with pytest.raises(SecretNotFound, match="secret field missing: t3/api#nofield"):
-        await root_store.read(SecretRef.parse("t3/api#nofield"))
+        (await root_store.get("t3/api")).get(SecretRef.parse("t3/api#nofield"))
     bao.root().secrets.kv.v2.delete_latest_version_of_secret(path="t3/api")
     with pytest.raises(SecretNotFound):
         await root_store.get("t3/api")
@@ -323,7 +323,7 @@ async def test_a_vault_that_drips_its_answer_is_cut_off_at_the_deadline(tmp_path
                                    timeout="300ms", auth={"method": "token", "token_file": str(tf)}))
     try:
         await store.start()  # the first login runs into the deadline: not fatal
-        assert not store.healthy()
+        assert store.keeper.token is None
         with pytest.raises(VaultUnavailable, match="no answer from vault within 0.3s"):
             await store.keeper.first_login()
     finally:
@@ -441,7 +441,7 @@ async def test_tls_is_verified_with_ca_file_and_ambient_ca_variables_are_ignored
     store = VaultStore(VaultConfig(address=tls_bao.address, auth=auth, timeout=2))
     await store.start()  # not fatal: a certificate can be fixed while credproxy waits
     try:
-        assert not store.healthy()
+        assert store.keeper.token is None
         with pytest.raises(VaultUnavailable, match="TLS handshake with vault failed"):
             await store.keeper.first_login()
     finally:
@@ -474,7 +474,7 @@ async def test_a_redirect_is_not_followed_so_the_token_stays_with_vault(tmp_path
     store = VaultStore(VaultConfig(address=f"http://127.0.0.1:{vault.port}", auth={"method": "token", "token_file": str(tf)}))
     await store.start()
     try:
-        assert not store.healthy()
+        assert store.keeper.token is None
         with pytest.raises(VaultUnavailable, match=r"unexpected answer from vault \(HTTP 307\)"):
             await store.keeper.first_login()
     finally:

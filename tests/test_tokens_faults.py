@@ -15,9 +15,9 @@ import time
 import pytest
 from aiohttp import web
 
-from proxy.tokens import token_source
+from proxy.auth_types import build_source
 from proxy.tokens.http import TokenHttp
-from proxy.tokens.lifecycle import TokenUnavailable
+from proxy.errors import TokenUnavailable
 from tests.helpers import assert_no_canary
 from tests.tokens_fixtures import call, proxy_logs, run_proxy, token_cred  # noqa: F401 - fixtures
 
@@ -188,7 +188,7 @@ async def test_a_slow_endpoint_times_out(endpoint, tmp_path):
 
     store = FileStore(store_path, base64.b64decode(key_file.read_text()))
     cfg = CredentialConfig.model_validate(token_cred(endpoint.url + "/api", cc_auth(endpoint)))
-    source = token_source(cfg, SecretCache(store), name="api", store=store,
+    source = build_source(cfg, SecretCache(store), name="api", store=store,
                           http=TokenHttp(total_timeout=0.3))
     with pytest.raises(TokenUnavailable) as err:
         await source.grant("")

@@ -11,12 +11,13 @@ import math
 
 import pytest
 
-from proxy.credential import Grant
+from proxy.grant import Grant
 from proxy.store.secret import Secret
 from proxy.tokens import lifecycle
 from proxy.tokens.answer import TokenAnswer
-from proxy.tokens.failure import TokenFailure
-from proxy.tokens.lifecycle import Settings, TokenSlot, TokenUnavailable, backoff
+from proxy.errors import TokenFailure
+from proxy.errors import TokenUnavailable
+from proxy.tokens.lifecycle import Settings, TokenSlot, backoff
 
 
 class Clock:

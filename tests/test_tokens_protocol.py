@@ -18,7 +18,7 @@ from proxy.tokens.clientauth import (
     FormRequest,
     apply_client_auth,
 )
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 from proxy.tokens.http import Answer
 from proxy.tokens.jwt_bearer import assertion_claims, token_request
 from proxy.tokens.session_login import login_request, parse_login

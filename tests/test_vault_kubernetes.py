@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from proxy.config.models import VaultConfig
 from proxy.store.vault import VaultStore
-from proxy.store.vault_auth import LoginRefused
+from proxy.errors import LoginRefused
 from tests.vault_fixture import OpenBao, bao  # noqa: F401 - fixtures
 
 POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.store.secret import Secret
-from proxy.store.vault_auth import Login, LoginRefused
-from proxy.store.vault_client import VaultUnavailable
+from proxy.errors import LoginRefused, VaultUnavailable
+from proxy.store.vault_auth import Login
 from proxy.store.vault_token import Backoff, TokenKeeper
 
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.observe.audit import AuditEvent
 from proxy.credential import Credential
-from proxy.errors import ProxyError
+from proxy.errors import AdminTokenError, ProxyError
 from proxy.pipeline import peer_ip
 from proxy.admin.probe import probe
 from proxy.redact.scrubber import SCRUBBER
@@ -36,14 +36,6 @@ AUTH = web.AppKey("admin_auth", object)
 RELOAD = web.AppKey("reload", object)
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 ADMIN_CALLER = "admin"
-
-
-class AdminTokenError(Exception):
-    """The admin token file cannot be used; the message names the file, never its content."""
-
-    def __init__(self, token_file: str, reason: str) -> None:
-        super().__init__(f"admin.token_file {token_file} {reason}")
-        self.reason = reason
 
 
 class AdminAuth:

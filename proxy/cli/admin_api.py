@@ -16,27 +16,11 @@ import yaml
 from pydantic import ValidationError
 
 from proxy.config import models as config_mod
-from proxy.config.models import AdminConfig, ConfigInvalid
+from proxy.config.models import AdminConfig
 from proxy.config.fields import Listen
+from proxy.errors import AdminConfigError, AdminUnauthorized, AdminUnreachable, ConfigInvalid
 
 TIMEOUT = 120.0  # a probe waits for the upstream (read_timeout defaults to 60 s)
-
-
-class AdminClientError(Exception):
-    exit_code = 1
-    code = "error"
-
-
-class AdminConfigError(AdminClientError):
-    exit_code, code = 2, "config"
-
-
-class AdminUnreachable(AdminClientError):
-    exit_code, code = 3, "proxy_unreachable"
-
-
-class AdminUnauthorized(AdminClientError):
-    exit_code, code = 4, "admin_unauthorized"
 
 
 def admin_settings(config_path: str) -> AdminConfig:

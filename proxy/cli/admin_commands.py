@@ -14,7 +14,8 @@ import json
 import sys
 import time
 
-from proxy.cli.admin_api import AdminClient, AdminClientError
+from proxy.cli.admin_api import AdminClient
+from proxy.errors import AdminClientError
 
 ACTIONS = {
     "refresh": ("obtain fresh material for a credential now (re-read secrets, fetch a new token)", "refreshed"),

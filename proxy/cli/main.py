@@ -9,7 +9,7 @@ import secrets as pysecrets
 import sys
 
 from proxy.config import models as config_mod
-from proxy.errors import ListenError, StoreError
+from proxy.errors import AdminTokenError, ListenError, StoreError
 
 
 def _load(path: str):
@@ -23,7 +23,6 @@ def _load(path: str):
 
 def cmd_serve(args) -> int:
     from proxy.observe import log_setup as logs
-    from proxy.admin.api import AdminTokenError
     from proxy.app import run
 
     logs.setup(args.log_level)

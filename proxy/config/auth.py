@@ -2,19 +2,20 @@
 
 Fields that carry secret material are always references (``Ref``) or templates
 whose placeholders are references; identifiers and URLs are literals.
-To add a type: define its model here, add it to ``AuthConfig``, and register
-its runtime in ``proxy.credential``.
+To add a type: define its model here, add it to ``AuthConfig``, and give it a
+row in ``proxy.auth_types``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.store.secret import SecretRef
 from proxy.template import Template
+from proxy.config import hmac_template
 from proxy.config.fields import Ref, TemplateStr
 
 
@@ -43,6 +44,22 @@ class _Auth(BaseModel):
             if isinstance(v, Template):
                 out.extend(v.refs)
         return tuple(out)
+
+    def refs_for(self, principal: str) -> dict[str, SecretRef]:
+        """What ``principal`` reads, by field name or ``PATH#FIELD`` (template placeholders):
+        its ``per_caller`` overrides, then this auth's own references."""
+        refs = dict(self.ref_fields())
+        for ref in self.template_refs():
+            refs[str(ref)] = ref
+        refs.update(self.per_caller.get(principal, {}))
+        return refs
+
+    def all_refs(self) -> set[SecretRef]:
+        """Every reference any principal reads (readiness and warm-up check them)."""
+        out = set(self.refs_for("").values())
+        for principal in self.per_caller:
+            out |= set(self.refs_for(principal).values())
+        return out
 
 
 def default_value(header: str) -> str:
@@ -242,18 +259,14 @@ class HmacAuth(_Auth):
     @field_validator("canonical")
     @classmethod
     def _canonical_template(cls, v: str) -> str:
-        from proxy.inject import hmacsign
-
-        hmacsign.parse(v, hmacsign.CANONICAL_FIELDS)
+        hmac_template.parse(v, hmac_template.CANONICAL_FIELDS)
         return v
 
     @field_validator("headers")
     @classmethod
     def _header_templates(cls, v: dict[str, str]) -> dict[str, str]:
-        from proxy.inject import hmacsign
-
-        parsed = [hmacsign.parse(value, hmacsign.HEADER_FIELDS) for value in v.values()]
-        if not any("signature" in hmacsign.fields(p) for p in parsed):
+        parsed = [hmac_template.parse(value, hmac_template.HEADER_FIELDS) for value in v.values()]
+        if not any("signature" in hmac_template.fields(p) for p in parsed):
             raise ValueError("one of the headers must contain {signature}")
         return v
 
@@ -264,4 +277,6 @@ AuthConfig = Annotated[
     Field(discriminator="type"),
 ]
 
-STATIC_TYPES = frozenset({"header", "query", "basic", "aws_sigv4", "hmac"})
+# type -> model, read off the union (the config's own list; ``proxy.auth_types`` gives each its runtime).
+AUTH_MODELS: dict[str, type[_Auth]] = {get_args(m.model_fields["type"].annotation)[0]: m
+                                       for m in get_args(get_args(AuthConfig)[0])}

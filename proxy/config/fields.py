@@ -1,4 +1,5 @@
-"""Annotated field types shared by the config models: durations, sizes, references, listeners."""
+"""Annotated field types shared by the config models: durations, sizes, references, listeners,
+certificate subjects."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import (BeforeValidator, ByteSize, PlainSerializer, ValidationError, ValidationInfo,
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from pydantic import (AfterValidator, BeforeValidator, ByteSize, PlainSerializer, ValidationError, ValidationInfo,
                       ValidatorFunctionWrapHandler, WithJsonSchema, WrapValidator)
 
 from proxy.store.secret import SecretRef
@@ -84,6 +87,30 @@ def _template(v: Any) -> Template:
     return Template.parse(v)
 
 
+# RFC 4514 names cryptography does not know by a short name, spelt as the ssl module's peer dict maps them.
+_SUBJECT_NAMES = {"EMAILADDRESS": NameOID.EMAIL_ADDRESS, "SERIALNUMBER": NameOID.SERIAL_NUMBER}
+_SUBJECT_KEYS = {oid: name for name, oid in _SUBJECT_NAMES.items()}
+SubjectAttributes = frozenset[tuple[str, str]]
+
+
+def subject_attributes(text: str) -> SubjectAttributes:
+    """``{("CN", "billing"), ("O", "acme")}`` from an RFC 4514 name such as ``"CN=billing,O=acme"``
+    (order-free: the certificate's subject must carry these attributes, and may carry more)."""
+    try:
+        name = x509.Name.from_rfc4514_string(text, _SUBJECT_NAMES)
+    except ValueError:
+        raise ValueError("cert_subject must be an RFC 4514 name such as CN=billing,O=acme") from None
+    out = frozenset((_SUBJECT_KEYS.get(a.oid, a.rfc4514_attribute_name), str(a.value)) for a in name)
+    if not out:
+        raise ValueError("cert_subject must be an RFC 4514 name such as CN=billing,O=acme")
+    return out
+
+
+def _subject(v: str) -> str:
+    subject_attributes(v)
+    return v
+
+
 @dataclass(frozen=True, slots=True)
 class Listen:
     """``host:port`` or ``unix:/path``."""
@@ -136,3 +163,5 @@ TemplateStr = Annotated[Template, BeforeValidator(_template), PlainSerializer(st
                         WithJsonSchema({"type": "string", "description": "template with {secret} / {secret:PATH#FIELD}"})]
 ListenAddr = Annotated[Listen, BeforeValidator(Listen.parse), PlainSerializer(str),
                        WithJsonSchema({"type": "string", "description": "host:port or unix:/path"})]
+CertSubject = Annotated[str, AfterValidator(_subject),
+                        WithJsonSchema({"type": "string", "description": "RFC 4514 name: CN=billing,O=acme"})]

@@ -20,7 +20,8 @@ from pydantic_core import core_schema
 
 from proxy.config import schema_problems
 from proxy.config.auth import AuthConfig
-from proxy.config.fields import FROM_FILE, Duration, ListenAddr, Listen, Network, Ref, Size
+from proxy.config.fields import FROM_FILE, CertSubject, Duration, ListenAddr, Listen, Network, Ref, Size
+from proxy.errors import ConfigInvalid
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -138,7 +139,7 @@ class AlertsConfig(_Model):
 class CallerConfig(_Model):
     token_sha256: str | None = None
     allow_ips: list[Network] | None = None
-    cert_subject: str | None = None
+    cert_subject: CertSubject | None = None
     rate_limit: RateLimit | None = None
 
     @field_validator("token_sha256")
@@ -147,16 +148,6 @@ class CallerConfig(_Model):
         if v is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", v):
             raise ValueError("must be the 64-hex-digit SHA-256 of the caller token (see: credproxy callers new)")
         return v.lower() if v else v
-
-    @field_validator("cert_subject")
-    @classmethod
-    def _subject(cls, v: str | None) -> str | None:
-        if v is not None:
-            from proxy.callers import parse_subject  # callers builds on this module
-
-            if not parse_subject(v):
-                raise ValueError("cert_subject must be ATTR=value pairs such as CN=billing,O=acme")
-        return v
 
 
 class ExpiredWhen(_Model):
@@ -289,12 +280,6 @@ class Problem:
 
     def as_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "path": self.path, "message": self.message}
-
-
-class ConfigInvalid(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        super().__init__(f"{len(problems)} configuration problem(s)")
-        self.problems = problems
 
 
 def _read_yaml(text: str, filename: str) -> tuple[Any, dict[tuple, int]]:

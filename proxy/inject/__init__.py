@@ -1,9 +1,9 @@
-"""Injectors put secret material into an ``Outbound`` request. No network I/O here.
+"""Injectors put secret values into an ``Outbound`` request. No network I/O here.
 
-``Material`` maps a field name (``secret``, ``username``, ...) or a reference
-string (``PATH#FIELD``, for template placeholders) to its ``Secret``.
+``proxy.auth_types`` says which injector each auth type uses.
 """
 
-from proxy.inject.static import BasicInjector, HeaderInjector, Injector, Material, QueryInjector, injector_for
+from proxy.inject.base import Injector, SecretValues
+from proxy.inject.static import BasicInjector, HeaderInjector, QueryInjector
 
-__all__ = ["BasicInjector", "HeaderInjector", "Injector", "Material", "QueryInjector", "injector_for"]
+__all__ = ["BasicInjector", "HeaderInjector", "Injector", "QueryInjector", "SecretValues"]

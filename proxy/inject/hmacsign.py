@@ -22,46 +22,16 @@ import base64
 import binascii
 import hashlib
 import hmac
-import re
 import time
 from collections.abc import Callable
 from email.utils import formatdate
 
 from proxy.errors import CredentialUnavailable, PayloadTooLarge
-from proxy.inject.static import Injector, Material
+from proxy.config.hmac_template import CANONICAL_FIELDS, HEADER_FIELDS, Parts, fields, parse
+from proxy.inject.base import Injector, SecretValues
 from proxy.upstream.outbound import Outbound
 
-CANONICAL_FIELDS = frozenset({"method", "host", "path", "query", "path_query", "timestamp", "body", "body_sha256",
-                              "key_id"})
-HEADER_FIELDS = frozenset({"signature", "timestamp", "key_id"})
 ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512}
-_TOKEN = re.compile(r"\{\{|\}\}|\{([a-z_]*)\}|[{}]")
-
-Parts = tuple[str | tuple[str], ...]  # literal text, or (field,) for a placeholder
-
-
-def parse(template: str, allowed: frozenset[str]) -> Parts:
-    """Split a template into literals and placeholders; ValueError names what is wrong."""
-    parts: list[str | tuple[str]] = []
-    pos = 0
-    for m in _TOKEN.finditer(template):
-        parts.append(template[pos:m.start()])
-        token = m.group(0)
-        if token in ("{{", "}}"):
-            parts.append(token[0])
-        elif m.group(1) in allowed:
-            parts.append((m.group(1),))
-        else:
-            # The message names no part of the template: config problems never echo configured values.
-            raise ValueError("unknown placeholder or unpaired brace; allowed: "
-                             + ", ".join("{" + f + "}" for f in sorted(allowed)) + ", {{ and }} for braces")
-        pos = m.end()
-    parts.append(template[pos:])
-    return tuple(p for p in parts if p != "")
-
-
-def fields(parts: Parts) -> set[str]:
-    return {p[0] for p in parts if isinstance(p, tuple)}
 
 
 def _render(parts: Parts, values: dict[str, bytes]) -> bytes:
@@ -91,8 +61,8 @@ class HmacInjector(Injector):
         self._clock = clock
         self.removes = tuple(self._headers)
 
-    def _key(self, material: Material) -> bytes:
-        raw = material["secret"].reveal()
+    def _key(self, secrets: SecretValues) -> bytes:
+        raw = secrets["secret"].reveal()
         try:
             if self._key_encoding == "base64":
                 return base64.b64decode(raw, validate=True)
@@ -103,7 +73,7 @@ class HmacInjector(Injector):
                                         reason="secret_invalid") from None
         return raw.encode()
 
-    def inject(self, out: Outbound, material: Material) -> None:
+    def inject(self, out: Outbound, secrets: SecretValues) -> None:
         for name in self._headers:
             out.headers.popall(name, None)
         if self._needs_body and not out.replayable:
@@ -120,7 +90,7 @@ class HmacInjector(Injector):
             "timestamp": timestamp, "body": body, "body_sha256": hashlib.sha256(body).hexdigest().encode(),
             "key_id": self._key_id,
         }
-        mac = hmac.new(self._key(material), _render(self._canonical, values), self._digest).digest()
+        mac = hmac.new(self._key(secrets), _render(self._canonical, values), self._digest).digest()
         signature = mac.hex() if self._encoding == "hex" else base64.b64encode(mac).decode()
         header_values = {"signature": signature.encode(), "timestamp": timestamp, "key_id": self._key_id}
         for name, parts in self._headers.items():

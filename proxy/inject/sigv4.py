@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from proxy.inject.static import Injector, Material
+from proxy.inject.base import Injector, SecretValues
 from proxy.upstream.outbound import Outbound
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
@@ -84,7 +84,7 @@ class SigV4Injector(Injector):
         self._signer_cls = s3sigv4 if self.s3 else sigv4
         self._clock = clock
 
-    def inject(self, out: Outbound, material: Material) -> None:
+    def inject(self, out: Outbound, secrets: SecretValues) -> None:
         trailer = out.headers.get("X-Amz-Content-SHA256", "").strip() == STREAMING_TRAILER
         for name in SIGNATURE_HEADERS:
             out.headers.popall(name, None)
@@ -93,7 +93,7 @@ class SigV4Injector(Injector):
         out.headers["Host"] = out.url.host_port_subcomponent or ""
         timestamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
         out.headers["X-Amz-Date"] = timestamp
-        token = material.get("session_token")
+        token = secrets.get("session_token")
         if token:
             out.headers["X-Amz-Security-Token"] = token.reveal()
         buffered = out.body is None or isinstance(out.body, bytes)
@@ -104,11 +104,11 @@ class SigV4Injector(Injector):
         elif self.s3:
             out.headers["X-Amz-Content-SHA256"] = hashlib.sha256(out.body or b"").hexdigest()
         # Otherwise botocore hashes the buffered body itself and no payload header is sent.
-        out.headers["Authorization"] = self._authorization(out, material, timestamp)
+        out.headers["Authorization"] = self._authorization(out, secrets, timestamp)
 
-    def _authorization(self, out: Outbound, material: Material, timestamp: str) -> str:
-        token = material.get("session_token")
-        creds = self._credentials_cls(material["access_key_id"].reveal(), material["secret_access_key"].reveal(),
+    def _authorization(self, out: Outbound, secrets: SecretValues, timestamp: str) -> str:
+        token = secrets.get("session_token")
+        creds = self._credentials_cls(secrets["access_key_id"].reveal(), secrets["secret_access_key"].reveal(),
                                       token.reveal() if token else None)
         signer = self._signer_cls(creds, self.service, self.region)
         body = out.body if isinstance(out.body, bytes) else b""

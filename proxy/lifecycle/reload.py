@@ -47,10 +47,10 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.config import models as config_mod
-from proxy.admin.api import AdminAuth, AdminTokenError
-from proxy.config.models import Config, ConfigInvalid, CredentialConfig, Problem
+from proxy.admin.api import AdminAuth
+from proxy.config.models import Config, CredentialConfig, Problem
 from proxy.config.references import secret_references
-from proxy.errors import SecretAccessDenied, SecretNotFound
+from proxy.errors import AdminTokenError, ConfigInvalid, SecretAccessDenied, SecretNotFound
 from proxy.lifecycle.listeners import ListenerUnavailable, Plan
 from proxy.lifecycle.state import State
 

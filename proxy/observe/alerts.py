@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -29,7 +30,6 @@ from yarl import URL
 
 from proxy.observe.audit import AlertEvent, AuditEvent, AuditLog
 from proxy.config.models import AlertsConfig
-from proxy.upstream.address_policy import AddressPolicy
 from proxy.tasks import stop_task
 
 log = logging.getLogger("credproxy.alerts")
@@ -48,11 +48,13 @@ class Alert:
 
 
 class WebhookSender:
-    """Posts alert payloads from a bounded queue, off the request path."""
+    """Posts alert payloads from a bounded queue, off the request path. ``socket_factory`` (an
+    ``AddressPolicy``'s) decides which addresses the webhook may reach."""
 
-    def __init__(self, url: str, *, timeout: float, on_failure: Callable[[str], None] = lambda reason: None,
-                 queue_size: int = WEBHOOK_QUEUE) -> None:
+    def __init__(self, url: str, *, timeout: float, socket_factory: Callable[[tuple], socket.socket],
+                 on_failure: Callable[[str], None] = lambda reason: None, queue_size: int = WEBHOOK_QUEUE) -> None:
         self.url = url
+        self._socket_factory = socket_factory
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._on_failure = on_failure
         self._queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=queue_size)
@@ -74,7 +76,7 @@ class WebhookSender:
         self._task = None
 
     async def _run(self) -> None:
-        connector = aiohttp.TCPConnector(socket_factory=AddressPolicy().socket_factory)
+        connector = aiohttp.TCPConnector(socket_factory=self._socket_factory)
         async with aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=False) as session:
             while True:
                 payload = await self._queue.get()

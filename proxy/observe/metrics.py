@@ -42,10 +42,6 @@ class FunctionGauge:
         yield family
 
 
-def status_class(status: int) -> str:
-    return f"{status // 100}xx"
-
-
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()

@@ -39,9 +39,6 @@ class SecretStore(abc.ABC):
     async def get(self, path: str) -> SecretEntry:
         """Read every field at ``path``; raise SecretNotFound / SecretBackendError."""
 
-    async def read(self, ref: SecretRef) -> Secret:
-        return (await self.get(ref.path)).get(ref)
-
     @abc.abstractmethod
     async def put(self, path: str, field: str, value: Secret, *, cas: int | None = None) -> int:
         """Set one field (keeping the others). With ``cas`` the write happens only if the
@@ -61,6 +58,3 @@ class SecretStore(abc.ABC):
 
     async def close(self) -> None:
         """Release connections and background tasks."""
-
-    def healthy(self) -> bool:
-        return True

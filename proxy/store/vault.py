@@ -24,11 +24,12 @@ import hvac
 from hvac import exceptions as hx
 
 from proxy.config.models import VaultConfig
-from proxy.errors import ConflictError, SecretAccessDenied, SecretBackendError, SecretNotFound
+from proxy.errors import (ConflictError, LoginRefused, SecretAccessDenied, SecretBackendError, SecretNotFound,
+                          VaultRefused, VaultUnavailable)
 from proxy.store.secret import Secret
 from proxy.store.base import SecretEntry, SecretStore
-from proxy.store.vault_auth import LoginRefused, VaultLogin
-from proxy.store.vault_client import POOL_SIZE, VaultClients, VaultRefused, VaultUnavailable, expect_dict
+from proxy.store.vault_auth import VaultLogin
+from proxy.store.vault_client import POOL_SIZE, VaultClients, expect_dict
 from proxy.store.vault_token import Backoff, TokenKeeper
 
 log = logging.getLogger("credproxy.vault")
@@ -70,9 +71,6 @@ class VaultStore(SecretStore):
     async def close(self) -> None:
         await self.keeper.close()
         self._clients.close()
-
-    def healthy(self) -> bool:
-        return self.keeper.token is not None
 
     # --- reads --------------------------------------------------------------------
 

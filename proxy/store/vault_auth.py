@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.config.models import VaultAuthConfig
-from proxy.errors import StoreError
+from proxy.errors import LoginRefused, VaultRefused, VaultUnavailable
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.secret import Secret
-from proxy.store.vault_client import VaultClients, VaultRefused, VaultUnavailable, expect_dict
+from proxy.store.vault_client import VaultClients, expect_dict
 
 TOKEN_ENV = "VAULT_TOKEN"
 _HINT = {
@@ -31,11 +31,6 @@ class Login:
     token: Secret = field(repr=False)
     ttl: float  # seconds the token is valid from now; 0 = does not expire
     renewable: bool
-
-
-class LoginRefused(StoreError):
-    """Vault rejected credproxy's own credentials, or they cannot be read. Retrying does not
-    help until an operator acts: fatal at start-up, retried with backoff at run time."""
 
 
 def _read(path: str | None, what: str) -> str:

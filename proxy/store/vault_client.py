@@ -21,7 +21,7 @@ import hvac
 import requests
 from hvac import exceptions as hx
 
-from proxy.errors import SecretBackendError, StoreError
+from proxy.errors import SecretBackendError, StoreError, VaultRefused, VaultUnavailable
 
 log = logging.getLogger("credproxy.vault")
 
@@ -32,20 +32,6 @@ POOL_SIZE = 4
 _STATUS = {hx.InvalidRequest: 400, hx.Unauthorized: 401, hx.Forbidden: 403, hx.InvalidPath: 404,
            hx.PreconditionFailed: 412, hx.RateLimitExceeded: 429, hx.InternalServerError: 500,
            hx.VaultNotInitialized: 501, hx.BadGateway: 502, hx.VaultDown: 503}
-
-
-class VaultUnavailable(SecretBackendError):
-    """Vault could not be asked or gave no usable answer: unreachable, timed out,
-    TLS failure, sealed, standby, 5xx, 429, or an answer of the wrong shape."""
-
-
-class VaultRefused(SecretBackendError):
-    """Vault answered a 4xx. ``status`` lets the caller decide what it means
-    (403 on a read: access denied; 400 on a cas write: conflict; 400 on login: bad credentials)."""
-
-    def __init__(self, detail: str, status: int) -> None:
-        super().__init__(detail, reason=f"vault_{status}")
-        self.status = status
 
 
 def translate(exc: BaseException, what: str) -> SecretBackendError:

@@ -7,7 +7,6 @@ huge one is capped). Nothing here puts the body into an exception or log line.
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import math
@@ -15,10 +14,11 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import jwt
 from yarl import URL
 
 from proxy.store.secret import Secret
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 from proxy.tokens.http import Answer
 
 log = logging.getLogger("credproxy.tokens")
@@ -101,14 +101,9 @@ def lifetime(value: object, source: str = "expires_in") -> float | None:
 
 def jwt_lifetime(token: str, now_wall: float) -> float | None:
     """Seconds until a JWT access token's ``exp`` (unverified: only used as a hint for expiry)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
     try:
-        pad = "=" * (-len(parts[1]) % 4)
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + pad))
-        exp = claims.get("exp")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
+    except jwt.DecodeError:  # an opaque token, or not a JWT after all
         return None
     if isinstance(exp, bool) or not isinstance(exp, (int, float)) or math.isnan(exp) or math.isinf(exp):
         return None

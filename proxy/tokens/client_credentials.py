@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, authenticate
-from proxy.tokens.provider import Material, Provider
+from proxy.tokens.provider import PrincipalSecrets, Provider
 from proxy.tokens.revocation import ClientRevocation
 
 
@@ -23,7 +23,7 @@ class ClientCredentialsProvider(ClientRevocation, Provider):
         self.auth = auth
         self.credential = credential
 
-    async def fetch(self, material: Material) -> TokenAnswer:
+    async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
         req = token_request(self.auth)
-        await authenticate(req, self.auth, material, now=self.wall(), jti=self.new_id())
+        await authenticate(req, self.auth, secrets, now=self.wall(), jti=self.new_id())
         return parse_oauth2(await self.post(req), now_wall=self.wall())

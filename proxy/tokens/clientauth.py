@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from proxy.store.secret import Secret
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 
 CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CLIENT_ASSERTION_LIFETIME = 60  # seconds; private_key_jwt assertions are single-use
@@ -78,10 +78,10 @@ def apply_client_auth(req: FormRequest, method: str, client_id: str, *, client_s
         req.headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
 
 
-async def authenticate(req: FormRequest, auth, material, *, now: float, jti: str) -> None:
+async def authenticate(req: FormRequest, auth, secrets, *, now: float, jti: str) -> None:
     """``apply_client_auth`` with the secrets of ``auth`` (client_secret / private_key) read
     for this principal."""
-    private_key = await material.read("private_key") if auth.client_auth == "private_key_jwt" else None
-    client_secret = await material.maybe("client_secret") if auth.client_auth != "private_key_jwt" else None
+    private_key = await secrets.read("private_key") if auth.client_auth == "private_key_jwt" else None
+    client_secret = await secrets.maybe("client_secret") if auth.client_auth != "private_key_jwt" else None
     apply_client_auth(req, auth.client_auth, auth.client_id, client_secret=client_secret, private_key=private_key,
                       key_id=auth.key_id, now=now, jti=jti, aud=auth.token_url)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from proxy.upstream.address_policy import AddressPolicy
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 from proxy.upstream.client import ssl_context
 
 MAX_ANSWER = 1 << 20

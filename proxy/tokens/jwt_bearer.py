@@ -14,7 +14,7 @@ from yarl import URL
 from proxy.store.secret import Secret
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, sign_assertion
-from proxy.tokens.provider import Material, Provider
+from proxy.tokens.provider import PrincipalSecrets, Provider
 from proxy.tokens.revocation import revocation_request, send_revocation
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -46,9 +46,9 @@ class JwtBearerProvider(Provider):
         self.insecure_ok = insecure_ok
         self.credential = credential
 
-    async def fetch(self, material: Material) -> TokenAnswer:
-        req = token_request(self.auth, await material.read("private_key"), now=self.wall(), jti=self.new_id(),
-                            principal=material.principal)
+    async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
+        req = token_request(self.auth, await secrets.read("private_key"), now=self.wall(), jti=self.new_id(),
+                            principal=secrets.principal)
         return parse_oauth2(await self.post(req), now_wall=self.wall(), want_instance_url=self.auth.use_instance_url,
                             base=self.base, insecure_ok=self.insecure_ok)
 
@@ -56,7 +56,7 @@ class JwtBearerProvider(Provider):
     def revocable(self) -> bool:
         return bool(self.auth.revocation_url)
 
-    async def revoke(self, token: Secret, material: Material) -> None:
+    async def revoke(self, token: Secret, secrets: PrincipalSecrets) -> None:
         if self.auth.revocation_url:
             # Salesforce's revoke endpoint, like RFC 7009 for public clients, needs only the token.
             await send_revocation(self, revocation_request(self.auth.revocation_url, token), self.credential)

@@ -31,10 +31,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from proxy.credential import Grant
-from proxy.errors import CredentialUnavailable
+from proxy.errors import CredentialUnavailable, TokenFailure, TokenUnavailable
+from proxy.grant import Grant
 from proxy.tokens.answer import TokenAnswer
-from proxy.tokens.failure import TokenFailure
 
 log = logging.getLogger("credproxy.tokens")
 
@@ -52,10 +51,6 @@ def backoff(attempt: int, rng: Callable[[], float]) -> float:
 
 def mandatory_margin(lifetime: float) -> float:
     return min(10.0, lifetime * 0.1)
-
-
-class TokenUnavailable(CredentialUnavailable):
-    """No valid token could be obtained; ``reason`` is ``token_<failure reason>``."""
 
 
 @dataclass(eq=False)

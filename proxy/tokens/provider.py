@@ -1,4 +1,4 @@
-"""What every token kind implements, and the secret material a provider reads.
+"""What every token kind implements, and the secrets of one principal a provider reads.
 
 A provider speaks one protocol: it builds the request (plain functions in its
 module), sends it through the token HTTP client, and validates the answer. It
@@ -19,12 +19,12 @@ from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.store.base import SecretStore
 from proxy.tokens.answer import TokenAnswer
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 from proxy.tokens.http import Answer, TokenHttp
 
 
 @dataclass
-class Material:
+class PrincipalSecrets:
     """The secret references of one principal (own fields, per-caller overrides, template
     placeholders by ``PATH#FIELD``) and where to read them."""
 
@@ -58,14 +58,14 @@ class Provider(abc.ABC):
         self.new_id = new_id
 
     @abc.abstractmethod
-    async def fetch(self, material: Material) -> TokenAnswer:
+    async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
         """Obtain a new token; raise ``TokenFailure`` with a fixed reason otherwise."""
 
     @property
     def revocable(self) -> bool:
         return False
 
-    async def revoke(self, token: Secret, material: Material) -> None:
+    async def revoke(self, token: Secret, secrets: PrincipalSecrets) -> None:
         """Tell the provider the token is no longer used (RFC 7009) where configured."""
 
     async def post(self, req) -> Answer:

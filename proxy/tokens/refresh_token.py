@@ -18,8 +18,8 @@ from proxy.redact.scrubber import SCRUBBER
 from proxy.store.secret import Secret, SecretRef
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, authenticate
-from proxy.tokens.failure import TokenFailure
-from proxy.tokens.provider import Material, Provider
+from proxy.errors import TokenFailure
+from proxy.tokens.provider import PrincipalSecrets, Provider
 from proxy.tokens.revocation import ClientRevocation
 
 log = logging.getLogger("credproxy.tokens")
@@ -40,39 +40,39 @@ class RefreshTokenProvider(ClientRevocation, Provider):
         # Rotated refresh tokens the store has not accepted yet: ref -> (token, version it replaces).
         self._unsaved: dict[SecretRef, tuple[Secret, int | None]] = {}
 
-    async def _current(self, ref: SecretRef, material: Material) -> tuple[Secret, int | None]:
+    async def _current(self, ref: SecretRef, secrets: PrincipalSecrets) -> tuple[Secret, int | None]:
         if ref in self._unsaved:
             return self._unsaved[ref]
-        if material.store is None:
-            return await material.read("refresh_token"), None
+        if secrets.store is None:
+            return await secrets.read("refresh_token"), None
         try:
-            entry = await material.store.get(ref.path)
+            entry = await secrets.store.get(ref.path)
             value = entry.get(ref)
         except SecretBackendError as exc:
             raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {ref.path}") from None
         SCRUBBER.hold(("secret", str(ref)), value.reveal())
         return value, entry.version
 
-    async def fetch(self, material: Material) -> TokenAnswer:
-        ref = material.refs["refresh_token"]
-        refresh, version = await self._current(ref, material)
+    async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
+        ref = secrets.refs["refresh_token"]
+        refresh, version = await self._current(ref, secrets)
         req = token_request(self.auth, refresh)
-        await authenticate(req, self.auth, material, now=self.wall(), jti=self.new_id())
+        await authenticate(req, self.auth, secrets, now=self.wall(), jti=self.new_id())
         answer = parse_oauth2(await self.post(req), now_wall=self.wall())
         rotated = answer.refresh_token
         if rotated is not None and rotated != refresh:
             # Its own owner: the store may still answer the old one until the rotated one is saved.
             SCRUBBER.hold(("rotated refresh token", str(ref)), rotated.reveal())
-            await self._save(ref, rotated, version, material)
+            await self._save(ref, rotated, version, secrets)
         elif ref in self._unsaved:
-            await self._save(ref, refresh, version, material)
+            await self._save(ref, refresh, version, secrets)
         return answer
 
-    async def _save(self, ref: SecretRef, value: Secret, version: int | None, material: Material) -> None:
-        if material.store is None:
+    async def _save(self, ref: SecretRef, value: Secret, version: int | None, secrets: PrincipalSecrets) -> None:
+        if secrets.store is None:
             raise TokenFailure("store_unavailable", "no store to write the rotated refresh token to")
         try:
-            new_version = await material.store.put(ref.path, ref.field, value, cas=version)
+            new_version = await secrets.store.put(ref.path, ref.field, value, cas=version)
         except ConflictError:
             self._unsaved.pop(ref, None)
             raise TokenFailure("rotation_conflict", f"{ref.path} changed while refreshing; using the stored one next") from None

@@ -11,7 +11,7 @@ import logging
 
 from proxy.store.secret import Secret
 from proxy.tokens.clientauth import FormRequest, authenticate
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 
 log = logging.getLogger("credproxy.tokens")
 
@@ -42,9 +42,9 @@ class ClientRevocation:
     def revocable(self) -> bool:
         return bool(self.auth.revocation_url)
 
-    async def revoke(self, token: Secret, material) -> None:
+    async def revoke(self, token: Secret, secrets) -> None:
         if not self.auth.revocation_url:
             return
         req = revocation_request(self.auth.revocation_url, token)
-        await authenticate(req, self.auth, material, now=self.wall(), jti=self.new_id())
+        await authenticate(req, self.auth, secrets, now=self.wall(), jti=self.new_id())
         await send_revocation(self, req, self.credential)

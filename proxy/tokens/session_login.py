@@ -29,9 +29,9 @@ from proxy.tokens.answer import (
     looks_like_html,
     upstream_from,
 )
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import TokenFailure
 from proxy.tokens.http import Answer
-from proxy.tokens.provider import Material, Provider
+from proxy.tokens.provider import PrincipalSecrets, Provider
 
 
 def escaper(content_type: str) -> Callable[[str], str]:
@@ -86,7 +86,9 @@ class ParsedLogin:
 
 
 def json_pointer(doc: object, pointer: str) -> object:
-    """RFC 6901; None when the path does not exist."""
+    """RFC 6901; None when the path does not exist. (Ten lines, kept rather than the ``jsonpointer``
+    package: its ``-`` resolves to an end-of-list marker and a bad escape raises, both of which
+    would need wrapping here to mean "not in the answer".)"""
     if pointer == "":
         return doc
     cur = doc
@@ -121,8 +123,8 @@ class SessionLoginProvider(Provider):
         self.insecure_ok = insecure_ok
         self.credential = credential
 
-    async def fetch(self, material: Material) -> TokenAnswer:
-        values = {str(ref): await material.read(str(ref)) for ref in self.auth.template_refs()}
+    async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
+        values = {str(ref): await secrets.read(str(ref)) for ref in self.auth.template_refs()}
         headers, body = login_request(self.auth.login, values)
         answer = await self.http.send(self.auth.login.method, self.auth.login.url, headers=headers, body=body)
         return parse_login(answer, self.auth, base=self.base, insecure_ok=self.insecure_ok)

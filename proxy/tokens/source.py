@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from proxy.credential import AuthSource, Grant
-from proxy.errors import CredentialUnavailable
-from proxy.tokens.failure import TokenFailure
+from proxy.errors import CredentialUnavailable, TokenFailure
+from proxy.grant import AuthSource, Grant
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.tokens.answer import TokenAnswer
 from proxy.tokens.http import TokenHttp
 from proxy.tokens.lifecycle import Settings, Token, TokenSlot
-from proxy.tokens.provider import Material, Provider
+from proxy.tokens.provider import PrincipalSecrets, Provider
 
 log = logging.getLogger("credproxy.tokens")
 
@@ -28,8 +27,6 @@ REVOKE_TIMEOUT = 5.0
 
 
 class TokenSource(AuthSource):
-    kind = "token"
-
     def __init__(self, name: str, auth, session, provider: Provider, http: TokenHttp, cache: SecretCache, *,
                  store=None, metrics=None, settings: Settings | None = None, cluster=None) -> None:
         self.name = name
@@ -49,24 +46,13 @@ class TokenSource(AuthSource):
         if metrics is not None:
             metrics.token_expires.labels(name).set_function(self._own_expires_in)
 
-    # --- material ----------------------------------------------------------------------
-
-    def refs_for(self, principal: str) -> dict[str, SecretRef]:
-        overrides = self.auth.per_caller.get(principal, {})
-        refs = dict(self.auth.ref_fields())
-        for ref in self.auth.template_refs():
-            refs[str(ref)] = ref
-        refs.update(overrides)  # by field name, or by PATH#FIELD for template placeholders
-        return refs
+    # --- secrets -----------------------------------------------------------------------
 
     def refs(self) -> set[SecretRef]:
-        out = set(self.refs_for("").values())
-        for principal in self.auth.per_caller:
-            out |= set(self.refs_for(principal).values())
-        return out
+        return self.auth.all_refs()
 
-    def material(self, principal: str) -> Material:
-        return Material(principal, self.refs_for(principal), self.cache, self.store)
+    def secrets(self, principal: str) -> PrincipalSecrets:
+        return PrincipalSecrets(principal, self.auth.refs_for(principal), self.cache, self.store)
 
     # --- slots -------------------------------------------------------------------------
 
@@ -79,17 +65,17 @@ class TokenSource(AuthSource):
         return slot
 
     async def _obtain(self, principal: str) -> tuple[TokenAnswer, Grant]:
-        material = self.material(principal)
+        secrets = self.secrets(principal)
         if self.cluster is None:
-            answer = await self.provider.fetch(material)
+            answer = await self.provider.fetch(secrets)
         else:
-            answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(material),
+            answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(secrets),
                                                refresh_before=self.settings.refresh_before,
                                                rejected=self._refused.pop(principal, None))
         SCRUBBER.hold((self._scrub_owner, principal), answer.access.reveal())  # replaces the slot's last token
         values = {"secret": answer.access}
         for ref in self._value_refs:  # placeholders besides {secret} in the injected value
-            values[str(ref)] = await material.read(str(ref))
+            values[str(ref)] = await secrets.read(str(ref))
         return answer, Grant(values, upstream=answer.upstream)
 
     def _report(self, result: str, duration: float, token: Token | None) -> None:
@@ -146,7 +132,7 @@ class TokenSource(AuthSource):
             return
         for principal, tok in dropped:
             try:
-                await asyncio.wait_for(self.provider.revoke(tok.grant.values["secret"], self.material(principal)),
+                await asyncio.wait_for(self.provider.revoke(tok.grant.values["secret"], self.secrets(principal)),
                                        REVOKE_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 - best effort; the token is dropped locally anyway
                 log.warning("token revocation failed", extra={"credential": self.name, "error": type(exc).__name__},

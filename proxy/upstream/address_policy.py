@@ -22,11 +22,12 @@ IPv4 addresses embedded in IPv6 (``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``,
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
+
+from proxy.errors import AddressDenied
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -41,14 +42,6 @@ PRIVATE: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "198.18.0.0/15", "fc00::/7",
 ))
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-
-class AddressDenied(OSError):
-    """Raised from the socket factory: aiohttp reports it as a connect failure."""
-
-    def __init__(self, why: str) -> None:
-        super().__init__(errno.EACCES, f"upstream address refused: {why}")
-        self.why = why
 
 
 def effective(ip: IPAddress) -> IPAddress:

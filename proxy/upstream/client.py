@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.upstream.address_policy import AddressDenied, AddressPolicy
+from proxy.errors import AddressDenied, UpstreamError, UpstreamTimeout
+from proxy.upstream.address_policy import AddressPolicy
 from proxy.upstream.answer import BadAnswer, HeadTimeout, UpstreamResponse
 from proxy.upstream.connection import Connection
 from proxy.upstream.dial import Resolver, dial, resolve

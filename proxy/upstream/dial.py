@@ -19,7 +19,8 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
-from proxy.upstream.address_policy import AddressDenied, AddressPolicy
+from proxy.errors import AddressDenied
+from proxy.upstream.address_policy import AddressPolicy
 
 Address = tuple[int, tuple]  # (family, sockaddr)
 Resolver = Callable[[str, int], Awaitable[list[Address]]]

@@ -30,7 +30,7 @@ def tokens_available() -> bool:
         return False
     import proxy.tokens
 
-    return hasattr(proxy.tokens, "token_source")
+    return hasattr(proxy.tokens, "TokenSource")
 
 
 def write_store(workdir: Path) -> tuple[Path, Path]:

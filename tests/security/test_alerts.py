@@ -14,6 +14,7 @@ from proxy.observe.alerts import AlertMonitor, WebhookSender
 from proxy.observe.audit import AuditEvent, AuditLog, verify
 from proxy.config.models import AlertsConfig
 from proxy.observe.metrics import Metrics
+from proxy.upstream.address_policy import AddressPolicy
 
 from .harness import CALLER_TOKEN, assert_clean
 
@@ -126,7 +127,8 @@ def test_denials_are_counted_per_caller_or_per_address(monitor):
 
 async def test_webhook_queue_overflow_is_dropped_and_counted():
     failures = []
-    sender = WebhookSender("http://127.0.0.1:9/hook", timeout=1, on_failure=failures.append, queue_size=2)
+    sender = WebhookSender("http://127.0.0.1:9/hook", timeout=1, socket_factory=AddressPolicy().socket_factory,
+                           on_failure=failures.append, queue_size=2)
     for i in range(5):  # no sender task running: nothing drains the queue
         sender.submit({"n": i})
     assert failures == ["queue_full"] * 3

@@ -68,7 +68,7 @@ async def test_client_certificate_identifies_the_caller(pki, upstream, make_prox
 
 async def test_subject_attributes_must_all_match(pki, upstream, make_proxy):
     d, certs = pki
-    callers = {"billing": {"cert_subject": "CN=billing, O=acme"}, "other": {"cert_subject": "CN=billing,O=elsewhere"}}
+    callers = {"billing": {"cert_subject": "O=acme,CN=billing"}, "other": {"cert_subject": "CN=billing,O=elsewhere"}}
     proxy = await make_proxy(upstream.url, tls_config(d, callers))
     assert await get(f"https://127.0.0.1:{proxy.port}/demo/anything/a", client_ctx(d, certs["billing"])) == 200
     assert proxy.audit()[0]["caller"] == "billing"
@@ -113,7 +113,7 @@ async def test_caller_ip_lock_admits_its_own_range(upstream, make_proxy):
             assert r.status == 200
 
 
-@pytest.mark.parametrize("subject", ["billing", "=billing", ","])
+@pytest.mark.parametrize("subject", ["billing", "=billing", ",", "CN=billing, O=acme", "cn=billing"])
 def test_malformed_cert_subject_is_a_config_problem(subject):
     text = ("server: {tls: {cert_file: a, key_file: b, client_ca_file: c}}\n"
             f"callers: {{billing: {{cert_subject: '{subject}'}}}}\n")

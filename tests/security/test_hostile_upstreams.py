@@ -167,7 +167,7 @@ async def test_token_endpoints_are_checked_like_upstreams(upstream):
     import ipaddress
 
     from proxy.upstream.address_policy import AddressPolicy
-    from proxy.tokens.failure import TokenFailure
+    from proxy.errors import TokenFailure
     from proxy.tokens.http import TokenHttp
 
     assert TokenHttp()._addresses.refusal("169.254.169.254", 80) is not None  # always, without any config

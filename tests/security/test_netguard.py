@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from aiohttp.abc import AbstractResolver
 
-from proxy.errors import UpstreamError
-from proxy.upstream.address_policy import AddressDenied, AddressPolicy, OwnListeners
+from proxy.errors import AddressDenied, UpstreamError
+from proxy.upstream.address_policy import AddressPolicy, OwnListeners
 
 from .scripted_upstream import OK, ScriptedUpstream, always, client, fetch
 

@@ -1,0 +1,90 @@
+"""``StaticSource``: the ``AuthSource`` of ``header``, ``query``, ``basic``, ``aws_sigv4`` and
+``hmac``, whose injected values are the stored secrets themselves, read through the cache."""
+
+from __future__ import annotations
+
+import time
+
+from proxy.errors import CredentialUnavailable, SecretBackendError
+from proxy.grant import AuthSource, Grant
+from proxy.redact.scrubber import SCRUBBER
+from proxy.store.cache import SecretCache
+from proxy.store.secret import Secret, SecretRef
+
+
+class StaticSource(AuthSource):
+    """``header``, ``query``, ``basic``, ``aws_sigv4``, ``hmac``: the values are the stored secrets themselves."""
+
+    def __init__(self, auth, cache: SecretCache, *, name: str = "", metrics=None) -> None:
+        self._cache = cache
+        self._name = name
+        self._metrics = metrics
+        self.last_refresh: float | None = None
+        self._auth = auth
+        self._grants: dict[str, tuple[tuple[int, ...], Grant]] = {}
+        self._refs: dict[str, dict[str, SecretRef]] = {}
+        self.last_error: str | None = None
+
+    def _refs_of(self, principal: str) -> dict[str, SecretRef]:
+        """``auth.refs_for(principal)``, computed once per principal (they come from config; do not modify)."""
+        refs = self._refs.get(principal)
+        if refs is None:
+            refs = self._refs[principal] = self._auth.refs_for(principal)
+        return refs
+
+    def refs(self) -> set[SecretRef]:
+        return self._auth.all_refs()
+
+    async def grant(self, principal: str) -> Grant:
+        values: dict[str, Secret] = {}
+        try:
+            for name, ref in self._refs_of(principal).items():
+                values[name] = await self._cache.read(ref)
+        except SecretBackendError as exc:
+            self.last_error = type(exc).__name__
+            raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
+        key = tuple(id(v) for v in values.values())
+        cached = self._grants.get(principal)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        for name, ref in self._refs_of(principal).items():  # a rotated secret replaces its old value
+            SCRUBBER.hold(("secret", str(ref)), values[name].reveal())
+        g = Grant(values)
+        self._grants[principal] = (key, g)
+        return g
+
+    async def expired(self, principal: str, used: Grant) -> bool:
+        refs = self._refs_of(principal)
+        for ref in set(refs.values()):
+            await self._cache.reread(ref.path)
+        # Replay when what is current now differs from what this request sent, whether the
+        # re-read above or the background poller found the new version.
+        try:
+            for name, ref in refs.items():
+                if await self._cache.read(ref) != used.values.get(name):
+                    return True
+        except SecretBackendError:
+            pass
+        return False
+
+    async def revoke(self) -> None:
+        self._grants.clear()
+
+    async def refresh(self) -> None:
+        """Re-read every secret from the backend now, e.g. right after an operator rotated one."""
+        started = time.monotonic()
+        try:
+            entries = {path: await self._cache.refetch(path) for path in sorted({r.path for r in self.refs()})}
+            for ref in self.refs():
+                entries[ref.path].get(ref)  # a field missing at the new version fails the refresh too
+        except SecretBackendError as exc:
+            self.last_error = type(exc).__name__
+            if self._metrics is not None:
+                self._metrics.record_refresh(self._name, "secret_unavailable", time.monotonic() - started)
+            raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
+        self.last_refresh = time.time()
+        if self._metrics is not None:
+            self._metrics.record_refresh(self._name, "ok", time.monotonic() - started)
+
+    def state(self) -> dict:
+        return dict(super().state(), last_refresh=self.last_refresh, last_error=self.last_error)
