@@ -21,7 +21,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
-from proxy.errors import LoginRefused, SecretBackendError, StoreError, VaultUnavailable
+from proxy.errors import SecretBackendError, StoreError
 from proxy.store.secret import Secret
 from proxy.store.vault_auth import Login
 from proxy.tasks import stop_task
