@@ -12,13 +12,12 @@ import asyncio
 import os
 import sys
 
+from proxy.cli.config_file import load_or_exit
 from proxy.errors import ConflictError, SecretBackendError, SecretNotFound, StoreError
 
 
 def _forward(args):
-    from proxy.cli.main import _load
-
-    cfg = _load(args.config)
+    cfg = load_or_exit(args.config)
     if cfg.forward_proxy is None:
         print(f"{args.config}: no forward_proxy section (see README, Agents and unmodified clients)", file=sys.stderr)
         raise SystemExit(1)

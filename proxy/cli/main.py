@@ -8,17 +8,9 @@ import json
 import secrets as pysecrets
 import sys
 
+from proxy.cli.config_file import load_or_exit
 from proxy.config import models as config_mod
 from proxy.errors import AdminTokenError, ListenError, StoreError
-
-
-def _load(path: str):
-    try:
-        return config_mod.load(path)
-    except config_mod.ConfigInvalid as exc:
-        for p in exc.problems:
-            print(str(p), file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def cmd_serve(args) -> int:
@@ -26,7 +18,7 @@ def cmd_serve(args) -> int:
     from proxy.app import run
 
     logs.setup(args.log_level)
-    _load(args.config)  # report problems in the same form as `check` before anything starts
+    load_or_exit(args.config)  # report problems in the same form as `check` before anything starts
     options = {}
     if args.worker_index is not None:
         from proxy.lifecycle.workers import worker_options
@@ -54,7 +46,7 @@ def cmd_check(args) -> int:
 def _file_store(args):
     from proxy.store.file import FileStore
 
-    cfg = _load(args.config)
+    cfg = load_or_exit(args.config)
     if cfg.secrets.backend != "file":
         print("secrets commands manage the embedded file store; this config uses the vault backend", file=sys.stderr)
         raise SystemExit(1)

@@ -28,13 +28,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httptools
 from multidict import CIMultiDict
 
-if TYPE_CHECKING:
-    from proxy.upstream.connection import Connection
+
+class AnswerConnection(Protocol):
+    """What an answer needs of the connection it arrives on (``proxy.upstream.connection``, which
+    imports this module)."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def abort(self) -> None: ...
+    def abort_for(self, answer: UpstreamResponse) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
 
 MAX_FIELD = 8190  # status line, or one header name + value (aiohttp's client limits, kept)
 MAX_HEADERS = 128
@@ -80,7 +90,7 @@ class UpstreamResponse:
     headers: CIMultiDict[str]
     content_length: int | None
 
-    def __init__(self, conn: Connection, method: str, read_timeout: float) -> None:
+    def __init__(self, conn: AnswerConnection, method: str, read_timeout: float) -> None:
         self._conn = conn
         self._loop = conn.loop
         self._read_timeout = read_timeout
