@@ -156,3 +156,18 @@ async def test_with_the_guard_off_a_compressed_answer_passes_byte_for_byte(proxy
     p = await proxy_factory(base_config(tmp_path, upstream.url, leak_guard="off"))
     status, headers, body = await get(p.url + "/example/v1/gz", headers=auth())
     assert (status, body, headers["Content-Encoding"]) == (200, data, "gzip")
+
+
+def test_decoding_stops_at_the_limit_instead_of_expanding_the_bomb():
+    from multidict import CIMultiDict
+
+    from proxy.errors import UpstreamError
+
+    bomb = gzip.compress(b"\0" * (64 << 20), compresslevel=9)  # 64 MiB from ~64 KiB
+    decoder = encoding.decoder_for(CIMultiDict({"Content-Encoding": "gzip"}), limit=1 << 20)
+    with pytest.raises(UpstreamError) as refused:
+        for i in range(0, len(bomb), 16384):
+            decoder.feed(bomb[i:i + 16384])
+        decoder.finish()
+    assert refused.value.reason == "upstream_encoding"
+    assert len(decoder.out) <= 1 << 20  # never more than the limit held
