@@ -413,3 +413,16 @@ async def test_a_pick_of_a_credential_the_host_does_not_have_is_refused(proxy, u
                                "Authorization: Bearer credproxy:pay\r\n\r\n")
     writer.close()
     assert status == 200 and upstream.recorder.seen[-1].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+async def test_http2_is_not_offered_inside_the_tunnel(proxy, tmp_path):
+    status, _, _, reader, writer = await connect(proxy, f"{HOST}:443", basic())
+    assert status == 200
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    await writer.start_tls(ctx, server_hostname=HOST)
+    tls = writer.get_extra_info("ssl_object")
+    assert tls.selected_alpn_protocol() == "http/1.1"
+    leaf = tls.getpeercert()
+    assert leaf["subjectAltName"] == (("DNS", HOST),)
+    writer.close()
