@@ -426,3 +426,42 @@ async def test_http2_is_not_offered_inside_the_tunnel(proxy, tmp_path):
     leaf = tls.getpeercert()
     assert leaf["subjectAltName"] == (("DNS", HOST),)
     writer.close()
+
+
+async def test_forward_connections_count_under_max_connections(tmp_path, upstream):
+    from tests.forward.support import forward_config
+    from tests.helpers import start_proxy
+
+    cfg = forward_config(tmp_path, upstream)
+    cfg["server"]["limits"] = {"max_connections": 2}
+    running = await start_proxy(cfg)
+    try:
+        held = [await tunnel(running, tmp_path), await tunnel(running, tmp_path)]  # two intercepted tunnels
+        host, port = running.proxy.bound["forward"].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        status, _, body = await read_head(reader)
+        assert status == 503 and json.loads(body)["error"] == "overloaded"
+        writer.close()
+        held[0][1].close()
+        await held[0][1].wait_closed()
+        for _ in range(100):  # the slot comes back when the tunnel closes
+            if "credproxy_caller_connections 1.0" in running.proxy.holder.current.metrics.render().decode():
+                break
+            await asyncio.sleep(0.02)
+        reader, writer = await tunnel(running, tmp_path)
+        status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {HOST}\r\n\r\n")
+        assert status == 200
+        writer.close()
+        held[1][1].close()
+    finally:
+        await running.proxy.stop()
+
+
+async def test_absolute_form_https_or_with_userinfo_is_refused(proxy):
+    host, port = proxy.proxy.bound["forward"].split(":")
+    for target in (f"https://{HOST}/v1/x", f"http://user@{HOST}/v1/x", "/v1/x"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {HOST}\r\nProxy-Authorization: {basic()}\r\n\r\n".encode())
+        status, _, _ = await read_head(reader)
+        writer.close()
+        assert status in (400, 403), target
