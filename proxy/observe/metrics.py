@@ -63,7 +63,7 @@ class Metrics:
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
         self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
         self.caller_connections = Gauge("credproxy_caller_connections",
-                                        "Open caller connections (main and dedicated listeners)", registry=r)
+                                        "Open caller connections (main, dedicated and forward-proxy listeners)", registry=r)
         self.connections_refused = Counter("credproxy_connections_refused_total",
                                            "Caller connections refused at server.limits.max_connections", registry=r)
         self.upstream_cert_expires = FunctionGauge("credproxy_upstream_cert_expires_in_seconds",
