@@ -211,3 +211,19 @@ def test_prefiltered_shapes_equal_running_every_rule(text):
     for rule, replacement, _ in shapes._RULES:
         every = rule.sub(replacement, every)
     assert scrub_shapes(text) == every
+
+
+def test_every_held_value_is_scrubbed_at_every_moment_while_the_builder_runs(hs):
+    """Fail closed under concurrency: owners replace their values (grace 0: the old ones go at once) while the
+    background thread rebuilds; after each ``hold`` every value held at that moment is scrubbed."""
+    s = Scrubber(use_hyperscan=hs, grace=0)
+    held: dict[int, str] = {}
+    for i in range(400):
+        owner = i % 60
+        held[owner] = f"v{i}-" + secrets.token_urlsafe(12)
+        s.hold(owner, held[owner])
+        line = " | ".join(held.values())
+        out = s.scrub(line)
+        assert not [v for v in held.values() if v in out], i
+    assert s.settle(30)
+    assert s.values == frozenset(held.values())
