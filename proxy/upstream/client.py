@@ -127,14 +127,12 @@ class _Pool:
         self.open -= 1
         self._wake()
 
-    def close_one_idle(self) -> bool:
+    def close_one_idle(self) -> None:
         """Make room under the limit by closing the longest-idle connection of any key."""
         oldest = min((q[0] for q in self.idle.values() if q), key=lambda c: c.idle_since, default=None)
-        if oldest is None:
-            return False
-        self.idle[oldest.key].popleft()
-        oldest.abort()
-        return True
+        if oldest is not None:
+            self.idle[oldest.key].popleft()
+            oldest.abort()
 
     async def wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -213,8 +211,8 @@ class UpstreamClient:
                 return conn
             if pool.open < pool.limit:
                 break
-            if not pool.close_one_idle():
-                await pool.wait()
+            pool.close_one_idle()  # another key's idle connection, if any: its close wakes us
+            await pool.wait()
         pool.open += 1
         try:
             _, conn = await dial(lambda: Connection(loop, pool.put, pool.lost), host, port, ssl_ctx=ssl_ctx,

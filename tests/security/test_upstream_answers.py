@@ -103,6 +103,18 @@ async def test_redirects_are_returned_not_followed():
     assert len(up.requests) == 1
 
 
+async def test_open_connections_stay_under_the_limit():
+    async with ScriptedUpstream(always(OK)) as a, ScriptedUpstream(always(OK)) as b:
+        c = client(limit=2)
+        try:
+            answers = await asyncio.gather(*(fetch(c, a.url) for _ in range(12)))
+            assert answers == [(200, b"ok")] * 12
+            assert await fetch(c, b.url) == (200, b"ok")  # an idle connection to a is closed to make room
+        finally:
+            await c.close()
+    assert a.connections <= 2 and b.connections == 1
+
+
 async def test_streamed_request_bodies_arrive_whole():
     async def chunks():
         for i in range(50):
