@@ -20,6 +20,7 @@ import yaml
 
 from proxy.cli.main import main
 from tests.helpers import free_port, sha
+from tests.vault_fixture import bao  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY = "sk_live_CANARY_cli_5e0d1b"
@@ -328,3 +329,32 @@ def test_serve_logs_the_field_path_of_a_missing_secret(tmp_path):
         proc.communicate(timeout=30)
     assert record["field"] == "credentials.example.auth.secret"
     assert (record["secret_path"], record["secret_field"]) == ("apis/gone", "token")
+
+
+def test_check_reads_vault_with_its_own_login(tmp_path, bao):
+    bao.put("credproxy/cli/present", {"token": CANARY})
+    token_file = tmp_path / "vault.token"
+    token_file.write_text(bao.root_token)
+    vault = {"backend": "vault", "vault": {"address": bao.address, "timeout": "2s",
+                                           "auth": {"method": "token", "token_file": str(token_file)}}}
+    cfg = write_config(tmp_path, secrets=vault)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["credentials"]["example"]["auth"]["secret"] = "credproxy/cli/present#token"
+    doc["credentials"]["other"] = {"upstream": "https://api.example.com",
+                                   "auth": {"type": "basic", "username": "credproxy/cli/present#user",
+                                            "password": "credproxy/cli/absent#password"},
+                                   "allow": [{"callers": ["billing"], "paths": ["/**"]}]}
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = check(cfg)
+    assert result.returncode == 1
+    assert [line.split(": ", 2)[1:] for line in result.stderr.splitlines()] == [
+        ["credentials.other.auth.username", "credproxy/cli/present#user is not in vault; add it with: "
+         "vault kv patch -mount=secret credproxy/cli/present user=-"],  # patch: the path's token stays
+        ["credentials.other.auth.password", "credproxy/cli/absent#password is not in vault; add it with: "
+         "vault kv put -mount=secret credproxy/cli/absent password=-"],
+    ]
+    assert CANARY not in result.stdout + result.stderr and bao.root_token not in result.stdout + result.stderr
+
+    token_file.write_text("not-a-token")
+    refused = check(cfg)
+    assert refused.returncode == 1 and "secrets.vault.auth: cannot log in to vault" in refused.stderr
