@@ -48,6 +48,29 @@ def test_default_deny_and_rule_fields():
     assert not p.allowed("billing", "missing", "GET", "/")
 
 
+
+def test_rules_for_named_methods_any_method_and_source_ips_combine():
+    """Each request is allowed when any one rule naming its caller and method matches (rules are grouped by
+    caller and method at load; this checks the grouping changes no answer)."""
+    import ipaddress
+    cfg = config_mod.Config.model_validate({
+        "callers": {"billing": {"token_sha256": "a" * 64}, "reports": {"token_sha256": "b" * 64}},
+        "credentials": {
+            "c": {"upstream": "https://x.example", "auth": {"type": "header", "secret": "a#b"},
+                  "allow": [{"callers": ["billing"], "methods": ["GET"], "paths": ["/a/*"]},
+                            {"callers": ["billing"], "paths": ["/b/**"]},
+                            {"callers": ["billing"], "methods": ["POST"], "paths": ["/c"], "source_ips": ["10.0.0.0/8"]},
+                            {"methods": ["GET", "*"], "paths": ["/d"]}]}}})
+    p = Policy.compile(cfg)
+    inside, outside = ipaddress.ip_address("10.1.2.3"), ipaddress.ip_address("192.0.2.1")
+    assert p.allowed("billing", "c", "GET", "/a/x") and not p.allowed("billing", "c", "POST", "/a/x")
+    assert p.allowed("billing", "c", "DELETE", "/b/y/z") and p.allowed("billing", "c", "GET", "/b")
+    assert p.allowed("billing", "c", "POST", "/c", inside)
+    assert not p.allowed("billing", "c", "POST", "/c", outside) and not p.allowed("billing", "c", "GET", "/c", inside)
+    assert p.allowed("reports", "c", "PATCH", "/d") and p.allowed("billing", "c", "GET", "/d")
+    assert not p.allowed("reports", "c", "GET", "/a/x") and not p.allowed("reports", "c", "GET", "/b/y")
+    assert not p.allowed("someone-else", "c", "GET", "/a/x") and p.allowed("someone-else", "c", "GET", "/d")
+
 MATRIX = [
     # caller, method, raw path after /example, expected status, forwarded path (None: nothing forwarded)
     ("billing", "GET", "/v1/customers", 200, "/v1/customers"),

@@ -11,15 +11,29 @@ from proxy.template import Template
 
 
 class HeaderInjector(Injector):
+    """The header's value is rendered once per ``secrets`` object: a source hands out the same mapping for
+    as long as the secret's version (or the token) is unchanged, and a new one when it changes."""
+
+    RENDERED_MAX = 16  # one per principal in use, at a time; more is a rotation churning through
+
     def __init__(self, header: str, template: Template) -> None:
         self.header = header
         self.template = template
         self.removes = (header,)
         self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
+        # id(secrets) -> (secrets, value): holding the mapping keeps its id from being reused by another
+        self._rendered: dict[int, tuple[SecretValues, str]] = {}
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
-        refs = {ref: secrets[key] for ref, key in self._refs}
-        value = self.template.render(secrets.get("secret"), refs)
+        found = self._rendered.get(id(secrets))
+        if found is not None and found[0] is secrets:
+            value = found[1]
+        else:
+            refs = {ref: secrets[key] for ref, key in self._refs}
+            value = self.template.render(secrets.get("secret"), refs)
+            if len(self._rendered) >= self.RENDERED_MAX:
+                del self._rendered[next(iter(self._rendered))]  # the oldest
+            self._rendered[id(secrets)] = (secrets, value)
         out.headers.popall(self.header, None)
         out.headers[self.header] = value
 
