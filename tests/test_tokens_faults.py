@@ -111,7 +111,9 @@ def cc_auth(endpoint):
 
 
 def metric(p, name: str, **labels) -> float:
-    text = p.proxy.holder.current.metrics.render().decode()
+    state = p.proxy.holder.current  # as GET /metrics does: the credential gauges are set at scrape time
+    state.metrics.observe_credentials([c.describe() for c in state.credentials.values()])
+    text = state.metrics.render().decode()
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
     for line in text.splitlines():
         if line.startswith(f"{name}{{{want}}}"):

@@ -7,7 +7,12 @@ private unix sockets:
 - ``/readyz``: 200 only when every worker is ready.
 - ``/metrics``: every worker's metrics, each sample labelled ``worker="<i>"``
   (sum or max over ``worker`` for service totals), plus ``credproxy_workers``
-  (configured) and ``credproxy_workers_serving``.
+  (configured) and ``credproxy_workers_serving``. Each worker keeps its values
+  in its own ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode);
+  the supervisor asks every worker to render (which checks the caller's admin
+  token and stores the scrape-time gauges), then merges the directories with
+  ``MultiProcessCollector``. A restarted worker's counters carry on from its
+  predecessor's.
 - ``GET /v1/credentials``: one entry per credential, ``requests`` summed and
   ``last_used`` the latest over the workers, the state fields from worker 0,
   and ``workers``: each worker's own state.
@@ -26,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy.config.models import AdminConfig
 
@@ -56,15 +62,18 @@ class _Merged:
         return self._families
 
 
-def merge_metrics(texts: dict[int, str]) -> list[Metric]:
-    """Families from each worker's exposition text, every sample labelled with its worker."""
+def merge_metrics(directories: dict[int, str]) -> list[Metric]:
+    """Families from each worker's multiprocess directory, every sample labelled with its worker.
+    A gauge at NaN is a series the worker dropped (``proxy.observe.metrics.forget``): left out."""
     merged: dict[str, Metric] = {}
-    for index, text in sorted(texts.items()):
-        for family in text_string_to_metric_families(text):
+    for index, path in sorted(directories.items()):
+        for family in MultiProcessCollector(None, path=path).collect():
             into = merged.get(family.name)
             if into is None:
                 into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             for s in family.samples:
+                if family.type == "gauge" and math.isnan(s.value):
+                    continue
                 into.samples.append(s._replace(labels={**s.labels, "worker": str(index)}))
     return list(merged.values())
 
@@ -167,12 +176,12 @@ class WorkerAdmin:
         refused = [a for _, a in answers if a is not None and a[0] in (401, 403)]
         if refused:
             return self._refusal([(None, refused[0])])
-        texts = {w.index: a[2].decode() for w, a in answers if a is not None and a[0] == 200}
+        serving = sum(1 for _, a in answers if a is not None and a[0] == 200)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Merged(merge_metrics(texts)))
+        registry.register(_Merged(merge_metrics({w.index: w.metrics_dir for w in self.sup.workers})))
         own = [GaugeMetricFamily("credproxy_workers", "Worker processes configured (serve --workers)",
                                  value=len(self.sup.workers)),
-               GaugeMetricFamily("credproxy_workers_serving", "Worker processes answering right now", value=len(texts))]
+               GaugeMetricFamily("credproxy_workers_serving", "Worker processes answering right now", value=serving)]
         registry.register(_Merged(own))
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -13,7 +13,8 @@ talking to each worker over a private unix socket.
   serving the port); one that fails before serving stops the whole service
   (exit 1), as would a single process that cannot start.
 - Workers share the audit file (one hash chain, see ``proxy.observe.audit``); each has
-  its own token cache and upstream pools, like replicas.
+  its own token cache and upstream pools, like replicas, and its own metrics
+  directory in the supervisor's private run directory.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.config import models as config_mod
 from proxy.config.models import Config
@@ -66,6 +69,7 @@ def problems(cfg: Config, workers: int) -> list[str]:
 class Worker:
     index: int
     admin_socket: str
+    metrics_dir: str  # its PROMETHEUS_MULTIPROC_DIR, kept across restarts (proxy.admin.supervisor merges it)
     process: asyncio.subprocess.Process | None = None
     serving: bool = False  # answered on its admin socket at least once since it was (re)started
     restarts: list[float] = field(default_factory=list)
@@ -77,7 +81,10 @@ class Supervisor:
         self.cfg = cfg
         self.log_level = log_level
         self.rundir = tempfile.mkdtemp(prefix="credproxy-workers-")  # 0700: only we reach the admin sockets
-        self.workers = [Worker(i, os.path.join(self.rundir, f"worker-{i}.sock")) for i in range(count)]
+        self.workers = [Worker(i, os.path.join(self.rundir, f"worker-{i}.sock"),
+                               os.path.join(self.rundir, f"metrics-{i}")) for i in range(count)]
+        for w in self.workers:
+            os.mkdir(w.metrics_dir, 0o700)
         self.stopping = False
         self.failed: str | None = None
         self._done = asyncio.Event()
@@ -90,7 +97,7 @@ class Supervisor:
         if self.stopping:
             return
         worker.serving = False
-        env = dict(os.environ, CREDPROXY_SUPERVISOR_PID=str(os.getpid()))
+        env = dict(os.environ, CREDPROXY_SUPERVISOR_PID=str(os.getpid()), PROMETHEUS_MULTIPROC_DIR=worker.metrics_dir)
         worker.process = await asyncio.create_subprocess_exec(*self.argv(worker), env=env)
         log.info("worker started", extra={"worker": worker.index, "pid": worker.process.pid})
         if self.stopping:  # SIGTERM arrived while it was being started
@@ -99,6 +106,7 @@ class Supervisor:
 
     async def _watch(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
+        mark_process_dead(process.pid, worker.metrics_dir)  # its gauges go; its counters stay in the sums
         if self.stopping:
             log.info("worker exited", extra={"worker": worker.index, "exit_code": code})
             if all(w.process is None or w.process.returncode is not None for w in self.workers):

@@ -1,45 +1,70 @@
 """Prometheus metrics. Label values come from config (credential and caller names,
-status classes, fixed reasons), never from request data."""
+status classes, fixed reasons), never from request data.
+
+Under ``serve --workers`` each worker runs with ``PROMETHEUS_MULTIPROC_DIR`` (set by the
+supervisor): prometheus_client then keeps every value in files the supervisor merges.
+Gauges are ``livesum`` there (a dead process's values go), and nothing here computes a
+value at collection time by itself: ``ScrapeTimeGauge`` stores what it computes.
+"""
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # read at import, as prometheus_client does
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-class FunctionGauge:
-    """A one-label gauge computed at scrape time: one function per label value.
+def forget(gauge: Gauge, *labels: str) -> None:
+    """Drop one series of a labelled gauge. The value files of multiprocess mode (``serve --workers``)
+    cannot forget a series, so it is set to NaN there first, which the supervisor's merge leaves out."""
+    if MULTIPROCESS:
+        gauge.labels(*labels).set(math.nan)
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
 
-    Registering a function for a label replaces the previous one; ``remove`` only
+
+class ScrapeTimeGauge:
+    """A gauge computed when metrics are rendered: one function per label value (or one, unlabelled).
+
+    ``update`` (run by ``Metrics.render``) stores each function's value in a plain gauge, so the
+    workers' values reach the supervisor's multiprocess merge like any other. A function that
+    returns None has no series. Registering a function replaces the previous one; ``remove`` only
     removes the caller's own function, so a replaced owner cannot drop its successor.
     """
 
-    def __init__(self, name: str, doc: str, label: str, registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.label = name, doc, label
+    def __init__(self, name: str, doc: str, registry: CollectorRegistry, label: str | None = None) -> None:
+        self._gauge = Gauge(name, doc, [label] if label else [], registry=registry, multiprocess_mode="livesum")
+        self._labelled = label is not None
         self._fns: dict[str, Callable[[], float | None]] = {}
-        registry.register(self)
+        self._shown: set[str] = set()
 
-    def set_function(self, value: str, fn: Callable[[], float | None]) -> None:
-        self._fns[value] = fn
+    def set_function(self, fn: Callable[[], float | None], *, label: str = "") -> None:
+        self._fns[label] = fn
 
-    def remove(self, value: str, fn: Callable[[], float | None]) -> None:
-        if self._fns.get(value) == fn:
-            del self._fns[value]
+    def remove(self, fn: Callable[[], float | None], *, label: str = "") -> None:
+        if self._fns.get(label) == fn:
+            del self._fns[label]
 
-    def describe(self):
-        return [GaugeMetricFamily(self.name, self.doc, labels=[self.label])]
-
-    def collect(self):
-        family = GaugeMetricFamily(self.name, self.doc, labels=[self.label])
-        for value, fn in sorted(self._fns.items()):
-            v = fn()
-            if v is not None:
-                family.add_metric([value], v)
-        yield family
+    def update(self) -> None:
+        for label, fn in self._fns.items():
+            value = fn()
+            if value is not None:
+                (self._gauge.labels(label) if self._labelled else self._gauge).set(value)
+                self._shown.add(label)
+            elif self._labelled and label in self._shown:
+                self._shown.discard(label)
+                forget(self._gauge, label)
+        for gone in self._shown - self._fns.keys():
+            self._shown.discard(gone)
+            if self._labelled:
+                forget(self._gauge, gone)
 
 
 class Metrics:
@@ -54,23 +79,26 @@ class Metrics:
         self.token_refresh_duration = Histogram("credproxy_token_refresh_duration_seconds", "Token refresh duration",
                                                 ["credential"], buckets=LATENCY_BUCKETS, registry=r)
         self.token_expires = Gauge("credproxy_token_expires_in_seconds", "Seconds until the cached token expires",
-                                   ["credential"], registry=r)
+                                   ["credential"], registry=r, multiprocess_mode="livesum")
         self.leaks = Counter("credproxy_leaks_redacted_total", "Echoed secrets redacted or blocked", ["credential"], registry=r)
         self.alerts = Counter("credproxy_alerts_total", "Misuse alerts", ["kind"], registry=r)
         self.alert_webhook_failures = Counter("credproxy_alert_webhook_failures_total",
                                               "Alert webhook posts dropped or failed", ["reason"], registry=r)
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
-        self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r)
-        self.caller_connections = Gauge("credproxy_caller_connections",
-                                        "Open caller connections (main, dedicated and forward-proxy listeners)", registry=r)
+        self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r,
+                              multiprocess_mode="livesum")
+        self.caller_connections = ScrapeTimeGauge("credproxy_caller_connections",
+                                                  "Open caller connections (main, dedicated and forward-proxy listeners)",
+                                                  r)
         self.connections_refused = Counter("credproxy_connections_refused_total",
                                            "Caller connections refused at server.limits.max_connections", registry=r)
-        self.upstream_cert_expires = FunctionGauge("credproxy_upstream_cert_expires_in_seconds",
-                                                   "Seconds until the upstream client certificate expires",
-                                                   "credential", r)
+        self.upstream_cert_expires = ScrapeTimeGauge("credproxy_upstream_cert_expires_in_seconds",
+                                                     "Seconds until the upstream client certificate expires",
+                                                     r, label="credential")
         self.last_reload_ok = Gauge("credproxy_config_last_reload_successful",
-                                    "1 when the last reload attempt was applied, 0 when it was rejected", registry=r)
+                                    "1 when the last reload attempt was applied, 0 when it was rejected", registry=r,
+                                    multiprocess_mode="livesum")
         self.last_reload_ok.set(1)
         self.audit_write_errors = Counter("credproxy_audit_write_errors_total",
                                           "Audit writes that failed (their lines stay buffered and are retried)",
@@ -78,10 +106,9 @@ class Metrics:
         self.audit_lines_dropped = Counter("credproxy_audit_lines_dropped_total",
                                            "Audit lines lost: over audit.max_buffered_lines, or unwritable at shutdown",
                                            registry=r)
-        self.audit_lines_buffered = Gauge("credproxy_audit_lines_buffered", "Audit lines not yet written",
-                                          registry=r)
+        self.audit_lines_buffered = ScrapeTimeGauge("credproxy_audit_lines_buffered", "Audit lines not yet written", r)
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
-                              ["credential"], registry=r)
+                              ["credential"], registry=r, multiprocess_mode="livesum")
         # forward proxy (SPEC §10): requests arriving through it are also in credproxy_requests_total
         self.forward_requests = Counter("credproxy_forward_requests_total",
                                         "Requests through the forward-proxy listener", ["credential", "code"], registry=r)
@@ -90,8 +117,12 @@ class Metrics:
                                         ["outcome"], registry=r)
         self.forward_tunnel_bytes = Counter("credproxy_forward_tunnel_bytes_total",
                                             "Bytes through opaque tunnels (tunnel_hosts)", ["direction"], registry=r)
-        self.forward_leaf_certs = Gauge("credproxy_forward_leaf_certificates",
-                                        "Leaf certificates cached for intercepted hosts", registry=r)
+        self.forward_leaf_certs = ScrapeTimeGauge("credproxy_forward_leaf_certificates",
+                                                  "Leaf certificates cached for intercepted hosts", r)
+        self._scrape_time = (self.caller_connections, self.upstream_cert_expires, self.audit_lines_buffered,
+                             self.forward_leaf_certs)
+        self._credentials: set[str] = set()  # what observe_credentials last saw: every name,
+        self._expiring: set[str] = set()  # and those with a token expiry
         self._children: dict[tuple, object] = {}
 
     def record_refresh(self, credential: str, result: str, seconds: float) -> None:
@@ -101,19 +132,21 @@ class Metrics:
         self.token_refresh_duration.labels(credential).observe(seconds)
 
     def observe_credentials(self, described: list[dict]) -> None:
-        """Set the per-credential gauges from ``Credential.describe()`` at scrape time;
-        credentials removed by a reload lose their series."""
-        names = set()
+        """Set the per-credential gauges from ``Credential.describe()`` at scrape time: a credential
+        without a token has no expiry series, and credentials removed by a reload lose theirs."""
+        names, expiring = set(), set()
         for d in described:
             name = d["name"]
             names.add(name)
             self.disabled.labels(name).set(1 if d.get("state") == "disabled" else 0)
             if d.get("expires_in_s") is not None:
                 self.token_expires.labels(name).set(d["expires_in_s"])
-        for gauge in (self.disabled, self.token_expires):
-            present = {sample.labels["credential"] for family in gauge.collect() for sample in family.samples}
-            for gone in present - names:
-                gauge.remove(gone)
+                expiring.add(name)
+        for gone in self._expiring - expiring:
+            forget(self.token_expires, gone)
+        for gone in self._credentials - names:
+            forget(self.disabled, gone)
+        self._credentials, self._expiring = names, expiring
 
     def child(self, metric, *labels: str):
         """``metric.labels(*labels)``, remembered (only for series that are never removed): ``labels()``
@@ -126,4 +159,6 @@ class Metrics:
         return found
 
     def render(self) -> bytes:
+        for gauge in self._scrape_time:
+            gauge.update()
         return generate_latest(self.registry)

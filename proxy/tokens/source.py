@@ -43,8 +43,6 @@ class TokenSource(AuthSource):
         self.cluster = cluster  # a ClusterTokens (cluster.backend: vault): replicas share their tokens
         self._refused: dict[str, Secret] = {}  # principal -> the token the upstream refused, until the next fetch
         self._value_refs = tuple(auth.value.refs)
-        if metrics is not None:
-            metrics.token_expires.labels(name).set_function(self._own_expires_in)
 
     # --- secrets -----------------------------------------------------------------------
 
@@ -83,11 +81,6 @@ class TokenSource(AuthSource):
             return
         self.metrics.token_refresh.labels(self.name, result).inc()
         self.metrics.token_refresh_duration.labels(self.name).observe(duration)
-
-    def _own_expires_in(self) -> float:
-        slot = self.slots.get("")
-        remaining = slot.expires_in() if slot is not None else None
-        return remaining if remaining is not None else 0.0
 
     # --- AuthSource --------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from cryptography import x509
 
 from proxy.config.models import UpstreamTLSConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
-from proxy.observe.metrics import FunctionGauge
+from proxy.observe.metrics import ScrapeTimeGauge
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.upstream.client import ssl_context
@@ -133,7 +133,7 @@ class ClientTLS:
     """One credential's client certificate: loaded on demand, rebuilt on rotation."""
 
     def __init__(self, credential: str, cfg: UpstreamTLSConfig, cache: SecretCache, *,
-                 expiry_gauge: FunctionGauge | None = None, clock: Callable[[], float] = time.time,
+                 expiry_gauge: ScrapeTimeGauge | None = None, clock: Callable[[], float] = time.time,
                  **pem_opts) -> None:
         if cfg.client_cert is None or cfg.client_key is None:
             raise ValueError("upstream_tls without client_cert/client_key needs no ClientTLS")
@@ -214,7 +214,7 @@ class ClientTLS:
     async def start(self) -> None:
         self._cache.on_change(self._on_change)
         if self._gauge is not None:
-            self._gauge.set_function(self.credential, self.expires_in)
+            self._gauge.set_function(self.expires_in, label=self.credential)
         try:
             await self.context()
         except CredentialUnavailable:
@@ -223,7 +223,7 @@ class ClientTLS:
     async def close(self) -> None:
         self._closed = True
         if self._gauge is not None:
-            self._gauge.remove(self.credential, self.expires_in)
+            self._gauge.remove(self.expires_in, label=self.credential)
         for task in list(self._tasks):
             task.cancel()
 
