@@ -30,7 +30,7 @@ from proxy.errors import SecretBackendError
 from proxy.lifecycle.drain import FINISH_GRACE, drain
 from proxy.server.http import GuardedServer
 from proxy.server.forward.ca import LeafContexts, load_ca
-from proxy.server.forward.hosts import HostMap
+from proxy.host_map import HostMap
 from proxy.server.forward.listener import ForwardConnection, ForwardContext, ForwardRunner, ForwardSite
 from proxy.observe.metrics import Metrics
 from proxy.upstream.address_policy import AddressPolicy, OwnListeners

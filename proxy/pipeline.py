@@ -33,7 +33,7 @@ from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamE
 from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay
 from proxy.routing import Route, Via, route_dedicated, route_forward, route_prefixed
-from proxy.server.forward.hosts import pick as pick_credential
+from proxy.host_map import pick as pick_credential
 from proxy.lifecycle.state import State
 from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.client import HOP_BY_HOP, strip_hop_by_hop

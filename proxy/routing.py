@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 
 from proxy.errors import BadRequest, Forbidden
-from proxy.server.forward.hosts import target
+from proxy.host_map import target
 
 _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode())
 # pchar minus pct-encoded: kept literally; anything else is percent-encoded.
@@ -115,7 +115,7 @@ class Via:
 
 def route_forward(raw_target: str, host_headers: list[str], via: Via, hosts, pick) -> Route:
     """Forward proxy: the credential is the one whose ``hosts`` name the request's host (``pick`` chooses
-    among several, see ``proxy.server.forward.hosts.pick``). Inside a tunnel the request is origin-form and
+    among several, see ``proxy.host_map.pick``). Inside a tunnel the request is origin-form and
     its ``Host`` must be the ``CONNECT`` target: a tunnel opened to one name never carries requests for
     another (403, as for an unlisted host)."""
     if via.connect is not None:

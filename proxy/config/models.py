@@ -22,6 +22,7 @@ from proxy.config import schema_problems
 from proxy.config.auth import AuthConfig
 from proxy.config.fields import FROM_FILE, CertSubject, Duration, ListenAddr, Listen, Network, Ref, Size
 from proxy.errors import ConfigInvalid
+from proxy.host_map import parse_host
 
 CREDENTIAL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CALLER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -439,8 +440,6 @@ def semantic_problems(cfg: Config, declared_callers=None) -> list[tuple[tuple, s
 
 
 def _forward_problems(cfg: Config) -> list[tuple[tuple, str]]:
-    from proxy.server.forward.hosts import parse_host  # hosts builds on this module
-
     out: list[tuple[tuple, str]] = []
     tunnels: set[tuple[str, int]] = set()
     if cfg.forward_proxy is not None:

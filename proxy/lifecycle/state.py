@@ -24,7 +24,7 @@ from proxy.credential import Credential
 from proxy.observe.metrics import Metrics
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
-from proxy.server.forward.hosts import HostMap
+from proxy.host_map import HostMap
 from proxy.upstream.address_policy import AddressPolicy
 from proxy.upstream.relay import AnswerBudget
 from proxy.store.cache import SecretCache

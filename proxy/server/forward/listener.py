@@ -37,7 +37,7 @@ from proxy.routing import Via
 from proxy.server.connlimit import ConnectionLimit, client_address
 from proxy.server.forward.ca import LeafContexts
 from proxy.server.forward.connect import MAX_HEAD, first_line, is_connect, parse_connect
-from proxy.server.forward.hosts import target
+from proxy.host_map import target
 
 log = logging.getLogger("credproxy.forward")
 
