@@ -13,6 +13,7 @@ import logging
 import shlex
 import sys
 
+from proxy.auth_types import AUTH_TYPES, injector_for
 from proxy.config import models as config_mod
 from proxy.config.references import secret_references
 from proxy.errors import SecretBackendError, SecretNotFound, StoreError
@@ -43,14 +44,8 @@ def _report(problems: list[config_mod.Problem]) -> int:
 
 def _sends(auth) -> str:
     """What the credential adds to a request, as templates: ``{secret}`` stands for the value, never shown."""
-    if hasattr(auth, "header") and hasattr(auth, "value"):
-        note = " ({secret} is the token)" if auth.type not in ("header",) else ""
-        return f"sends {auth.header}: {auth.value}{note}"
-    if auth.type == "query":
-        return f"sends ?{auth.param}={{secret}}"
-    if auth.type == "basic":
-        return "sends Authorization: Basic base64(username:password)"
-    return "signs each request"
+    note = " ({secret} is the token)" if AUTH_TYPES[auth.type].provider is not None else ""
+    return injector_for(auth).sends + note
 
 
 def store_problems(examined: config_mod.Examined) -> list[config_mod.Problem]:

@@ -16,6 +16,7 @@ class Injector:
     """Sets credentials on an outbound request; ``removes`` names headers callers may not supply."""
 
     removes: tuple[str, ...] = ()
+    sends = "signs each request"  # what ``credproxy check`` says it adds, as a template: never a value
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         raise NotImplementedError

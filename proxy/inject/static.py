@@ -20,6 +20,7 @@ class HeaderInjector(Injector):
         self.header = header
         self.template = template
         self.removes = (header,)
+        self.sends = f"sends {header}: {template}"
         self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
         # id(secrets) -> (secrets, value): holding the mapping keeps its id from being reused by another
         self._rendered: dict[int, tuple[SecretValues, str]] = {}
@@ -41,6 +42,7 @@ class HeaderInjector(Injector):
 class QueryInjector(Injector):
     def __init__(self, param: str) -> None:
         self.param = param
+        self.sends = f"sends ?{param}={{secret}}"
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         kept = [p for p in out.query.split("&") if p and unquote_plus(p.split("=", 1)[0]) != self.param]
@@ -50,6 +52,7 @@ class QueryInjector(Injector):
 
 class BasicInjector(Injector):
     removes = ("Authorization",)
+    sends = "sends Authorization: Basic base64(username:password)"
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         raw = f"{secrets['username'].reveal()}:{secrets['password'].reveal()}".encode()
