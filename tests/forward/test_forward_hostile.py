@@ -465,3 +465,16 @@ async def test_absolute_form_https_or_with_userinfo_is_refused(proxy):
         status, _, _ = await read_head(reader)
         writer.close()
         assert status in (400, 403), target
+
+
+async def test_the_connect_caller_holds_for_the_whole_tunnel(proxy, upstream, tmp_path):
+    """Credentials sent inside the tunnel neither switch the caller nor reach the upstream."""
+    reader, writer = await tunnel(proxy, tmp_path, auth=basic("reports"))
+    status, _, _ = await inner(reader, writer, f"GET /v1/x HTTP/1.1\r\nHost: {HOST}\r\n"
+                               f"Proxy-Authorization: {basic('billing')}\r\n"
+                               f"Authorization: Bearer {CALLER_TOKENS['billing']}\r\n\r\n")
+    writer.close()
+    assert status == 403  # reports has no allow rule on pay; billing's token inside changes nothing
+    line = proxy.audit_lines(tmp_path)[-1]
+    assert line["caller"] == "reports" and line["reason"] == "policy"
+    assert not upstream.recorder.seen
