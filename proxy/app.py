@@ -72,7 +72,10 @@ def fields_naming(cred: Credential, ref) -> list[str]:
 
 def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: dict[str, Credential] | None = None,
                       *, source_factory=build_source, keep_objects: bool = True,
-                      address_policy: AddressPolicy | None = None, cluster=None) -> dict[str, Credential]:
+                      address_policy: AddressPolicy | None = None, cluster=None,
+                      committed_addresses=None) -> dict[str, Credential]:
+    """``address_policy`` is ``cfg``'s (the upstream clients'); ``committed_addresses`` returns the one in
+    force, for token sources (they can outlive this config: see ``proxy.tokens.http``)."""
     out = {}
     for name, c in cfg.credentials.items():
         old = (reuse or {}).get(name)
@@ -83,6 +86,8 @@ def build_credentials(cfg: Config, cache: SecretCache, metrics: Metrics, reuse: 
             source = old.source  # auth settings unchanged (only rules, listener, ...): the token cache survives
         else:
             shared = {"cluster": cluster} if cluster is not None else {}  # cluster.backend: vault
+            if committed_addresses is not None:
+                shared["addresses"] = committed_addresses
             source = source_factory(c, cache, name=name, metrics=metrics, store=cache.store, **shared)
         out[name] = Credential(name, c, cfg.server, source, cfg.leak_guard_for(name), cache=cache, metrics=metrics,
                                address_policy=address_policy)
@@ -178,16 +183,28 @@ class Proxy:
             limiter = RateLimiter.from_config(cfg, previous=previous.limiter)
         credentials = build_credentials(cfg, self._cache, self._metrics, previous.credentials if previous else None,
                                         source_factory=self.source_factory, keep_objects=keep,
-                                        address_policy=addresses, cluster=self._cluster)
+                                        address_policy=addresses, cluster=self._cluster,
+                                        committed_addresses=self.committed_addresses)
         return State(cfg, credentials, Policy.compile(cfg), Authenticator(cfg.callers), self._audit, self._metrics,
                      self._cache, addresses=addresses, alerts=alerts, limiter=limiter,
                      answer_budget=self._answer_budget, forward_hosts=HostMap.from_config(cfg))
+
+    def committed_addresses(self) -> AddressPolicy:
+        """The address rules in force: the committed State's (before the first commit, the start config's).
+        Token, login and revocation calls are checked by these at each call: a token source kept across a
+        reload serves the new config, and a rejected reload commits nothing."""
+        if self.holder is None:
+            return AddressPolicy.from_config(self._start_cfg.server, own=self._own)
+        return self.holder.current.addresses
 
     def _start_webhook(self, cfg: Config, metrics: Metrics) -> None:
         if cfg.alerts.webhook_url:  # read at start: a changed webhook_url takes effect on restart
             failures = metrics.alert_webhook_failures
             self._webhook = WebhookSender(cfg.alerts.webhook_url, timeout=cfg.alerts.webhook_timeout,
-                                          socket_factory=AddressPolicy().socket_factory,  # always-denied ranges
+                                          # operator infrastructure like Vault: not the upstream rules, but
+                                          # never metadata ranges nor credproxy itself (an alert about a
+                                          # denied request must not become a denied request)
+                                          socket_factory=AddressPolicy(own=self._own).socket_factory,
                                           on_failure=lambda reason: failures.labels(reason).inc())
             self._webhook.start()
 

@@ -28,6 +28,7 @@ from proxy.tokens.provider import Provider
 from proxy.tokens.refresh_token import RefreshTokenProvider
 from proxy.tokens.session_login import SessionLoginProvider
 from proxy.tokens.source import TokenSource
+from proxy.upstream.address_policy import AddressPolicy
 
 # (credential config, token HTTP client, provider keywords) -> the provider of one token kind
 ProviderFactory = Callable[[CredentialConfig, TokenHttp, dict[str, Any]], Provider]
@@ -85,16 +86,17 @@ def injector_for(auth) -> Injector:
 
 def build_source(cfg: CredentialConfig, cache: SecretCache, *, name: str, metrics=None, store=None,
                  settings: Settings | None = None, http: TokenHttp | None = None, cluster=None,
-                 **provider_kw) -> AuthSource:
+                 addresses: Callable[[], AddressPolicy] | None = None, **provider_kw) -> AuthSource:
     """The runtime source of ``cfg``'s material.
 
     For token types, ``settings`` (clock, randomness), ``http`` (timeouts) and ``provider_kw``
     (``wall``, ``new_id``) are injectable for tests; ``cluster`` (a ``ClusterTokens``) shares
-    tokens between replicas."""
+    tokens between replicas; ``addresses`` returns the address policy in force (the committed State's)
+    for the token, login and revocation calls."""
     row = AUTH_TYPES[cfg.auth.type]
     if row.provider is None:
         return StaticSource(cfg.auth, cache, name=name, metrics=metrics)
-    http = http or TokenHttp(ca_file=cfg.upstream_tls.ca_file if cfg.upstream_tls else None)
+    http = http or TokenHttp(ca_file=cfg.upstream_tls.ca_file if cfg.upstream_tls else None, address_policy=addresses)
     provider = row.provider(cfg, http, dict(credential=name, **provider_kw))
     return TokenSource(name, cfg.auth, cfg.session, provider, http, cache, store=store, metrics=metrics,
                        settings=settings, cluster=cluster)

@@ -170,7 +170,7 @@ async def test_token_endpoints_are_checked_like_upstreams(upstream):
     from proxy.errors import TokenFailure
     from proxy.tokens.http import TokenHttp
 
-    assert TokenHttp()._addresses.refusal("169.254.169.254", 80) is not None  # always, without any config
+    assert TokenHttp().addresses.refusal("169.254.169.254", 80) is not None  # always, without any config
     http = TokenHttp(address_policy=AddressPolicy(deny=[ipaddress.ip_network("127.0.0.0/8")]))
     try:
         with pytest.raises(TokenFailure):
