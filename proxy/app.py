@@ -15,7 +15,7 @@ import signal
 from aiohttp import web
 
 from proxy.config import models as config_mod
-from proxy.errors import ListenError
+from proxy.errors import ListenError, ListenerUnavailable
 from proxy.redact import log_filter as logfilter
 from proxy.admin.api import AdminAuth, build_admin_app
 from proxy.observe.alerts import AlertMonitor, WebhookSender
@@ -38,7 +38,7 @@ from proxy.pipeline import handle, record_refused
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
 from proxy.upstream.relay import AnswerBudget
-from proxy.lifecycle.listeners import DedicatedListeners, ListenerUnavailable
+from proxy.lifecycle.listeners import DedicatedListeners
 from proxy.lifecycle.reload import ReloadResult, Reloader, source_reusable
 from proxy.redact.scrubber import SCRUBBER
 from proxy.store.cache import SecretCache

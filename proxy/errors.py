@@ -152,6 +152,37 @@ class AddressDenied(OSError):
         self.why = why
 
 
+class LeakBlocked(UpstreamError):
+    """Under ``leak_guard: block``, the answer echoed an injected secret."""
+
+
+# Upstream answers (proxy.upstream): what the client maps to UpstreamError / UpstreamTimeout.
+
+
+class BadAnswer(Exception):
+    """The upstream's head cannot be used; ``reason`` is the audit reason. ``stale``: the connection closed
+    before a single byte of an answer arrived (a pooled connection the upstream had already dropped)."""
+
+    def __init__(self, why: str, reason: str = "upstream_failed", *, stale: bool = False) -> None:
+        super().__init__(why)
+        self.why = why
+        self.reason = reason
+        self.stale = stale
+
+
+class HeadTimeout(TimeoutError):
+    """No answer head within the read timeout."""
+
+
+class BodyFailed(Exception):
+    """The answer's body cannot be read to its end: bad framing, the upstream closed early, or the answer was
+    closed under the reader."""
+
+
+class BodyTimeout(BodyFailed, TimeoutError):
+    """No body bytes within the read timeout."""
+
+
 # --- outside the request path -------------------------------------------------------
 
 
@@ -222,6 +253,28 @@ class AdminUnreachable(AdminClientError):
 
 class AdminUnauthorized(AdminClientError):
     exit_code, code = 4, "admin_unauthorized"
+
+
+class AppendFailed(Exception):
+    """An append that failed after ``written`` whole lines of its batch reached the file."""
+
+    def __init__(self, cause: OSError, written: int) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.written = written
+
+
+class ListenerUnavailable(Exception):
+    """A dedicated listener of the new config cannot be set up (reported as a problem at ``field``)."""
+
+    def __init__(self, credential: str, field: str, reason: str, *, listen=None,
+                 os_error: OSError | None = None) -> None:
+        super().__init__(f"credentials.{credential}.{field}: {reason}")
+        self.credential = credential
+        self.field = field
+        self.reason = reason
+        self.listen = listen
+        self.os_error = os_error  # a failed bind (at start it is reported as a ListenError)
 
 
 # After a malformed or oversized request the connection's framing cannot be trusted

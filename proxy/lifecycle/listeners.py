@@ -23,22 +23,10 @@ from aiohttp import web
 
 from proxy.config.fields import Listen
 from proxy.config.models import Config, TLSConfig
+from proxy.errors import ListenerUnavailable
 from proxy.lifecycle.drain import stop_accepting
 from proxy.server.binding import LISTEN_BACKLOG, address_of, bind_sockets, server_ssl
 from proxy.upstream.address_policy import OwnListeners
-
-
-class ListenerUnavailable(Exception):
-    """A dedicated listener of the new config cannot be set up (reported as a problem at ``field``)."""
-
-    def __init__(self, credential: str, field: str, reason: str, *, listen: Listen | None = None,
-                 os_error: OSError | None = None) -> None:
-        super().__init__(f"credentials.{credential}.{field}: {reason}")
-        self.credential = credential
-        self.field = field
-        self.reason = reason
-        self.listen = listen
-        self.os_error = os_error  # a failed bind (at start it is reported as a ListenError)
 
 
 @dataclass(eq=False)

@@ -50,8 +50,8 @@ from proxy.config import models as config_mod
 from proxy.admin.api import AdminAuth
 from proxy.config.models import Config, CredentialConfig, Problem
 from proxy.config.references import secret_references
-from proxy.errors import AdminTokenError, ConfigInvalid, SecretAccessDenied, SecretNotFound
-from proxy.lifecycle.listeners import ListenerUnavailable, Plan
+from proxy.errors import AdminTokenError, ConfigInvalid, ListenerUnavailable, SecretAccessDenied, SecretNotFound
+from proxy.lifecycle.listeners import Plan
 from proxy.lifecycle.state import State
 
 log = logging.getLogger("credproxy.reload")

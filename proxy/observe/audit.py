@@ -31,8 +31,8 @@ from collections import deque
 from dataclasses import dataclass, fields
 from itertools import islice
 
-from proxy.errors import AuditUnavailable
-from proxy.observe.audit_sink import GENESIS, AppendFailed, FileSink, StdoutSink
+from proxy.errors import AppendFailed, AuditUnavailable
+from proxy.observe.audit_sink import GENESIS, FileSink, StdoutSink
 from proxy.tasks import stop_task
 
 log = logging.getLogger("credproxy.audit")

@@ -28,21 +28,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
+from proxy.errors import AppendFailed
+
 log = logging.getLogger("credproxy.audit")
 
 GENESIS = "0" * 64
 TAIL_WINDOW = 65536  # a line is far shorter than this: its end is always within the file's last TAIL_WINDOW bytes
 
 Chain = Callable[[str], list[tuple[bytes, str]]]  # prev_hash -> [(line with its "\n", its hash)]
-
-
-class AppendFailed(Exception):
-    """An append that failed after ``written`` whole lines of its batch reached the file."""
-
-    def __init__(self, cause: OSError, written: int) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.written = written
 
 
 @contextlib.contextmanager

@@ -33,6 +33,8 @@ from typing import Protocol
 import httptools
 from multidict import CIMultiDict
 
+from proxy.errors import BadAnswer, BodyFailed, BodyTimeout, HeadTimeout
+
 
 class AnswerConnection(Protocol):
     """What an answer needs of the connection it arrives on (``proxy.upstream.connection``, which
@@ -54,30 +56,6 @@ HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
-
-
-class BadAnswer(Exception):
-    """The upstream's head cannot be used; ``reason`` is the audit reason. ``stale``: the connection closed
-    before a single byte of an answer arrived (a pooled connection the upstream had already dropped)."""
-
-    def __init__(self, why: str, reason: str = "upstream_failed", *, stale: bool = False) -> None:
-        super().__init__(why)
-        self.why = why
-        self.reason = reason
-        self.stale = stale
-
-
-class HeadTimeout(TimeoutError):
-    """No answer head within the read timeout."""
-
-
-class BodyFailed(Exception):
-    """The answer's body cannot be read to its end: bad framing, the upstream closed early, or the answer was
-    closed under the reader."""
-
-
-class BodyTimeout(BodyFailed, TimeoutError):
-    """No body bytes within the read timeout."""
 
 
 class UpstreamResponse:

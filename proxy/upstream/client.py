@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.errors import AddressDenied, UpstreamError, UpstreamTimeout
+from proxy.errors import AddressDenied, BadAnswer, HeadTimeout, UpstreamError, UpstreamTimeout
 from proxy.upstream.address_policy import AddressPolicy
-from proxy.upstream.answer import BadAnswer, HeadTimeout, UpstreamResponse
+from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.connection import Connection
 from proxy.upstream.dial import Resolver, dial, resolve
 from proxy.upstream.outbound import Outbound

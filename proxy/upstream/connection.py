@@ -14,7 +14,8 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 
-from proxy.upstream.answer import BadAnswer, UpstreamResponse
+from proxy.errors import BadAnswer
+from proxy.upstream.answer import UpstreamResponse
 
 
 class UploadFailed(Exception):

@@ -35,10 +35,10 @@ import logging
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import BodyFailed, LeakBlocked, UpstreamError, UpstreamTimeout
 from proxy.redact import encoding
 from proxy.redact.leak_guard import LeakGuard, StreamRedactor
-from proxy.upstream.answer import BodyFailed, UpstreamResponse
+from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.client import strip_hop_by_hop
 
 log = logging.getLogger("credproxy.relay")
@@ -84,10 +84,6 @@ class _BodyRead:
 
 
 BODY_READ = _BodyRead()
-
-
-class LeakBlocked(UpstreamError):
-    pass
 
 
 class CallerStalled(Exception):

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.upstream.answer import HIGH_WATER, BodyFailed, UpstreamResponse
+from proxy.errors import BodyFailed
+from proxy.upstream.answer import HIGH_WATER, UpstreamResponse
 
 from .scripted_upstream import CLOSE, OK, SILENT, ScriptedUpstream, always, client, fetch, outbound
 
