@@ -289,3 +289,27 @@ def test_any_field_text_makes_a_line_that_verifies_and_reads_back(tmp_path_facto
     assert verify(str(path)) == []
     first = json.loads(path.read_text(encoding="utf-8").split("\n")[0])  # not splitlines: U+2028 is in a line
     assert (first["caller"], first["path"], first["reason"]) == (value, value, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(), number=st.floats(allow_nan=True, allow_infinity=True), count=st.integers(-2**70, 2**70),
+       maybe=st.one_of(st.none(), st.text()), flag=st.booleans(), ts=st.floats(0, 4e9),
+       kind=st.sampled_from(["audit", "alert", "forward"]))
+def test_a_line_is_the_canonical_json_of_its_event(text, number, count, maybe, flag, ts, kind):
+    """The line is built by concatenation in a fixed key order; byte for byte it is what the canonical encoder
+    (the one ``verify`` re-checks with) makes of the event, whatever the field values."""
+    from dataclasses import fields
+
+    from proxy.observe.audit import GENESIS, AlertEvent, ForwardEvent, _canonical, encode
+
+    common = dict(request_id=text, caller=maybe, client_ip=maybe, credential=text, method=text, path=text,
+                  status=count, outcome=text, reason=text, duration_ms=number, token_refreshed=flag)
+    if kind == "alert":
+        ev = AlertEvent(**common, addresses=(text, "10.0.0.1"), count=count, window_s=number)
+    elif kind == "forward":
+        ev = ForwardEvent(**common, listener=text, connect_host=maybe, bytes_up=count, bytes_down=None)
+    else:
+        ev = AuditEvent(**common)
+    record = {"ts": ts, "prev_hash": GENESIS, **{f.name: getattr(ev, f.name) for f in fields(ev)}}
+    head, tail = encode(ts, ev)
+    assert head + GENESIS.encode() + tail == _canonical(record)

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import hashlib
 import json
+from json.encoder import encode_basestring  # the C escaping the encoder itself uses
 import logging
 import time
 from collections import deque
@@ -94,20 +95,48 @@ def _canonical(obj: dict) -> bytes:
 
 
 _PREV_KEY = b',"prev_hash":"'
-_PLACEHOLDER = _PREV_KEY + GENESIS.encode() + b'"'
+_TS = "ts"
+
+
+def _plan(cls) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """Per event class, the keys in canonical (sorted) order, each with the text before its value, split
+    around ``prev_hash``: the line is then built by concatenation, without a dict or a sort per line."""
+    keys = sorted([*_FIELDS[cls], _TS, "prev_hash"])
+    cut = keys.index("prev_hash")
+    before = tuple(("{" if n == 0 else ",") + _ENCODER.encode(k) + ":" for n, k in enumerate(keys[:cut]))
+    after = tuple("," + _ENCODER.encode(k) + ":" for k in keys[cut + 1:])
+    return tuple(zip(before, keys[:cut])), tuple(zip(after, keys[cut + 1:]))
+
+
+_PLANS = {cls: _plan(cls) for cls in _FIELDS}
+_INF = float("inf")
+
+
+def _value(v) -> str:
+    """``v`` as the canonical encoder writes it (its own C string escaping; anything but a plain scalar is
+    left to the encoder itself)."""
+    cls = v.__class__
+    if cls is str:
+        return encode_basestring(v)
+    if v is None:
+        return "null"
+    if cls is bool:
+        return "true" if v else "false"
+    if cls is int:
+        return int.__repr__(v)
+    if cls is float and -_INF < v < _INF:
+        return float.__repr__(v)
+    return _ENCODER.encode(v)
 
 
 def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
     """The line's canonical JSON in two parts, before and after the ``prev_hash`` value: the one encoding
-    of a line. Chaining it onto the line before is then a concatenation and a hash."""
-    record = {"ts": ts, "prev_hash": GENESIS}
-    for name in _FIELDS[type(event)]:  # not dataclasses.asdict: it deep-copies
-        record[name] = getattr(event, name)
-    canonical = _canonical(record)
-    # Found once, at the key: inside a JSON string every quote is escaped, and in every event a key sorts
-    # before "prev_hash" (so the comma is there).
-    cut = canonical.index(_PLACEHOLDER) + len(_PREV_KEY)
-    return canonical[:cut], canonical[cut + len(GENESIS):]
+    of a line (byte for byte what ``_canonical`` makes of it: ``verify`` checks it so). Chaining it onto
+    the line before is then a concatenation and a hash."""
+    before, after = _PLANS[type(event)]
+    head = "".join([text + _value(ts if name == _TS else getattr(event, name)) for text, name in before])
+    tail = "".join([text + _value(ts if name == _TS else getattr(event, name)) for text, name in after])
+    return (head + ',"prev_hash":"').encode(), ('"' + tail + "}").encode()
 
 
 def _chain(batch: list[tuple[bytes, bytes]], prev: str) -> list[tuple[bytes, str]]:
