@@ -20,6 +20,8 @@ from proxy.app import Proxy
 from proxy.store.secret import Secret
 from proxy.store.file import FileStore, generate_key
 
+REPO = Path(__file__).resolve().parent.parent  # the repository root, wherever under tests/ a test lives
+
 CALLER_TOKENS = {"billing": "tok-billing-7f3a", "reports": "tok-reports-91bc"}
 
 

@@ -19,10 +19,10 @@ import pytest
 import yaml
 
 from proxy.cli.main import main
-from tests.helpers import free_port, sha
+from tests.helpers import REPO, free_port, sha
 from tests.vault_fixture import bao  # noqa: F401 - fixture
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CANARY = "sk_live_CANARY_cli_5e0d1b"
 
 

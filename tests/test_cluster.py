@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -28,8 +27,9 @@ from proxy.tokens.cluster import ClusterTokens, cluster_for
 from tests.tokens_fixtures import Client, ca_file, oauth, tls_ca  # noqa: F401 - fixtures
 from tests.vault_fixture import bao, free_port, raw_log  # noqa: F401 - fixtures
 from tests.vault_harness import assert_nowhere, eventually
+from tests.helpers import REPO
 
-POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
+POLICY = (REPO / "deploy" / "vault" / "policy.hcl").read_text()
 
 
 class Endpoint:

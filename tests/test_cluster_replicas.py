@@ -27,8 +27,9 @@ from tests.tokens_fixtures import Client, ca_file, oauth, tls_ca  # noqa: F401 -
 from tests.tokens_oauth_server import ResourceServer
 from tests.vault_fixture import bao, free_port  # noqa: F401 - fixtures
 from tests.vault_harness import assert_nowhere, eventually
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 POLICY = (ROOT / "deploy" / "vault" / "policy.hcl").read_text()
 CLIENT_SECRET = "cs-CANARY-cluster-7f3a91"
 LOAD_SECONDS = 60.0

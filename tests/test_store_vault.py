@@ -24,8 +24,9 @@ from proxy.store.vault import VaultStore
 from proxy.errors import LoginRefused
 from proxy.errors import VaultUnavailable
 from tests.vault_fixture import OpenBao, bao, fresh_bao, raw_log  # noqa: F401 - fixtures
+from tests.helpers import REPO
 
-POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
+POLICY = (REPO / "deploy" / "vault" / "policy.hcl").read_text()
 
 
 def forms(value: str) -> list[str]:

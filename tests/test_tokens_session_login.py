@@ -12,13 +12,12 @@ import logging
 import secrets
 import subprocess
 import sys
-from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 from aiohttp import web
 
-from tests.helpers import assert_no_canary
+from tests.helpers import REPO, assert_no_canary
 from tests.tokens_fixtures import call, proxy_logs, run_proxy  # noqa: F401 - fixtures
 
 PASSWORD = "pw&<CANARY>-7c1e"  # XML-special characters on purpose
@@ -211,7 +210,7 @@ async def test_session_ids_and_passwords_never_reach_callers_logs_or_audit(sf, r
 
 
 def test_the_salesforce_soap_example_config_validates():
-    root = Path(__file__).resolve().parent.parent
+    root = REPO
     result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config-only", "-c",
                              "config/examples/salesforce-soap.yaml"],
                             cwd=root, capture_output=True, text=True, timeout=60)

@@ -26,8 +26,9 @@ from proxy.config.models import VaultConfig
 from proxy.store.vault import VaultStore
 from proxy.errors import LoginRefused
 from tests.vault_fixture import OpenBao, bao  # noqa: F401 - fixtures
+from tests.helpers import REPO
 
-POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
+POLICY = (REPO / "deploy" / "vault" / "policy.hcl").read_text()
 SA_NAMESPACE, SA_NAME, SA_UID = "apps", "credproxy", str(uuid.uuid4())
 
 

@@ -17,8 +17,8 @@ from aiohttp import web
 
 from tests.vault_fixture import DelayRelay, OpenBao, bao, free_port, fresh_bao, raw_log  # noqa: F401 - fixtures
 from tests.vault_harness import Running, assert_nowhere, eventually, running, vault_section
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 POLICY = (REPO / "deploy" / "vault" / "policy.hcl").read_text()
 
 

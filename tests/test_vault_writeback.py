@@ -5,7 +5,6 @@ AppRole and exactly the policy in deploy/vault/policy.hcl."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,9 @@ from proxy.store.secret import Secret
 from tests.tokens_fixtures import Client, api, ca_file, oauth, tls_ca, token_cred  # noqa: F401 - fixtures
 from tests.vault_fixture import bao, raw_log  # noqa: F401 - fixtures
 from tests.vault_harness import assert_nowhere, eventually, running, vault_section
+from tests.helpers import REPO
 
-POLICY = (Path(__file__).resolve().parent.parent / "deploy" / "vault" / "policy.hcl").read_text()
+POLICY = (REPO / "deploy" / "vault" / "policy.hcl").read_text()
 CLIENT_SECRET = "cs-CANARY-vault-0d4c1f"
 
 
