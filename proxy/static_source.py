@@ -7,7 +7,7 @@ import time
 
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.grant import AuthSource, Grant
-from proxy.redact.scrubber import SCRUBBER
+from proxy.redact.scrubber import SCRUBBER, secret_owner
 from proxy.store.cache import SecretCache
 from proxy.store.secret import Secret, SecretRef
 
@@ -48,7 +48,7 @@ class StaticSource(AuthSource):
         if cached is not None and cached[0] == key:
             return cached[1]
         for name, ref in self._refs_of(principal).items():  # a rotated secret replaces its old value
-            SCRUBBER.hold(("secret", str(ref)), values[name].reveal())
+            SCRUBBER.hold(secret_owner(ref), values[name].reveal())
         g = Grant(values)
         self._grants[principal] = (key, g)
         return g

@@ -11,7 +11,8 @@ Triggered by SIGHUP, ``POST /v1/reload`` and the config-file watcher; one at a t
   but not served. Any problem (an invalid file, an unreadable token file, a
   secret that cannot be read, a listener that cannot bind) rejects the reload
   whole, with every problem found: what was built is discarded and the running
-  State, its listeners and its secrets cache entries are as they were.
+  State, its listeners and its secrets cache entries are as they were (the secrets
+  only the rejected config wanted are forgotten again, ``proxy.lifecycle.unreferenced``).
 - Commit: ``holder.current`` is assigned (no await while the operator's kill
   switch and the request counters are carried over to new Credential objects),
   then leaving listeners stop accepting and the new ones start. A request runs
@@ -23,7 +24,9 @@ Triggered by SIGHUP, ``POST /v1/reload`` and the config-file watcher; one at a t
   limit buckets whose limit is unchanged keep their level; the alert history
   is kept under the new thresholds.
 - Retiring: the old State's credentials the new one no longer uses, and the
-  listeners it stopped, are closed once every request on the old State is done.
+  listeners it stopped, are closed once every request on the old State is done;
+  then the secret references no live State uses are released (cache entries no
+  longer polled, values out of the log scrubber after its grace period).
 - The main and admin listeners, ``server.tls``, ``server.limits``,
   ``secrets``, ``audit`` and ``cluster`` are bound at start: a change to them is
   reported under ``restart_required`` (and logged as a warning) and takes
@@ -53,6 +56,7 @@ from proxy.config.references import secret_references
 from proxy.errors import AdminTokenError, ConfigInvalid, ListenerUnavailable, SecretAccessDenied, SecretNotFound
 from proxy.lifecycle.listeners import Plan
 from proxy.lifecycle.state import State
+from proxy.lifecycle.unreferenced import release_unreferenced
 
 log = logging.getLogger("credproxy.reload")
 
@@ -310,6 +314,7 @@ class Reloader:
                 await cred.close()
             else:
                 await cred.client.close()
+        release_unreferenced(old.cache, [built.state], self._live())
 
     async def _start_new(self, state: State, old: State) -> None:
         """After the commit: upstream client certificates of new Credential objects start watching for
@@ -353,6 +358,8 @@ class Reloader:
                     self._stopping.remove(runner)
             self._retiring.discard(old)
             await self._close_unused(old.credentials.values())
+            async with self.lock:  # not while a reload reads the secrets its new config adds
+                release_unreferenced(old.cache, [old], self._live())
         except Exception:  # noqa: BLE001 - a failed close must not take the proxy down
             log.exception("closing retired credentials failed")
         finally:

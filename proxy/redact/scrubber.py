@@ -29,6 +29,16 @@ from proxy.redact.value_index import PlainForms, ValueForms, ValueIndex
 GRACE = 300.0  # seconds a replaced value is still scrubbed: longer than a request lives, short enough to forget
 
 
+def secret_owner(ref) -> tuple:
+    """The owner of a secret reference's value (every source that reads ``ref`` holds it under this one)."""
+    return ("secret", str(ref))
+
+
+def rotated_owner(ref) -> tuple:
+    """The owner of a rotated refresh token not yet saved at ``ref``."""
+    return ("rotated refresh token", str(ref))
+
+
 class Scrubber:
     def __init__(self, *, grace: float = GRACE, clock: Callable[[], float] = time.monotonic,
                  background: bool = True, use_hyperscan: bool = True) -> None:

@@ -5,6 +5,7 @@ poller re-reads paths whose version stamp changed (``refresh_interval``); an ups
 "expired" answer asks for an immediate re-read, rate-limited per path.
 When the backend fails, last-known-good entries keep serving for up to
 ``max_staleness``; an explicit access-denied drops the entry at once.
+Paths no config references any more are ``forget``-ten: no longer held nor polled.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class SecretCache:
         self._clock = clock
         self._entries: dict[str, _Cached] = {}
         self._inflight: dict[str, asyncio.Future] = {}
+        self._forgotten: set[str] = set()  # forgotten while a read was in flight: that read is not kept
         self._listeners: list[Callable[[str], None]] = []
         self._poller: asyncio.Task | None = None
 
@@ -58,6 +60,14 @@ class SecretCache:
             log.warning("secret too stale to serve", extra={"secret_path": ref.path})
         return (await self._fetch(ref.path)).get(ref)
 
+    def forget(self, paths) -> None:
+        """Drop ``paths`` (no running config references them): not served from memory, not polled again.
+        A read of one still in flight (a reload's that timed out) is not kept when it lands."""
+        for path in paths:
+            self._entries.pop(path, None)
+            if path in self._inflight:
+                self._forgotten.add(path)
+
     def cached(self, path: str) -> bool:
         c = self._entries.get(path)
         return c is not None and self._clock() - c.fetched_at <= self.max_staleness
@@ -67,7 +77,7 @@ class SecretCache:
         if fut is None:
             fut = asyncio.ensure_future(self._do_fetch(path))
             self._inflight[path] = fut
-            fut.add_done_callback(lambda _f: self._inflight.pop(path, None))
+            fut.add_done_callback(lambda _f: (self._inflight.pop(path, None), self._forgotten.discard(path)))
         return await asyncio.shield(fut)
 
     async def refetch(self, path: str) -> SecretEntry:
@@ -85,6 +95,8 @@ class SecretCache:
         except SecretBackendError as exc:
             self._on_backend_error(exc)
             raise
+        if path in self._forgotten:
+            return entry  # answers the reads waiting for it; not kept
         old = self._entries.get(path)
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
         if old is not None and old.entry.stamp != entry.stamp:
@@ -127,6 +139,8 @@ class SecretCache:
         except SecretBackendError as exc:
             self._on_backend_error(exc)
             return  # keep last-known-good; staleness bounds how long
+        if self._entries.get(path) is not cached:
+            return  # forgotten (or replaced) while the stamp was read
         if stamp != cached.entry.stamp:
             try:
                 await self._fetch(path)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from proxy.errors import SecretBackendError
-from proxy.redact.scrubber import SCRUBBER
+from proxy.redact.scrubber import SCRUBBER, secret_owner
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.store.base import SecretStore
@@ -41,7 +41,7 @@ class PrincipalSecrets:
             value = await self.cache.read(self.refs[name])
         except SecretBackendError as exc:
             raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {self.refs[name].path}") from None
-        SCRUBBER.hold(("secret", str(self.refs[name])), value.reveal())
+        SCRUBBER.hold(secret_owner(self.refs[name]), value.reveal())
         return value
 
     async def maybe(self, name: str) -> Secret | None:

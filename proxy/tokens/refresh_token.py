@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from proxy.errors import ConflictError, SecretBackendError, StoreError
-from proxy.redact.scrubber import SCRUBBER
+from proxy.redact.scrubber import SCRUBBER, rotated_owner, secret_owner
 from proxy.store.secret import Secret, SecretRef
 from proxy.tokens.answer import TokenAnswer, parse_oauth2
 from proxy.tokens.clientauth import FormRequest, authenticate
@@ -50,7 +50,7 @@ class RefreshTokenProvider(ClientRevocation, Provider):
             value = entry.get(ref)
         except SecretBackendError as exc:
             raise TokenFailure("secret_unavailable", f"{type(exc).__name__} for {ref.path}") from None
-        SCRUBBER.hold(("secret", str(ref)), value.reveal())
+        SCRUBBER.hold(secret_owner(ref), value.reveal())
         return value, entry.version
 
     async def fetch(self, secrets: PrincipalSecrets) -> TokenAnswer:
@@ -62,7 +62,7 @@ class RefreshTokenProvider(ClientRevocation, Provider):
         rotated = answer.refresh_token
         if rotated is not None and rotated != refresh:
             # Its own owner: the store may still answer the old one until the rotated one is saved.
-            SCRUBBER.hold(("rotated refresh token", str(ref)), rotated.reveal())
+            SCRUBBER.hold(rotated_owner(ref), rotated.reveal())
             await self._save(ref, rotated, version, secrets)
         elif ref in self._unsaved:
             await self._save(ref, refresh, version, secrets)
