@@ -128,6 +128,7 @@ async def test_admin_operations_reach_every_worker(serve):
 
 async def test_a_worker_that_dies_is_started_again(serve):
     s = await serve(2)
+    assert set(await s.calls("/demo/v1/x", 20)) == {200}
     before = s.worker_pids()
     assert len(before) == 2
     os.kill(before[0], signal.SIGKILL)
@@ -141,6 +142,9 @@ async def test_a_worker_that_dies_is_started_again(serve):
         pytest.fail(f"worker not restarted: {pids} {body}\n" + s.log.read_text()[-3000:])
     assert set(await s.calls("/demo/v1/x", 20)) == {200}
     assert any(line.get("msg") == "worker exited; starting it again" for line in s.log_lines())
+    _, _, text = await s.admin.call("GET", "/metrics")  # the killed worker's requests still count
+    assert sum(metric(text, "credproxy_requests_total", credential="demo", code="200", worker=str(i)) or 0
+               for i in (0, 1)) == 40
 
 
 async def test_sighup_reloads_every_worker(serve, upstream):
