@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import gc
 import logging
 import signal
@@ -28,13 +29,15 @@ from proxy.auth_types import build_source
 from proxy.credential import Credential
 from proxy.errors import SecretBackendError
 from proxy.lifecycle.drain import FINISH_GRACE, drain
-from proxy.server.http import GuardedServer
+from proxy.server.connection import ConnectionContext, HTTPConnection
+from proxy.server.listener import CallerListener
 from proxy.server.forward.ca import LeafContexts, load_ca
 from proxy.host_map import HostMap
-from proxy.server.forward.listener import ForwardConnection, ForwardContext, ForwardRunner, ForwardSite
+from proxy.server.forward.listener import ForwardConnection, ForwardContext
 from proxy.observe.metrics import Metrics
 from proxy.upstream.address_policy import AddressPolicy, OwnListeners
 from proxy.pipeline import handle, record_refused
+from proxy.routing import route_dedicated, route_prefixed
 from proxy.policy import Policy
 from proxy.ratelimit import RateLimiter
 from proxy.upstream.relay import AnswerBudget
@@ -108,7 +111,7 @@ class Proxy:
         self.reloader = Reloader(self)
         self.admin_auth = AdminAuth()
         self._watcher: ConfigWatcher | None = None
-        self._runners: list[web.BaseRunner] = []
+        self._runners: list[CallerListener] = []  # main and forward
         self._admin_runner: web.AppRunner | None = None
         self._store = None
         self._cluster = None  # ClusterTokens when replicas share tokens (read at start)
@@ -238,49 +241,58 @@ class Proxy:
             # Never wait longer than a poll round: a backend that comes back is noticed as soon as rotation would be.
             delay = min(delay * 2, 60.0, max(1.0, state.cache.refresh_interval))
 
-    async def _site(self, runner: web.BaseRunner, listen: Listen, tls: TLSConfig | None, field: str = "listen") -> str:
-        """Start listening; returns the bound address ("host:port", or "unix:/path"). ``field`` names the
-        config key in a ``ListenError``."""
-        ctx = server_ssl(tls)
-        if listen.unix:
-            site = web.UnixSite(runner, listen.unix, ssl_context=ctx, backlog=LISTEN_BACKLOG)
-        else:
-            site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ctx, reuse_port=self.reuse_port,
-                               backlog=LISTEN_BACKLOG)
-        before = set(map(str, runner.addresses))
+    async def _site(self, listener: CallerListener, listen: Listen, tls: TLSConfig | None,
+                    field: str = "listen") -> str:
+        """Start a caller listener; returns the bound address ("host:port", or "unix:/path"). ``field`` names
+        the config key in a ``ListenError``."""
         try:
-            await site.start()
+            addresses = await listener.start(listen, server_ssl(tls), reuse_port=self.reuse_port)
         except OSError as exc:
             raise listen_error(exc, listen, field) from None
         if listen.unix:
             return str(listen)
-        new = [a for a in runner.addresses if str(a) not in before] or runner.addresses
-        host, port = new[-1][:2]
-        self._own.add(host, port)  # no upstream may be credproxy itself
+        for address in addresses:
+            self._own.add(*address[:2])  # no upstream may be credproxy itself
+        host, port = addresses[-1][:2]
         return f"{host}:{port}"
 
-    def _server_kwargs(self) -> dict:
-        limits = self.cfg.server.limits
+    async def _admin_site(self, runner: web.AppRunner, listen: Listen) -> str:
+        """The admin listener stays on aiohttp (control plane)."""
+        if listen.unix:
+            site = web.UnixSite(runner, listen.unix, backlog=LISTEN_BACKLOG)
+        else:
+            site = web.TCPSite(runner, listen.host, listen.port, reuse_port=self.reuse_port, backlog=LISTEN_BACKLOG)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise listen_error(exc, listen, "admin.listen") from None
+        if listen.unix:
+            return str(listen)
+        host, port = runner.addresses[-1][:2]
+        self._own.add(host, port)
+        return f"{host}:{port}"
+
+    def _context(self, name: str, live: set, *, route=None, via=None, counted: bool = True) -> ConnectionContext:
+        """The connection context of a caller listener: requests go through ``pipeline.handle`` on the state
+        current at their start. ``counted``: connections count under ``max_connections`` as they are made
+        (not those the forward listener hands over, which it counted already)."""
         holder = self.holder
-        return dict(max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
-                    max_headers=limits.max_headers, auto_decompress=False, access_log=None,
-                    header_timeout=limits.header_timeout, connections=self._connections,
-                    on_refused=lambda request, exc, rid: record_refused(holder.current, request, exc, rid))
+        return ConnectionContext.for_limits(
+            name, self._handler, self.cfg.server.limits, route=route, via=via, live=live,
+            connections=self._connections if counted else None,
+            on_refused=lambda ip, exc, rid: record_refused(holder.current, ip, exc, rid))
+
+    async def _handler(self, request, response) -> None:
+        with self.holder.use() as state:
+            await handle(request, response, state)
 
     async def _listen(self) -> None:
-        holder = self.holder
         cfg = self.cfg
-
-        async def main_handler(request: web.BaseRequest) -> web.StreamResponse:
-            with holder.use() as state:
-                return await handle(request, state)
-
-        # drain.drain() does the waiting for in-flight requests; shutdown_timeout is only the last grace.
-        runner = web.ServerRunner(GuardedServer(main_handler, **self._server_kwargs()), handle_signals=False,
-                                  shutdown_timeout=FINISH_GRACE)
-        await runner.setup()
-        self._runners.append(runner)
-        self.bound["main"] = await self._site(runner, cfg.server.listen, cfg.server.tls, "server.listen")
+        # drain.drain() does the waiting for in-flight requests; the grace is for answers still being written.
+        listener = CallerListener.http(lambda live: self._context("main", live, route=route_prefixed),
+                                       grace=FINISH_GRACE)
+        self._runners.append(listener)
+        self.bound["main"] = await self._site(listener, cfg.server.listen, cfg.server.tls, "server.listen")
         try:
             await self.listeners.start(cfg)
         except ListenerUnavailable as exc:
@@ -289,57 +301,39 @@ class Proxy:
             raise listen_error(exc.os_error, exc.listen, f"credentials.{exc.credential}.listen") from None
         if cfg.forward_proxy is not None:
             await self._start_forward(cfg)
-        admin = build_admin_app(holder, self.admin_auth, reload=self.reload)
+        admin = build_admin_app(self.holder, self.admin_auth, reload=self.reload)
         self._admin_runner = web.AppRunner(admin, handle_signals=False, access_log=None, shutdown_timeout=FINISH_GRACE)
         await self._admin_runner.setup()
-        self.bound["admin"] = await self._site(self._admin_runner, self.admin_listen or cfg.admin.listen, None,
-                                             "admin.listen")
+        self.bound["admin"] = await self._admin_site(self._admin_runner, self.admin_listen or cfg.admin.listen)
 
     async def _start_forward(self, cfg: Config) -> None:
-        """SPEC §10. Requests inside tunnels and absolute-form ones are parsed and answered by aiohttp's
-        protocol (``GuardedServer``), attached to the connection with the ``Via`` it came through."""
+        """SPEC §10. Requests inside tunnels and absolute-form ones are parsed and answered by the caller
+        connection protocol (``HTTPConnection``), attached to the connection with the ``Via`` it came through."""
         holder = self.holder
         fp = cfg.forward_proxy
         self.forward_leaves = leaves = LeafContexts(await load_ca(fp.ca, self._cache))
         self._metrics.forward_leaf_certs.set_function(lambda: len(leaves))
+        live: set = set()
 
-        async def forward_handler(request: web.BaseRequest) -> web.StreamResponse:
-            with holder.use() as state:
-                return await handle(request, state, via=request.protocol.via)
-
-        server = GuardedServer(forward_handler, **dict(self._server_kwargs(), connections=None))
-
-        def inner(via):
-            protocol = server()
-            protocol.via = via
-            return protocol
+        def inner(via) -> HTTPConnection:
+            return HTTPConnection(self._context("forward", live, via=via, counted=False))
 
         ctx = ForwardContext(holder, leaves, inner, connections=self._connections)
-        runner = ForwardRunner(server, [ctx], handle_signals=False, shutdown_timeout=FINISH_GRACE)
-        await runner.setup()
-        self._runners.append(runner)
-        site = ForwardSite(runner, fp.listen.host, fp.listen.port, lambda: ForwardConnection(ctx),
-                           backlog=LISTEN_BACKLOG, reuse_port=self.reuse_port)
+        listener = CallerListener(lambda: ForwardConnection(ctx), live=live, pending=ctx.open, grace=FINISH_GRACE)
+        self._runners.append(listener)
         try:
-            await site.start()
+            addresses = await listener.start(fp.listen, None, reuse_port=self.reuse_port)
         except OSError as exc:
             raise listen_error(exc, fp.listen, "forward_proxy.listen") from None
-        host, port = site._server.sockets[0].getsockname()[:2]
-        self._own.add(host, port)
+        for address in addresses:
+            self._own.add(*address[:2])
+        host, port = addresses[-1][:2]
         self.bound["forward"] = f"{host}:{port}"
 
-    async def _dedicated_runner(self, name: str) -> web.ServerRunner:
-        """A set-up runner for credential ``name``'s own listener; ``self.listeners`` binds and serves it."""
-        holder = self.holder
-
-        async def dedicated(request: web.BaseRequest) -> web.StreamResponse:
-            with holder.use() as state:
-                return await handle(request, state, dedicated=name)
-
-        runner = web.ServerRunner(GuardedServer(dedicated, **self._server_kwargs()), handle_signals=False,
-                                  shutdown_timeout=FINISH_GRACE)
-        await runner.setup()
-        return runner
+    async def _dedicated_runner(self, name: str) -> CallerListener:
+        """Credential ``name``'s own listener, not serving yet; ``self.listeners`` binds and serves it."""
+        route = functools.partial(route_dedicated, credential=name)
+        return CallerListener.http(lambda live: self._context("dedicated", live, route=route), grace=FINISH_GRACE)
 
     async def stop(self, *, served: bool = True) -> None:
         """Drain and release everything. ``served=False`` (start-up failed): nothing was served, so the

@@ -16,7 +16,7 @@ from proxy.auth_types import injector_for
 from proxy.config.models import CredentialConfig, ExpiredWhen, ServerConfig
 from proxy.grant import AuthSource
 from proxy.inject import Injector
-from proxy.observe.metrics import Metrics
+from proxy.observe.metrics import CredentialMetrics, Metrics
 from proxy.store.cache import SecretCache
 from proxy.store.secret import SecretRef
 from proxy.upstream.address_policy import AddressPolicy
@@ -46,6 +46,7 @@ class Credential:
         self.per_caller = cfg.auth.principals()  # callers with a principal of their own
         self.disabled = False
         self.stats = Stats()
+        self.metrics = CredentialMetrics(metrics, name) if metrics is not None else None
         ca = cfg.upstream_tls.ca_file if cfg.upstream_tls else None
         self.tls: ClientTLS | None = None
         if cfg.upstream_tls is not None and cfg.upstream_tls.client_cert is not None:

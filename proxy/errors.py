@@ -12,7 +12,6 @@ import errno
 import json
 from http import HTTPStatus
 
-from aiohttp import web
 
 
 class ProxyError(Exception):
@@ -288,7 +287,7 @@ def error_body(code: str, message: str, request_id: str) -> bytes:
 
 def to_bytes(exc: ProxyError, request_id: str) -> bytes:
     """The answer ``to_response`` gives, as a whole HTTP/1.1 response that closes the connection: for a
-    connection refused before aiohttp's request handling ever sees it."""
+    connection refused before its request is parsed."""
     body = error_body(exc.code, exc.message, request_id)
     head = [f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}", "Content-Type: application/json",
             f"Content-Length: {len(body)}", f"X-Request-Id: {request_id}", "Cache-Control: no-store",
@@ -299,17 +298,21 @@ def to_bytes(exc: ProxyError, request_id: str) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-def to_response(exc: ProxyError, request_id: str) -> web.Response:
-    headers = {"X-Request-Id": request_id, "Cache-Control": "no-store"}
+class Answer:
+    """A whole answer made by credproxy itself, written by ``proxy.server.response.ResponseWriter.answer``."""
+
+    __slots__ = ("status", "headers", "body", "close")
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes, close: bool = False) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.close = close  # the connection's framing cannot be trusted after this one: close it
+
+
+def to_response(exc: ProxyError, request_id: str) -> Answer:
+    headers = [("Content-Type", "application/json"), ("X-Request-Id", request_id), ("Cache-Control", "no-store")]
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(max(1, int(exc.retry_after)))
-    headers.update(exc.headers)
-    resp = web.Response(
-        status=exc.status,
-        body=error_body(exc.code, exc.message, request_id),
-        content_type="application/json",
-        headers=headers,
-    )
-    if exc.status in CLOSE_AFTER:
-        resp.force_close()
-    return resp
+        headers.append(("Retry-After", str(max(1, int(exc.retry_after)))))
+    headers += exc.headers
+    return Answer(exc.status, headers, error_body(exc.code, exc.message, request_id), exc.status in CLOSE_AFTER)

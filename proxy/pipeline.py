@@ -12,19 +12,20 @@ written in ``finally`` for allowed, denied and failed requests alike.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import errors
 
 from proxy.server import request_shape as guards
 from proxy.observe.audit import AuditEvent, ForwardEvent, strip_query_values
+from proxy.observe.metrics import CredentialMetrics
+from proxy.observe.request_id import new_request_id
+from proxy.server.request import Request
+from proxy.server.response import ResponseWriter
 from proxy.server.upload import RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential
@@ -32,7 +33,7 @@ from proxy.grant import Grant
 from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
 from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay
-from proxy.routing import Route, Via, route_dedicated, route_forward, route_prefixed
+from proxy.routing import Route, Via, route_forward
 from proxy.host_map import pick as pick_credential
 from proxy.lifecycle.state import State
 from proxy.upstream.answer import UpstreamResponse
@@ -67,26 +68,13 @@ class Trace:
     token_refreshed: bool = False
 
 
-def peer_ip(request: web.BaseRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    if not peer or not isinstance(peer, tuple):
-        return None
-    return _parse_ip(peer[0])
-
-
-@functools.lru_cache(maxsize=4096)  # callers come from a few addresses; parsing one costs more than the lookup
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
-
-
-async def handle(request: web.BaseRequest, state: State, dedicated: str | None = None,
-                 via: Via | None = None) -> web.StreamResponse:
-    trace = Trace(secrets.token_hex(16), time.monotonic())  # 128 random bits, as uuid4 but a fraction of its cost
-    ip = peer_ip(request)
+async def handle(request: Request, response: ResponseWriter, state: State) -> None:
+    """Answer one caller request through ``response``. ``request.context`` is the listener's: its routing
+    function (main, dedicated) or the forward proxy's ``Via`` (the CONNECT target and its caller)."""
+    trace = Trace(new_request_id(), time.monotonic())
+    ip = request.peer_ip
+    ctx = request.context
+    via: Via | None = ctx.via
     route: Route | None = None
     body: RequestBody | None = None
     state.metrics.inflight.inc()
@@ -96,10 +84,9 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         if via is not None:
             caller, route = _forward_route(request, state, via, trace)
         else:
-            route = route_dedicated(request.raw_path, dedicated) if dedicated else route_prefixed(request.raw_path)
+            route = ctx.route(request.target)
             trace.credential = route.credential
-            peercert = request.transport.get_extra_info("peercert") if request.transport else None
-            caller = state.authenticator.authenticate(request.headers, ip, peercert)
+            caller = state.authenticator.authenticate(request.headers, ip, request.peercert)
         trace.caller = caller.name
         state.authenticator.check_source(caller, ip)
         cred = state.credentials.get(route.credential)
@@ -113,20 +100,20 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
             raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
         if state.limiter is not None:
             state.limiter.acquire(caller.name, cred.name)
-        headers = strip_hop_by_hop(request.headers, _never_forwarded(cred.injector.removes))
         cred.touch()
         limits = state.config.server.limits
         body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
                                body_timeout=limits.body_timeout)
-        return await forward(request, state, cred, caller.name, route, headers, body, trace)
+        await forward(request, response, state, cred, caller.name, route, body, trace)
     except ProxyError as exc:
         if body is not None and body.fault is not None:
             exc = body.fault  # the caller overfilled or stalled its streamed upload: not the upstream's 502/504
         trace.status, trace.reason = exc.status, exc.reason
         trace.outcome = "denied" if exc.status in (401, 403, 407, 429) else "error"
-        log.info("request refused", extra={"request_id": trace.request_id, "status": exc.status,
-                                           "reason": exc.reason, "detail": exc.detail})
-        return errors.to_response(exc, trace.request_id)
+        if log.isEnabledFor(logging.DEBUG):  # the audit line says what matters; the detail is for debugging
+            log.debug("request refused", extra={"request_id": trace.request_id, "status": exc.status,
+                                                "reason": exc.reason, "detail": exc.detail})
+        await response.answer(errors.to_response(exc, trace.request_id))
     finally:
         if body is not None and body.fault is not None and trace.outcome == "error":
             trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
@@ -134,7 +121,7 @@ async def handle(request: web.BaseRequest, state: State, dedicated: str | None =
         _record(state, request, route, trace, ip, via)
 
 
-def _forward_route(request: web.BaseRequest, state: State, via: Via, trace: Trace) -> tuple[Caller, Route]:
+def _forward_route(request: Request, state: State, via: Via, trace: Trace) -> tuple[Caller, Route]:
     """Forward proxy: the caller of the tunnel (or of this absolute-form request), then the credential the
     host names. The caller comes first so an unauthenticated one learns nothing about which hosts exist."""
     caller = via.caller
@@ -149,22 +136,26 @@ def _forward_route(request: web.BaseRequest, state: State, via: Via, trace: Trac
     def injected(name: str) -> tuple[str, ...]:
         return creds[name].injector.removes if name in creds else ()
 
-    route = route_forward(request.raw_path, request.headers.getall("Host", []), via, state.forward_hosts,
+    route = route_forward(request.target, request.headers.getall("Host", []), via, state.forward_hosts,
                           lambda candidates: pick_credential(candidates, request.headers, injected))
     trace.credential = route.credential
     return caller, route
 
 
-async def forward(request: web.BaseRequest, state: State, cred: Credential, caller: str, route: Route,
-                  headers: CIMultiDict[str], body: RequestBody, trace: Trace) -> web.StreamResponse:
+async def forward(request: Request, response: ResponseWriter, state: State, cred: Credential, caller: str,
+                  route: Route, body: RequestBody, trace: Trace) -> None:
     principal = cred.principal(caller)
+    drop = _never_forwarded(cred.injector.removes)
+    bound = cred.metrics or CredentialMetrics(state.metrics, cred.name)
     for attempt in (1, 2):
         grant = await cred.source.grant(principal)
+        # The one copy of the caller's headers (per attempt: the injector changes it).
+        headers = strip_hop_by_hop(request.headers, drop)
         out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
         started = time.monotonic()
         upstream = await _send(cred, out, body)
         body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
-        state.metrics.child(state.metrics.upstream_duration, cred.name).observe(time.monotonic() - started)
+        bound.upstream_duration.observe(time.monotonic() - started)
         head = b""
         if attempt == 1 and cred.expired_status(upstream.status):
             if cred.needs_body_peek:
@@ -178,15 +169,16 @@ async def forward(request: web.BaseRequest, state: State, cred: Credential, call
                              extra={"request_id": trace.request_id, "credential": cred.name})
                     continue
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
-        return await relay(request, upstream, head, grant.guard, cred.leak_guard, trace,
-                           state.metrics.child(state.metrics.leaks, cred.name),
-                           write_timeout=state.config.server.limits.write_timeout, budget=state.answer_budget)
+        await relay(request, response, upstream, head, grant.guard, cred.leak_guard, trace, bound.leaks,
+                    budget=state.answer_budget)
+        return
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 
 
-def _outbound(request: web.BaseRequest, cred: Credential, grant: Grant, route: Route, headers: CIMultiDict[str],
+def _outbound(request: Request, cred: Credential, grant: Grant, route: Route, headers: CIMultiDict[str],
               body: RequestBody, request_id: str) -> Outbound:
-    out = Outbound(request.method, grant.upstream or cred.base, route.path, route.query, headers.copy(), body.payload())
+    """``headers`` becomes the outbound request's own (the injector changes it)."""
+    out = Outbound(request.method, grant.upstream or cred.base, route.path, route.query, headers, body.payload())
     if not body.replayable and request.content_length is not None:
         out.headers["Content-Length"] = str(request.content_length)
     out.headers["X-Request-Id"] = request_id
@@ -210,10 +202,10 @@ async def _peek(upstream: UpstreamResponse) -> bytes:
     return await read_upto(upstream, b"", PEEK_MAX)
 
 
-def _record(state: State, request: web.BaseRequest, route: Route | None, trace: Trace, ip,
+def _record(state: State, request: Request, route: Route | None, trace: Trace, ip,
             via: Via | None = None) -> None:
     duration = time.monotonic() - trace.started
-    raw_path = request.raw_path.partition("?")
+    raw_path = request.target.partition("?")
     path = (route.path if route else raw_path[0][:512])
     query = route.query if route else raw_path[2]
     if query:
@@ -231,20 +223,21 @@ def _record(state: State, request: web.BaseRequest, route: Route | None, trace: 
         state.metrics.forward_requests.labels(trace.credential if route else "-", str(trace.status)).inc()
     if state.alerts is not None:
         state.alerts.observe(event)
-    cred_label = trace.credential if route and trace.credential in state.credentials else "-"
+    cred = state.credentials.get(trace.credential) if route and trace.credential else None
     caller_label = trace.caller or "-"
-    state.metrics.child(state.metrics.requests, cred_label, caller_label, str(trace.status)).inc()
-    state.metrics.child(state.metrics.duration, cred_label).observe(duration)
+    if cred is not None and cred.metrics is not None:
+        cred.metrics.requests(caller_label, trace.status).inc()
+        cred.metrics.duration.observe(duration)
+    else:
+        state.metrics.child(state.metrics.requests, "-", caller_label, str(trace.status)).inc()
+        state.metrics.child(state.metrics.duration, "-").observe(duration)
 
 
 def _host_port(hp: tuple[str, int] | None) -> str | None:
     return f"{hp[0]}:{hp[1]}" if hp else None
 
 
-def record_refused(state: State, request: web.BaseRequest, exc: ProxyError, request_id: str) -> None:
-    """Audit a request aiohttp's parser refused before the handler ran: nothing about it is trustworthy."""
-    ip = peer_ip(request)
-    event = AuditEvent(request_id=request_id, caller=None, client_ip=str(ip) if ip else None, credential=None,
-                       method="-", path="-", status=exc.status, outcome="error", reason=exc.reason, duration_ms=0.0)
-    state.audit.write(event)
-    state.metrics.requests.labels("-", "-", str(exc.status)).inc()
+def record_refused(state: State, ip, exc: ProxyError, request_id: str) -> None:
+    """Audit a request the HTTP parser refused before any handler ran: nothing about it is trustworthy."""
+    state.audit.write(AuditEvent.refused(request_id, str(ip) if ip else None, exc.status, exc.reason))
+    state.metrics.child(state.metrics.requests, "-", "-", str(exc.status)).inc()

@@ -67,10 +67,13 @@ class RateLimiter:
 
     @classmethod
     def from_config(cls, cfg, *, clock: Callable[[], float] = time.monotonic,
-                    previous: "RateLimiter | None" = None) -> "RateLimiter":
-        return cls({n: c.rate_limit for n, c in (cfg.callers or {}).items() if c.rate_limit},
-                   {n: c.rate_limit for n, c in cfg.credentials.items() if c.rate_limit}, clock=clock,
-                   previous=previous)
+                    previous: "RateLimiter | None" = None) -> "RateLimiter | None":
+        """None when no caller or credential sets a limit: the request path then skips the step."""
+        callers = {n: c.rate_limit for n, c in (cfg.callers or {}).items() if c.rate_limit}
+        credentials = {n: c.rate_limit for n, c in cfg.credentials.items() if c.rate_limit}
+        if not callers and not credentials:
+            return None
+        return cls(callers, credentials, clock=clock, previous=previous)
 
     def acquire(self, caller: str, credential: str) -> None:
         pairs = [(kind, b) for kind, b in (("caller", self._callers.get(caller)),

@@ -26,6 +26,25 @@ _FORBIDDEN_DECODED = frozenset({0x2F, 0x5C}) | frozenset(range(0x20)) | {0x7F}
 _PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
+_BAD_RAW = re.compile(rb"[\x00-\x20\x5c\x7f]")
+_PCT = re.compile(rb"%([0-9A-Fa-f]{2})?")  # every "%", with its pair when it has a valid one
+_ENCODE = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")  # neither kept as is nor (already) an escape
+
+
+def _unescape(match: re.Match) -> bytes:
+    pair = match.group(1)
+    if pair is None:
+        raise BadRequest("invalid percent-encoding")
+    v = int(pair, 16)
+    if v in _FORBIDDEN_DECODED:
+        raise BadRequest("encoded slash, backslash or control byte in path")
+    return bytes((v,)) if v in _UNRESERVED else b"%" + pair.upper()
+
+
+def _encode(match: re.Match) -> bytes:
+    return b"%%%02X" % match.group()[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     credential: str
@@ -39,24 +58,12 @@ def canonical_path(raw: str) -> str:
     data = raw.encode("utf-8", "surrogateescape")
     if not data.startswith(b"/"):
         raise BadRequest("request target is not origin-form")
-    out = bytearray()
-    i = 0
-    while i < len(data):
-        b = data[i]
-        if b == 0x25:  # %
-            hexpair = data[i + 1 : i + 3]
-            if len(hexpair) != 2 or not all(c in _HEX for c in hexpair):
-                raise BadRequest("invalid percent-encoding")
-            v = int(hexpair, 16)
-            if v in _FORBIDDEN_DECODED:
-                raise BadRequest("encoded slash, backslash or control byte in path")
-            out += bytes([v]) if v in _UNRESERVED else b"%" + hexpair.upper()
-            i += 3
-            continue
-        if b == 0x5C or b < 0x21 or b == 0x7F:
-            raise BadRequest("backslash, space or control byte in path")
-        out += bytes([b]) if b in _KEEP else b"%%%02X" % b
-        i += 1
+    # Scanned by compiled patterns, not byte by byte: Python code runs only per escape and per odd byte.
+    if _BAD_RAW.search(data):
+        raise BadRequest("backslash, space or control byte in path")
+    if b"%" in data:
+        data = _PCT.sub(_unescape, data)
+    out = _ENCODE.sub(_encode, data)
     segments: list[str] = []
     parts = out.decode("ascii").split("/")[1:]
     for n, seg in enumerate(parts):

@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy.observe.audit import AuditEvent
 from proxy.credential import Credential
 from proxy.errors import AdminTokenError, ProxyError
-from proxy.pipeline import peer_ip
+from proxy.server.peer import transport_ip
 from proxy.admin.probe import probe
 from proxy.redact.scrubber import SCRUBBER
 from proxy.lifecycle.state import State, StateHolder
@@ -138,7 +138,7 @@ async def list_credentials(request: web.Request) -> web.Response:
 
 def _audit(request: web.Request, state: State, started: float, credential: str | None, status: int,
            reason: str) -> None:
-    ip = peer_ip(request)
+    ip = transport_ip(request.transport)
     state.audit.write(AuditEvent(
         request_id=uuid.uuid4().hex, caller=ADMIN_CALLER, client_ip=str(ip) if ip else None, credential=credential,
         method=request.method, path=request.path[:512], status=status,

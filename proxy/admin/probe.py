@@ -12,13 +12,13 @@ the upstream body is not read.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
 from proxy import pipeline
+from proxy.observe.request_id import new_request_id
 from proxy.server.upload import RequestBody
 from proxy.credential import Credential
 from proxy.errors import ProxyError
@@ -33,7 +33,7 @@ class ProbeRequest:
     """The parts of a caller request that the pipeline steps read."""
 
     method: str
-    raw_path: str
+    target: str
     content_length: int | None = None
 
 
@@ -46,7 +46,7 @@ async def probe(state: State, cred: Credential, *, clock: Callable[[], float] = 
     spec = cred.cfg.probe
     report: dict = {"name": cred.name, "ok": False, "disabled": cred.disabled, "token": None, "call": None,
                     "error": None}
-    trace = pipeline.Trace(uuid.uuid4().hex, time.monotonic(), credential=cred.name, caller=PROBE_CALLER)
+    trace = pipeline.Trace(new_request_id(), time.monotonic(), credential=cred.name, caller=PROBE_CALLER)
     report["request_id"] = trace.request_id
     # A token-only probe is audited too (method PROBE): it read secret material.
     request = ProbeRequest(spec.method.upper(), spec.path) if spec else ProbeRequest("PROBE", "/")

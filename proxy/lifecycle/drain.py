@@ -1,14 +1,12 @@
 """Graceful shutdown of caller listeners: stop accepting, wait for in-flight requests, then close.
 
-aiohttp's ``runner.cleanup()`` does wait for a handler in progress, but per runner
-and for up to ``shutdown_timeout`` twice (once for the handler, once after
-cancelling it), and a runner cleaned up after another keeps accepting meanwhile.
-So the drain is done here, once for all listeners: every site stops accepting
-first, then one deadline bounds the wait for the requests counted by
-``StateHolder.use()``; only then are the runners cleaned up, with a short grace
-(``FINISH_GRACE``, their ``shutdown_timeout``) for answers whose handler has
-returned but whose last bytes are still being written. Whatever is still running
-at the deadline is cancelled here, at once.
+The drain is done once for all caller listeners (``proxy.server.listener``): every
+one stops accepting first (idle keep-alive connections close, busy ones after their
+answer), then one deadline bounds the wait for the requests counted by
+``StateHolder.use()``; only then are the listeners cleaned up, with a short grace
+(``FINISH_GRACE``) for answers whose handler has returned but whose last bytes are
+still being written. Whatever is still running at the deadline is cancelled here,
+at once.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ import logging
 import time
 from collections.abc import Iterable
 
-from aiohttp import web
-
 from proxy.lifecycle.state import StateHolder
 
 log = logging.getLogger("credproxy.drain")
@@ -27,18 +23,14 @@ log = logging.getLogger("credproxy.drain")
 FINISH_GRACE = 1.0
 
 
-async def stop_accepting(runners: Iterable[web.BaseRunner]) -> None:
+async def stop_accepting(runners: Iterable) -> None:
     """Close the listening sockets; idle keep-alive connections close now, busy ones after their answer
-    (so no new request arrives on an old connection while draining)."""
+    (so no new request arrives on an old connection while draining). ``runners``: ``Listener``s."""
     for runner in runners:
-        for site in list(runner.sites):
-            await site.stop()
-        pre_shutdown = getattr(runner.server, "pre_shutdown", None)
-        if pre_shutdown is not None:
-            pre_shutdown()
+        await runner.stop_accepting()
 
 
-async def drain(runners: list[web.BaseRunner], holder: StateHolder, timeout: float) -> bool:
+async def drain(runners: list, holder: StateHolder, timeout: float) -> bool:
     """True when every in-flight request finished within ``timeout``."""
     started = time.monotonic()
     await stop_accepting(runners)
@@ -51,7 +43,6 @@ async def drain(runners: list[web.BaseRunner], holder: StateHolder, timeout: flo
             finished = False
             log.warning("drain timeout reached: cancelling the requests still in flight",
                         extra={"in_flight": holder.in_flight, "drain_timeout_s": timeout})
-            # Cancelled here rather than by aiohttp, which would first wait its shutdown_timeout once more.
             cancelled = holder.cancel_in_flight()
             if cancelled:
                 await asyncio.wait(cancelled, timeout=FINISH_GRACE)

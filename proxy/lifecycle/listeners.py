@@ -19,13 +19,12 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from proxy.config.fields import Listen
 from proxy.config.models import Config, TLSConfig
 from proxy.errors import ListenerUnavailable
 from proxy.lifecycle.drain import stop_accepting
 from proxy.server.binding import LISTEN_BACKLOG, address_of, bind_sockets, server_ssl
+from proxy.server.listener import CallerListener
 from proxy.upstream.address_policy import OwnListeners
 
 
@@ -33,7 +32,7 @@ from proxy.upstream.address_policy import OwnListeners
 class Listener:
     name: str
     key: tuple  # (listen, tls) as configured: a change to either makes a new listener
-    runner: web.BaseRunner
+    runner: CallerListener
     socks: list[socket.socket]
     ssl: ssl.SSLContext | None
     address: str  # as bound: "host:port" or "unix:/path"
@@ -55,7 +54,7 @@ def _tcp_addresses(socks: list[socket.socket]) -> list[tuple[str, int]]:
 
 
 class DedicatedListeners:
-    def __init__(self, *, runner_for: Callable[[str], Awaitable[web.BaseRunner]], own: OwnListeners,
+    def __init__(self, *, runner_for: Callable[[str], Awaitable[CallerListener]], own: OwnListeners,
                  bound: dict[str, str], server_tls: TLSConfig | None, reuse_port: bool = False) -> None:
         self._runner_for = runner_for  # a set-up runner (not serving) whose requests use that credential
         self._own = own
@@ -64,7 +63,7 @@ class DedicatedListeners:
         self._reuse_port = reuse_port
         self.active: dict[str, Listener] = {}
 
-    def runners(self) -> list[web.BaseRunner]:
+    def runners(self) -> list[CallerListener]:
         return [x.runner for x in self.active.values()]
 
     async def start(self, cfg: Config) -> None:
@@ -119,7 +118,7 @@ class DedicatedListeners:
                 _remove_socket_file(x.key[0].unix)
         plan.coming.clear()
 
-    async def commit(self, plan: Plan) -> list[web.BaseRunner]:
+    async def commit(self, plan: Plan) -> list[CallerListener]:
         """Serve the new listeners, stop accepting on the leaving ones; returns the runners to clean up
         once the old state is idle (their connections may still carry requests)."""
         stopped = []
@@ -135,7 +134,7 @@ class DedicatedListeners:
             stopped.append(old.runner)
         for x in plan.coming:
             for sock in x.socks:
-                await web.SockSite(x.runner, sock, ssl_context=x.ssl, backlog=LISTEN_BACKLOG).start()
+                await x.runner.serve(sock, x.ssl, backlog=LISTEN_BACKLOG)
             self.active[x.name] = x
             self._bound[f"credential:{x.name}"] = x.address
         return stopped

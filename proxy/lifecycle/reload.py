@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from aiohttp import web
+from proxy.server.listener import CallerListener
 
 from proxy.config import models as config_mod
 from proxy.admin.api import AdminAuth
@@ -181,7 +181,7 @@ class Reloader:
         self.last_digest: str | None = None  # of the file content the last reload (or the start) saw
         self.last_change: ReloadResult | None = None  # the last reload that changed something (or the start)
         self._retiring: set[State] = set()
-        self._stopping: list[web.BaseRunner] = []
+        self._stopping: list[CallerListener] = []
         self._tasks: set[asyncio.Task] = set()
 
     def started(self) -> None:
@@ -342,14 +342,14 @@ class Reloader:
             admin_token_replaced=admin_replaced,
             restart_required=restart_required(old_cfg, cfg))
 
-    def _retire(self, old: State, runners: list[web.BaseRunner]) -> None:
+    def _retire(self, old: State, runners: list[CallerListener]) -> None:
         self._retiring.add(old)
         self._stopping.extend(runners)
         task = asyncio.get_running_loop().create_task(self._close_when_idle(old, runners))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _close_when_idle(self, old: State, runners: list[web.BaseRunner]) -> None:
+    async def _close_when_idle(self, old: State, runners: list[CallerListener]) -> None:
         try:
             await old.wait_idle()
             for runner in runners:
@@ -410,7 +410,7 @@ class Reloader:
 
     # --- shutdown ---------------------------------------------------------------------
 
-    def stopping_runners(self) -> list[web.BaseRunner]:
+    def stopping_runners(self) -> list[CallerListener]:
         return list(self._stopping)
 
     async def close_all(self) -> None:

@@ -67,6 +67,28 @@ class ScrapeTimeGauge:
                 forget(self._gauge, gone)
 
 
+class CredentialMetrics:
+    """One credential's metric children, bound when the credential is loaded: the request path observes
+    them on every request, and ``labels()`` validates and takes a lock on every call."""
+
+    __slots__ = ("upstream_duration", "duration", "leaks", "_requests", "_counter", "_name")
+
+    def __init__(self, metrics: "Metrics", name: str) -> None:
+        self.upstream_duration = metrics.upstream_duration.labels(name)
+        self.duration = metrics.duration.labels(name)
+        self.leaks = metrics.leaks.labels(name)
+        self._counter = metrics.requests
+        self._name = name
+        self._requests: dict[tuple[str, int], object] = {}  # (caller, status): callers come from config
+
+    def requests(self, caller: str, status: int):
+        key = (caller, status)
+        found = self._requests.get(key)
+        if found is None:
+            found = self._requests[key] = self._counter.labels(self._name, caller, str(status))
+        return found
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()

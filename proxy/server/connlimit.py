@@ -3,7 +3,7 @@ main and dedicated listeners (not admin).
 
 A connection is counted from the moment it is established (after the TLS
 handshake on TLS listeners) until it closes, however it closes. One that arrives
-while the count is at the limit never reaches aiohttp: it is answered at once
+while the count is at the limit never reaches the HTTP parser: it is answered at once
 with a fixed ``503 overloaded`` JSON answer (``Connection: close``,
 ``Retry-After: 1``), without reading its request, so an overloaded process spends
 no parsing on it. Callers get a status they can act on (back off, try another

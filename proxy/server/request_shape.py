@@ -1,7 +1,7 @@
 """Request-shape checks: what credproxy refuses to forward, however it is addressed.
 
-aiohttp's parser already refuses most malformed requests (those answer through
-``proxy.server.http``). These checks run first in the request path and close
+llhttp already refuses most malformed requests (those answer through
+``proxy.server.connection``). These checks run first in the request path and close
 what the parser lets through or what would change meaning behind the proxy:
 
 - framing an upstream could read differently (request smuggling): a
@@ -33,8 +33,6 @@ from __future__ import annotations
 from itertools import chain
 from urllib.parse import unquote_plus
 
-from aiohttp import web
-
 from proxy.errors import BadRequest
 
 REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
@@ -48,7 +46,8 @@ SPOOFABLE = (
 )
 
 
-def check_request(request: web.BaseRequest) -> None:
+def check_request(request) -> None:
+    """``request``: a ``proxy.server.request.Request``."""
     if request.version not in ((1, 1), (1, 0)):
         raise BadRequest("HTTP version other than 1.0/1.1", reason="http_version")
     if request.method in REFUSED_METHODS:
@@ -56,7 +55,7 @@ def check_request(request: web.BaseRequest) -> None:
     check_framing(request.headers, request.version)
     check_header_bytes(request.raw_headers)
     check_upgrade(request.headers)
-    check_method_override(request.headers, request.raw_path.partition("?")[2])
+    check_method_override(request.headers, request.target.partition("?")[2])
 
 
 def check_framing(headers, version) -> None:
@@ -70,6 +69,8 @@ def check_framing(headers, version) -> None:
         raise BadRequest("Transfer-Encoding in an HTTP/1.0 request", reason="smuggling")
     if len(cl) > 1 or (cl and not (cl[0].isascii() and cl[0].isdigit())):
         raise BadRequest("repeated or malformed Content-Length", reason="smuggling")
+    if len(headers.getall("Host", ())) > 1:  # which one would the upstream (or a cache before it) believe?
+        raise BadRequest("repeated Host", reason="bad_header")
 
 
 def check_header_bytes(raw_headers) -> None:

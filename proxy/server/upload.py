@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from aiohttp import web
 
+from proxy.server.request import Request
 from proxy.server.upload_clock import BodyClock
 from proxy.errors import BadRequest, PayloadTooLarge, ProxyError
 from proxy.upstream.answer import UpstreamResponse
@@ -64,14 +64,13 @@ class RequestBody:
             yield chunk
 
 
-async def read_body(request: web.BaseRequest, *, max_body: int, buffer_max: int,
-                    body_timeout: float = 60.0) -> RequestBody:
-    if not request.body_exists:
+async def read_body(request: Request, *, max_body: int, buffer_max: int, body_timeout: float = 60.0) -> RequestBody:
+    content = request.body
+    if content is None:
         return RequestBody(None)
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge("declared length over max_body")
-    content = request.content
     if length is not None and length <= buffer_max:
         data = content.read_nowait(length) if length else b""  # usually all of it, sent with the head
         if len(data) < length:

@@ -13,19 +13,16 @@ costs one timer per ``timeout`` of upload time, not one per chunk.
 ``read`` raises ``400 bad_request`` with its own audit reason:
 ``caller_body_timeout`` for a stall, ``caller_disconnected`` for a caller gone
 mid-body (nobody reads that answer, but the audit line says what happened
-rather than an unhandled error). The stream itself keeps ``BodyStalled``, a
-``TimeoutError``: after the handler has answered, aiohttp drains an unread body
-("lingering close") and ends that quietly on a timeout, where any other
-exception would be logged as an unhandled error.
+rather than an unhandled error). The stream itself keeps ``BodyStalled``; a
+connection whose request body was not wholly received closes after its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from aiohttp import StreamReader
-
 from proxy.errors import BadRequest
+from proxy.server.request import BodyStream
 
 
 class BodyStalled(TimeoutError):
@@ -35,7 +32,7 @@ class BodyStalled(TimeoutError):
 class BodyClock:
     __slots__ = ("_content", "_timeout", "_loop", "_timer", "_since")
 
-    def __init__(self, content: StreamReader, timeout: float) -> None:
+    def __init__(self, content: BodyStream, timeout: float) -> None:
         self._content = content
         self._timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None  # taken at the first wait: most bodies have none

@@ -14,7 +14,8 @@ decoded — never passed on unscanned.
 An upstream answer whose framing credproxy would have to guess at never gets
 here: the client refuses it (``proxy.upstream.answer``) and the caller gets 502.
 A caller that takes no bytes for ``write_timeout`` (a slow reader holding an
-upstream connection open) is disconnected.
+upstream connection open) is disconnected: the ``ResponseWriter`` raises
+``CallerStalled`` (``proxy.server.response``).
 
 Three strategies, chosen by ``relay``. ``relay_whole``: answers with a
 ``Content-Length`` up to ``WHOLE_BODY_MAX`` (64 KiB, typical of JSON APIs) are read whole, scanned once and sent with their (new) length: no
@@ -29,22 +30,21 @@ no further than the caller takes.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.errors import BodyFailed, LeakBlocked, UpstreamError, UpstreamTimeout
 from proxy.redact import encoding
 from proxy.redact.leak_guard import LeakGuard, StreamRedactor
+from proxy.server.request import Request
+from proxy.server.response import CallerStalled, ResponseWriter
 from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.client import strip_hop_by_hop
 
 log = logging.getLogger("credproxy.relay")
 
 BLOCK_BUFFER = 1 << 20
-DEFAULT_WRITE_TIMEOUT = 60.0
 WHOLE_BODY_MAX = 64 * 1024
 WHOLE_ANSWER_MAX = 1 << 20
 ANSWER_BUDGET = 8 << 20  # 8 x 1 MiB answers at once; more stream, so memory stays bounded under any load
@@ -86,10 +86,6 @@ class _BodyRead:
 BODY_READ = _BodyRead()
 
 
-class CallerStalled(Exception):
-    """The caller took no response bytes within the write timeout."""
-
-
 def _header_text(headers: CIMultiDict[str]) -> bytes:
     """All names and values as one text, for one quick check before scanning header by header."""
     return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
@@ -118,9 +114,8 @@ def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, in
     return guard.redact_text(reason) if guard is not None else (reason, 0)
 
 
-async def relay(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes, guard: LeakGuard,
-                mode: str, trace, leak_counter, *, write_timeout: float = DEFAULT_WRITE_TIMEOUT,
-                budget: AnswerBudget | None = None) -> web.StreamResponse:
+async def relay(request: Request, response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
+                guard: LeakGuard, mode: str, trace, leak_counter, *, budget: AnswerBudget | None = None) -> None:
     """Check and redact the head, then hand the answer to one of the three strategies. ``head``: body bytes
     already read (the expired-answer peek), sent first."""
     try:
@@ -146,26 +141,27 @@ async def relay(request: web.BaseRequest, upstream: UpstreamResponse, head: byte
         raise
     if decoder is not None:  # held whole, decoded (bounded), scanned, sent decoded
         headers.popall("Content-Encoding", None)
-        return await relay_whole(upstream, head, headers, reason, guard, mode, leak_counter, decoder)
+        return await relay_whole(response, upstream, head, headers, reason, guard, mode, leak_counter, trace,
+                                 decoder)
     length = upstream.content_length
     if has_body and length is not None and length <= WHOLE_BODY_MAX:
-        return await relay_whole(upstream, head, headers, reason, guard if scan_body else None, mode, leak_counter)
+        return await relay_whole(response, upstream, head, headers, reason, guard if scan_body else None, mode,
+                                 leak_counter, trace)
     redactor = guard.stream() if scan_body else None
     if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
             and budget.take(length):
         try:
-            return await relay_held(request, upstream, head, headers, reason, redactor, mode, leak_counter,
-                                    trace, write_timeout)
+            return await relay_held(response, upstream, head, headers, reason, redactor, mode, leak_counter,
+                                    trace)
         finally:
             budget.give(length)
-    return await relay_streamed(request, upstream, head, headers, reason, guard, redactor, mode, leak_counter,
-                                trace, write_timeout, has_body=has_body)
+    return await relay_streamed(response, upstream, head, headers, reason, guard, redactor, mode, leak_counter,
+                                trace, has_body=has_body)
 
 
-async def relay_streamed(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes,
+async def relay_streamed(response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
                          headers: CIMultiDict[str], reason: str | None, guard: LeakGuard,
-                         redactor: StreamRedactor | None, mode: str, leak_counter, trace, write_timeout: float,
-                         *, has_body: bool) -> web.StreamResponse:
+                         redactor: StreamRedactor | None, mode: str, leak_counter, trace, *, has_body: bool) -> None:
     """An answer too long (or of unknown length) to hold: sent on chunk by chunk as the caller takes it.
     Under ``block`` the first ``BLOCK_BUFFER`` bytes are held and scanned before anything is sent."""
     try:
@@ -179,38 +175,35 @@ async def relay_streamed(request: web.BaseRequest, upstream: UpstreamResponse, h
             if probe.count:
                 leak_counter.inc(probe.count)
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
-        response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
     except BaseException:
         upstream.release()
         raise
     try:
-        await response.prepare(request)
+        response.start(upstream.status, headers, reason)
         if not has_body:
-            await response.write_eof()
-            return response
+            await response.end()
+            return
         for chunk in (held, head):
-            await _write(response, redactor, chunk, mode, write_timeout)
+            await _write(response, redactor, chunk, mode)
         while chunk := await upstream.read_chunk():
-            await _write(response, redactor, chunk, mode, write_timeout)
+            await _write(response, redactor, chunk, mode)
         if redactor is not None:
             tail = redactor.flush()
             if redactor.count and mode == "block":
                 raise LeakBlocked("secret echoed late in the response body", reason="leak_blocked")
-            await _write(response, None, tail, mode, write_timeout)
+            await _write(response, None, tail, mode)
             if redactor.count:
                 leak_counter.inc(redactor.count)
-        await response.write_eof()
-        return response
+        await response.end()
     except (BodyFailed, LeakBlocked, ConnectionError, CallerStalled) as exc:
-        _abort(request, trace, exc)
-        return response
+        _abort(response, trace, exc)
     finally:
         upstream.release()
 
 
-async def relay_whole(upstream: UpstreamResponse, head: bytes, headers: CIMultiDict[str], reason: str | None,
-                       guard: LeakGuard | None, mode: str, leak_counter,
-                       decoder: encoding.Decoder | None = None) -> web.Response:
+async def relay_whole(response: ResponseWriter, upstream: UpstreamResponse, head: bytes, headers: CIMultiDict[str],
+                      reason: str | None, guard: LeakGuard | None, mode: str, leak_counter, trace,
+                      decoder: encoding.Decoder | None = None) -> None:
     """A small answer of known length, or a compressed one to decode (``decoder``): read it whole, scan it once,
     send it with its (new) length."""
     try:
@@ -231,12 +224,15 @@ async def relay_whole(upstream: UpstreamResponse, head: bytes, headers: CIMultiD
             if mode == "block":
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
     headers.popall("Content-Length", None)
-    return web.Response(status=upstream.status, reason=reason, headers=headers, body=data)
+    try:
+        await response.send(upstream.status, headers, data, reason)
+    except (ConnectionError, CallerStalled) as exc:
+        _abort(response, trace, exc)
 
 
-async def relay_held(request: web.BaseRequest, upstream: UpstreamResponse, head: bytes,
-                      headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
-                      leak_counter, trace, write_timeout: float) -> web.StreamResponse:
+async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
+                     headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
+                     leak_counter, trace) -> None:
     """An answer of known length up to ``WHOLE_ANSWER_MAX``: every chunk read and scanned, and held, before
     anything is sent, so it goes out with its (new) length and a failed read is still a clean 502/504.
 
@@ -258,25 +254,22 @@ async def relay_held(request: web.BaseRequest, upstream: UpstreamResponse, head:
             leak_counter.inc(redactor.count)
             if mode == "block":
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
-    response = web.StreamResponse(status=upstream.status, reason=reason, headers=headers)
-    response.content_length = sum(map(len, pieces))
+    headers.popall("Content-Length", None)
     try:
-        await response.prepare(request)
+        response.start(upstream.status, headers, reason, length=sum(map(len, pieces)))
         for piece in pieces:
-            await _write(response, None, piece, mode, write_timeout)
-        await response.write_eof()
+            await _write(response, None, piece, mode)
+        await response.end()
     except (ConnectionError, CallerStalled) as exc:
-        _abort(request, trace, exc)
-    return response
+        _abort(response, trace, exc)
 
 
-def _abort(request: web.BaseRequest, trace, exc: BaseException) -> None:
+def _abort(response: ResponseWriter, trace, exc: BaseException) -> None:
     """The answer cannot be finished: record why and cut the caller's connection (never a body that looks whole)."""
     trace.outcome, trace.reason = "error", _abort_reason(exc)
     log.warning("response aborted mid-stream", extra={"request_id": trace.request_id, "reason": trace.reason,
                                                       "error": type(exc).__name__})
-    if request.transport is not None:
-        request.transport.abort()
+    response.abort()
 
 
 def _abort_reason(exc: BaseException) -> str:
@@ -289,20 +282,14 @@ def _abort_reason(exc: BaseException) -> str:
     return "upstream_body_failed"
 
 
-async def _write(response: web.StreamResponse, redactor: StreamRedactor | None, chunk: bytes, mode: str,
-                 write_timeout: float) -> None:
+async def _write(response: ResponseWriter, redactor: StreamRedactor | None, chunk: bytes, mode: str) -> None:
     if redactor is not None:
         before = redactor.count
         chunk = redactor.feed(chunk)
         if mode == "block" and redactor.count > before:
             raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
-    if not chunk:
-        return
-    try:
-        async with asyncio.timeout(write_timeout):
-            await response.write(chunk)
-    except TimeoutError:
-        raise CallerStalled() from None
+    if chunk:
+        await response.write(chunk)
 
 
 async def read_upto(upstream: UpstreamResponse, head: bytes, limit: int) -> bytes:

@@ -14,7 +14,8 @@ One ``ForwardConnection`` per caller connection reads the first request line:
   ``Via`` that has no CONNECT target (each request authenticates itself).
 
 Every CONNECT gets one audit line (``listener: forward``, ``connect_host``). ``inner`` is the one
-point where the HTTP protocol is plugged in (today aiohttp's, see ``proxy.app``).
+point where the HTTP protocol is plugged in (``proxy.server.connection.HTTPConnection``, see ``proxy.app``);
+the sockets and shutdown are a ``proxy.server.listener.CallerListener``'s.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from proxy import errors
 from proxy.errors import BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
@@ -176,9 +175,9 @@ class ForwardConnection(asyncio.Protocol):
     def _hand_over(self, via: Via, pending: bytes, transport=None) -> None:
         """From here on ``inner`` owns the connection (``transport``: the TLS one, after a CONNECT).
 
-        With the llhttp connection protocol (``proxy.server.connection.HTTPConnection``) this becomes
-        ``conn = HTTPConnection(<forward context with caller=via.caller>); transport.set_protocol(conn);
-        conn.attach(transport, release=self.release); conn.data_received(pending)`` — ``Attached`` goes."""
+        ``inner(via)`` is an ``HTTPConnection`` whose context carries ``via`` and does not count connections;
+        ``Attached`` gives this connection's place under ``max_connections`` back when the transport closes
+        (``HTTPConnection.attach(transport, release=...)`` would do the same without the wrapper)."""
         self._disarm()
         self.ctx.open.discard(self)
         attached = Attached(self.ctx.inner(via), self.release)
@@ -390,38 +389,3 @@ class _ConnectAudit:
         state.audit.write(event)
         if state.alerts is not None:
             state.alerts.observe(event)
-
-
-class ForwardSite(web.BaseSite):
-    """The forward listener's socket, as an aiohttp site so the drain stops it with the others."""
-
-    __slots__ = ("_host", "_port", "_factory", "_reuse_port")
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, factory: Callable[[], asyncio.Protocol], *,
-                 backlog: int = 128, reuse_port: bool = False) -> None:
-        super().__init__(runner, backlog=backlog)
-        self._host, self._port, self._factory, self._reuse_port = host, port, factory, reuse_port
-
-    @property
-    def name(self) -> str:
-        return f"forward://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._factory, self._host, self._port, backlog=self._backlog,
-                                                reuse_port=self._reuse_port or None)
-
-
-class ForwardRunner(web.ServerRunner):
-    """Cleans up the HTTP connections (aiohttp's server) and the CONNECTs and tunnels not handed to it."""
-
-    def __init__(self, server: web.Server, ctx_holder: list, **kwargs) -> None:
-        super().__init__(server, **kwargs)
-        self._ctx_holder = ctx_holder
-
-    async def _cleanup_server(self) -> None:
-        for ctx in self._ctx_holder:
-            for conn in list(ctx.open):
-                conn.abort()
-        await super()._cleanup_server()

@@ -1,0 +1,521 @@
+"""One caller connection: HTTP/1.1 on llhttp (``httptools``, strict — no lenient flags)
+over an asyncio transport (uvloop's when installed), plain or TLS.
+
+The interface (what a listener — main, dedicated, forward — gives and gets)::
+
+    ctx = ConnectionContext.for_limits("main", handle, cfg.server.limits, route=route_prefixed,
+                                       on_refused=..., connections=..., live=...)
+    server = await loop.create_server(lambda: HTTPConnection(ctx), host, port, ssl=...)
+
+    async def handle(request: Request, response: ResponseWriter) -> None: ...
+
+- ``handler(request, response)`` is called once per request, in order (pipelined
+  requests wait for the answer before theirs). It must answer through ``response``
+  (``proxy.server.response``): ``start``/``write``/``end``, ``send``, ``answer``,
+  ``abort``. The protocol decides nothing about a request: policy is the handler's.
+- ``ctx.route`` (raw target -> ``Route``, main and dedicated listeners) or ``ctx.via``
+  (the forward proxy's ``proxy.routing.Via``: the CONNECT target and the caller
+  authenticated on it) reach the handler as ``request.context``; ``ctx.listener``
+  names the listener for audit and metrics.
+- Inside a tunnel (after ``loop.start_tls``), attach a connection to the existing
+  transport with its own context (``connections=None``: it is not counted again under
+  ``max_connections``; pass the outer connection's ``release``)::
+
+      conn = HTTPConnection(tunnel_ctx)
+      tls = await loop.start_tls(transport, conn, leaf_ctx, server_side=True)
+      conn.attach(tls, release=release)
+
+  where ``transport, leftover, release = request.take_over()`` was called by the
+  CONNECT request's handler after its ``200`` (``leftover``: bytes the caller sent
+  after the CONNECT head; for an opaque tunnel, the taker resumes reading).
+
+What the protocol does on its own, per SPEC §2/§6 and ``server.limits``:
+
+- a deadline for each request head (``header_timeout``), from its first byte (or from
+  the connection's start); a bounded idle time between requests (``KEEPALIVE_TIMEOUT``);
+- ``431 too_large`` for a header field over ``max_header_line`` or more than
+  ``max_headers`` fields (trailers count too), ``400 bad_request`` for anything
+  llhttp refuses — JSON with a request ID, reported through ``ctx.on_refused`` (the
+  audit line), never echoing the offending bytes — then the connection is half-closed
+  and its input dropped for ``LINGER`` so the answer is not lost to a reset;
+- a head llhttp refuses after having reported it (a bad ``Transfer-Encoding``, say)
+  never reaches the handler; a body that turns out malformed fails the body stream;
+- flow control both ways: reading pauses while pipelined requests wait or a body's
+  buffer is full (``proxy.server.request``); writes wait for the transport to drain,
+  for at most ``write_timeout`` (``CallerStalled``);
+- ``Expect: 100-continue``: ``100 Continue`` when the handler first waits for the body;
+- after an answer whose request body was not wholly received, or that says
+  ``Connection: close``, the connection closes; a handler's unexpected error answers
+  ``500 internal_error`` (traceback to the scrubbed log only) or, once an answer has
+  begun, cuts the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httptools
+from multidict import CIMultiDict
+
+from proxy import errors
+from proxy.errors import BadRequest, HeadersTooLarge, ProxyError
+from proxy.observe.request_id import new_request_id
+from proxy.server.connlimit import ConnectionLimit
+from proxy.server.peer import transport_ip
+from proxy.server.request import HIGH_WATER, BodyStream, Request
+from proxy.server.response import CallerStalled, ResponseWriter
+
+log = logging.getLogger("credproxy.server")
+
+KEEPALIVE_TIMEOUT = 75.0
+LINGER = 2.0
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9), "2.0": (2, 0)}
+
+Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
+OnRefused = Callable[[object, ProxyError, str], None]  # (peer IP or None, the error, request ID)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionContext:
+    """What every connection of one listener shares (built once per listener)."""
+
+    listener: str  # "main", "dedicated", "forward": for audit lines and metrics
+    handler: Handler
+    max_header_line: int = 8192
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    write_timeout: float = 60.0
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT
+    route: Callable[[str], object] | None = None  # raw target -> proxy.routing.Route
+    via: object | None = None  # forward proxy: proxy.routing.Via (CONNECT target, caller authenticated on it)
+    on_refused: OnRefused | None = None
+    connections: ConnectionLimit | None = None  # counts and caps connections as they are made
+    live: set | None = None  # the listener's open connections (for draining)
+
+    @classmethod
+    def for_limits(cls, listener: str, handler: Handler, limits, **kwargs) -> "ConnectionContext":
+        """From ``server.limits`` (``proxy.config.models.Limits``)."""
+        return cls(listener, handler, max_header_line=limits.max_header_line, max_headers=limits.max_headers,
+                   header_timeout=limits.header_timeout, write_timeout=limits.write_timeout, **kwargs)
+
+
+def _too_large() -> HeadersTooLarge:
+    return HeadersTooLarge("request head over the limits", reason="headers_too_large")
+
+
+class HTTPConnection(asyncio.Protocol):
+    def __init__(self, ctx: ConnectionContext) -> None:
+        self.ctx = ctx
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._early: bytes | None = None  # received before attach() (a just-started TLS session)
+        self._release: Callable[[], None] | None = None
+        self._peer_ip = None
+        self._peercert = None
+        # parsing
+        self._in_head = False
+        self._url = b""
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._trailers = 0
+        self._oversize = False
+        self._parsing: Request | None = None  # the request whose body is being parsed
+        self._unconfirmed: Request | None = None  # head reported, not yet known to be accepted by llhttp
+        self._stopped = False  # no more parsing: an error, an upgrade, or closing
+        self._leftover = b""
+        self._last_method = ""
+        # serving
+        self._queue: deque[Request | ProxyError] = deque()
+        self._active: Request | None = None
+        self._task: asyncio.Task | None = None
+        self._writer: ResponseWriter | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timing_head = False
+        self._read_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future | None = None
+        self.closing = False  # close after the answer in progress (draining; the caller sent EOF)
+        self._dead = False
+
+    # --- transport events --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        connections = self.ctx.connections
+        if connections is not None:
+            if not connections.admit(transport):
+                self._dead = True
+                return  # over max_connections: the transport now belongs to a connlimit.Refusal
+            self._release = connections.release
+        self._attach(transport)
+
+    def attach(self, transport: asyncio.BaseTransport, release: Callable[[], None] | None = None) -> None:
+        """Serve an existing transport (after ``loop.start_tls``) without counting it again."""
+        self._release = release
+        self._attach(transport)
+
+    def _attach(self, transport) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._peer_ip = transport_ip(transport)
+        self._peercert = transport.get_extra_info("peercert")
+        if self.ctx.live is not None:
+            self.ctx.live.add(self)
+        self._arm(self.ctx.header_timeout, head=True)
+        if self._early is not None:
+            data, self._early = self._early, None
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped or self._dead:
+            return  # dropped: after an error or an upgrade, or while lingering before a close
+        if self._transport is None:
+            self._early = data if self._early is None else self._early + data
+            return
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._unconfirmed = None  # the head was accepted
+                offset = exc.args[0] if exc.args else len(data)
+                if self._last_method == "CONNECT":  # a tunnel follows: what comes next is not HTTP
+                    self._stopped = True
+                    self._leftover = data[offset:]
+                    self._pause()
+                    break
+                # Any other Upgrade is not honoured here (the handler refuses it or ignores an h2c offer):
+                # the connection stays HTTP/1.1, parsed on by a fresh parser after the request's message.
+                self._parser = httptools.HttpRequestParser(self)
+                data = data[offset:]
+                if data:
+                    continue
+            except httptools.HttpParserError as exc:
+                self._parse_failed(exc)
+            else:
+                self._unconfirmed = None
+                if self._in_head:
+                    self._head_bytes += len(data)
+                    if self._head_bytes > self.ctx.max_header_line * (self.ctx.max_headers + 2):
+                        self._oversize = True
+                        self._parse_failed(None)
+            break
+        self._flow()
+        if self._queue and self._task is None:
+            self._task = self._loop.create_task(self._serve())
+
+    def eof_received(self) -> bool:
+        body = self._parsing.body if self._parsing is not None else None
+        if body is not None:
+            body.set_exception(ConnectionResetError("caller closed mid-body"))
+        if self._task is None and not self._queue:
+            return False  # idle: close
+        self.closing = True  # answer what was asked, then close
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._dead = True
+        self._cancel_timer()
+        if self._release is not None:
+            self._release, release = None, self._release
+            release()
+        if self.ctx.live is not None:
+            self.ctx.live.discard(self)
+        gone = ConnectionResetError("caller went away")
+        for req in (self._active, self._parsing, *self._queue):
+            if isinstance(req, Request) and req.body is not None:
+                req.body.set_exception(gone)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # --- llhttp callbacks --------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._raw = []
+        self._head_bytes = 0
+        self._trailers = 0
+        if not self._timing_head and self._task is None and not self._queue:
+            self._arm(self.ctx.header_timeout, head=True)  # the idle wait is over: the head must now be quick
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.ctx.max_header_line:
+            self._oversize = True
+            raise _too_large()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ctx = self.ctx
+        if len(name) > ctx.max_header_line or len(value) > ctx.max_header_line:
+            self._oversize = True
+            raise _too_large()
+        if not self._in_head:  # a trailer of a chunked body: within the limits, then dropped
+            self._trailers += 1
+            if self._trailers > ctx.max_headers:
+                self._oversize = True
+                raise _too_large()
+            return
+        if len(self._raw) >= ctx.max_headers:
+            self._oversize = True
+            raise _too_large()
+        self._raw.append((name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._timing_head:
+            self._cancel_timer()
+        parser = self._parser
+        raw = self._raw
+        headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                               for n, v in raw])
+        version = _VERSIONS.get(parser.get_http_version(), (0, 0))
+        length = headers.get("Content-Length")
+        content_length = int(length) if length is not None else None  # llhttp checked: digits, and only one
+        chunked = "Transfer-Encoding" in headers
+        method = self._last_method = parser.get_method().decode("ascii")
+        req = Request(method, self._url.decode("utf-8", "surrogateescape"), version,
+                      raw, headers, peer_ip=self._peer_ip, peercert=self._peercert, context=self.ctx,
+                      connection=self, content_length=content_length, chunked=chunked,
+                      keep_alive=parser.should_keep_alive(), upgrade=method == "CONNECT")
+        if chunked or content_length:
+            expect = version >= (1, 1) and headers.get("Expect", "").lower() == "100-continue"
+            req.expect_continue = expect
+            req.body = BodyStream(self._flow, (lambda: self._continue(req)) if expect else None)
+        self._queue.append(req)
+        self._parsing = self._unconfirmed = req
+
+    def on_body(self, body: bytes) -> None:
+        self._unconfirmed = None
+        req = self._parsing
+        if req is not None and req.body is not None:
+            req.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        self._unconfirmed = None
+        req, self._parsing = self._parsing, None
+        if req is not None and req.body is not None:
+            req.body.feed_eof()
+
+    # --- parse failures ----------------------------------------------------------------
+
+    def _parse_failed(self, exc: BaseException | None) -> None:
+        self._stopped = True
+        self._pause()
+        err = _too_large() if self._oversize else \
+            BadRequest("request refused by the HTTP parser", reason="malformed_request")
+        log.info("request refused by the HTTP parser",  # the parser's message may quote bytes: only its kind
+                 extra={"status": err.status, "error": type(exc).__name__ if exc is not None else "HeadTooLarge"})
+        req = self._unconfirmed
+        if req is not None:  # llhttp reported the head, then refused it: it never reaches the handler
+            self._unconfirmed = self._parsing = None
+            if self._queue and self._queue[-1] is req:
+                self._queue.pop()
+        elif self._parsing is not None and self._parsing.body is not None:
+            self._parsing.body.set_exception(BadRequest("malformed request body", reason="malformed_request"))
+            self.closing = True
+            return  # the handler reading the body answers 400; the connection closes after it
+        self._queue.append(err)
+
+    def _refuse(self, err: ProxyError) -> None:
+        request_id = new_request_id()
+        if self.ctx.on_refused is not None:
+            self.ctx.on_refused(self._peer_ip, err, request_id)
+        self._transport.write(errors.to_bytes(err, request_id))
+        self._close(linger=True)
+
+    # --- serving -----------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue and not self._dead:
+                item = self._queue.popleft()
+                if isinstance(item, ProxyError):
+                    self._refuse(item)
+                    return
+                self._active = item
+                self._flow()
+                await self._run(item)
+                self._active = None
+                if self._dead or self._transport is None:
+                    return
+                writer = self._writer
+                incomplete = item.body is not None and not item.body.complete
+                if writer.close or self.closing or incomplete or item.upgrade:
+                    self._close(linger=incomplete or item.upgrade)
+                    return
+        finally:
+            self._task = None
+            self._active = None
+            if not self._dead and not self._stopped:
+                self._flow()
+                if self._in_head:
+                    self._arm(self.ctx.header_timeout, head=True)
+                else:
+                    self._arm(self.ctx.keepalive_timeout, head=False)
+
+    async def _run(self, req: Request) -> None:
+        writer = self._writer = ResponseWriter(self, req.method, req.version, req.keep_alive and not self.closing)
+        try:
+            await self.ctx.handler(req, writer)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except (ConnectionError, CallerStalled):
+            self.abort()
+            return
+        except Exception:  # noqa: BLE001 - the handler's own errors are answered by it; this is a bug
+            request_id = new_request_id()
+            log.error("unhandled error in the request path", exc_info=True, extra={"request_id": request_id})
+            if writer.started:
+                self.abort()
+                return
+            try:
+                await writer.answer(errors.to_response(ProxyError("unhandled error"), request_id))
+            except (ConnectionError, CallerStalled):
+                self.abort()
+            return
+        if not writer.finished and self._transport is not None and not self._dead:
+            if writer.started:
+                self.abort()  # an answer left unfinished must never look whole
+            else:
+                log.error("request handler returned without answering")
+                self.abort()
+
+    def _continue(self, req: Request) -> None:
+        writer = self._writer
+        if req is self._active and writer is not None and not writer.started and not self._dead:
+            self._transport.write(CONTINUE)
+
+    # --- used by ResponseWriter ----------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        transport = self._transport
+        if self._dead or transport.is_closing():
+            raise ConnectionResetError("caller went away")
+        transport.write(data)
+
+    def send_parts(self, parts) -> None:
+        transport = self._transport
+        if self._dead or transport.is_closing():
+            raise ConnectionResetError("caller went away")
+        transport.writelines(parts)
+
+    async def drain(self) -> None:
+        if self._dead:
+            raise ConnectionResetError("caller went away")
+        if not self._write_paused:
+            return
+        waiter = self._drain_waiter = self._loop.create_future()
+        timeout = self.ctx.write_timeout
+        try:
+            if timeout > 0:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            else:
+                await waiter
+        except TimeoutError:
+            raise CallerStalled() from None
+
+    def abort(self) -> None:
+        self._stopped = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- the listener's side -------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue
+
+    def shutdown(self) -> None:
+        """Stop serving: an idle connection closes now, a busy one after the answer in progress."""
+        self.closing = True
+        if self.idle and not self._dead and self._transport is not None:
+            self._close(linger=False)
+
+    def take_over(self):
+        if self._transport is None or self._dead:
+            raise ConnectionResetError("caller went away")
+        self._cancel_timer()
+        self._dead = self._stopped = True
+        release, self._release = self._release, None
+        if self.ctx.live is not None:
+            self.ctx.live.discard(self)
+        return self._transport, self._leftover, release
+
+    # --- flow control, timers, closing ---------------------------------------------------
+
+    def _flow(self) -> None:
+        if self._dead or self._stopped or self._transport is None:
+            return
+        waiting = len(self._queue) - (0 if self._active is not None else 1)
+        body = self._parsing.body if self._parsing is not None else None
+        if waiting > 0 or (body is not None and body.size > HIGH_WATER):
+            self._pause()
+        elif self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+
+    def _pause(self) -> None:
+        if not self._read_paused and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _close(self, *, linger: bool) -> None:
+        """Close after the answer. With ``linger``, unread input may be waiting: half-close, drop what
+        arrives until the caller closes or ``LINGER`` passes (a close with unread input resets the
+        connection, which can destroy the answer before the caller reads it)."""
+        self._stopped = True
+        self._queue.clear()  # pipelined requests behind this answer are not served
+        self._cancel_timer()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            if self._read_paused:
+                self._read_paused = False
+                transport.resume_reading()
+            self._timer = self._loop.call_later(LINGER, transport.abort)
+        else:
+            transport.close()
+
+    def _arm(self, delay: float, *, head: bool) -> None:
+        self._cancel_timer()
+        if delay > 0:
+            self._timing_head = head
+            self._timer = self._loop.call_later(delay, self._expired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timing_head = False
+
+    def _expired(self) -> None:
+        self._timer = None
+        head, self._timing_head = self._timing_head, False
+        if self._task is not None or self._queue or self._dead:
+            return  # busy: the deadline was for an idle connection
+        if head:
+            log.info("request head not complete in time; connection closed",
+                     extra={"client": str(self._peer_ip) if self._peer_ip else None,
+                            "header_timeout_s": self.ctx.header_timeout})
+        self._close(linger=False)

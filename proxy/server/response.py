@@ -1,0 +1,132 @@
+"""The answer to one request, written by the pipeline through a ``ResponseWriter``.
+
+``start(status, headers)`` sends the head (buffered in the transport until the
+first ``write``/``end``); ``write(data)`` sends body bytes; ``end()`` finishes the
+answer; ``send(status, headers, body)`` is all three for an answer held whole;
+``abort()`` cuts the connection (an answer that cannot be finished must never look
+whole to the caller). ``write``/``end`` wait while the caller is not taking bytes
+(the transport's write buffer is over its high-water mark); a caller that takes
+none for ``write_timeout`` raises ``CallerStalled``. A caller gone raises
+``ConnectionResetError``.
+
+Framing is the writer's: a ``Content-Length`` among the headers is kept (the
+body written must match it); otherwise the body is sent chunked to HTTP/1.1
+callers and delimited by closing the connection for HTTP/1.0 ones. Answers to
+``HEAD``, ``1xx``, ``204`` and ``304`` carry no body. ``Connection: close`` is
+added when the connection will close after this answer.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from proxy.errors import Answer
+
+CRLF = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+
+
+class CallerStalled(Exception):
+    """The caller took no response bytes within the write timeout."""
+
+
+class ResponseWriter:
+    __slots__ = ("_conn", "_head_only", "_connect", "_version", "started", "finished", "status", "_chunked", "close",
+                 "_length")
+
+    def __init__(self, connection, method: str, version: tuple[int, int], keep_alive: bool) -> None:
+        self._conn = connection
+        self._head_only = method == "HEAD"
+        self._connect = method == "CONNECT"  # a 2xx to CONNECT has no body: the tunnel follows
+        self._version = version
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self._chunked = False
+        self._length: int | None = None
+        self.close = not keep_alive  # the connection closes after this answer
+
+    def start(self, status: int, headers, reason: str | None = None, *, length: int | None = None) -> None:
+        """Send the head. ``headers``: a multidict or (name, value) pairs; framing headers in it other than
+        ``Content-Length`` are ignored. ``length``: the body's length, when the caller of ``start`` knows it."""
+        if self.started:
+            raise RuntimeError("answer already started")
+        self.started = True
+        self.status = status
+        conn = self._conn
+        if conn.closing:
+            self.close = True
+        lines = [f"HTTP/1.1 {status} {reason or _PHRASES.get(status, 'Unknown')}"]
+        items = headers.items() if hasattr(headers, "items") else headers
+        for name, value in items:
+            lower = name.lower()
+            if lower in _FRAMING:
+                if lower == "content-length" and length is None:
+                    length = int(value)
+                continue
+            lines.append(f"{name}: {value}")
+        bodiless = self._head_only or status < 200 or status in (204, 304) or \
+            (status < 300 and self._connect)
+        if length is not None and not (status < 200 or status in (204, 304)):
+            lines.append(f"Content-Length: {length}")
+            self._length = length
+        elif not bodiless:
+            if self._version >= (1, 1):
+                self._chunked = True
+                lines.append("Transfer-Encoding: chunked")
+            else:
+                self.close = True  # the end of the body is the end of the connection
+        if self.close:
+            lines.append("Connection: close")
+        elif self._version < (1, 1):
+            lines.append("Connection: keep-alive")
+        if self._head_only or bodiless:
+            self._chunked = False
+        lines.append("\r\n")
+        head = "\r\n".join(lines)
+        if head.count("\n") != len(lines) or head.count("\r") != len(lines):  # a CR or LF inside a name or value: never split an answer
+            raise ValueError("CR or LF in a response header")
+        conn.send(head.encode("utf-8", "surrogateescape"))
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._head_only:
+            return
+        conn = self._conn
+        if self._chunked:
+            conn.send_parts((b"%x\r\n" % len(data), data, CRLF))
+        else:
+            conn.send(data)
+        await conn.drain()
+
+    async def end(self, data: bytes = b"") -> None:
+        if not self.started:
+            self.start(200, ())
+        if data:
+            await self.write(data)
+        if self._chunked:
+            self._conn.send(_LAST_CHUNK)
+        self.finished = True
+        await self._conn.drain()
+
+    async def send(self, status: int, headers, body: bytes, reason: str | None = None) -> None:
+        """A whole answer of known length: head and body in one write."""
+        self.start(status, headers, reason, length=len(body))
+        if body and not self._head_only:
+            self._conn.send(body)
+        self.finished = True
+        await self._conn.drain()
+
+    async def answer(self, answer: Answer) -> None:
+        """An answer credproxy made itself; cuts the connection instead when another answer already began."""
+        if self.started:
+            self.abort()
+            return
+        if answer.close:
+            self.close = True
+        await self.send(answer.status, answer.headers, answer.body)
+
+    def abort(self) -> None:
+        self.close = True
+        self._conn.abort()

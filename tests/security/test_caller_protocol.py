@@ -1,0 +1,102 @@
+"""The caller-side HTTP/1.1 protocol as a client sees it: pipelining, keep-alive,
+``Expect: 100-continue``, HTTP/1.0, a failing request handler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from proxy.server.connection import ConnectionContext
+from proxy.server.listener import CallerListener
+from proxy.config.fields import Listen
+
+from .harness import CALLER_TOKEN, read_response
+
+AUTH = f"Authorization: Bearer {CALLER_TOKEN}"
+
+
+def req(path: str, *headers: str, method: str = "GET", body: bytes = b"", version: str = "1.1") -> bytes:
+    return (f"{method} {path} HTTP/{version}\r\nHost: credproxy\r\n{AUTH}\r\n" + "".join(h + "\r\n" for h in headers)
+            + "\r\n").encode() + body
+
+
+async def test_pipelined_requests_are_answered_in_order(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"".join(req(f"/demo/anything/{i}") for i in range(5)))
+        answers = [await asyncio.wait_for(read_response(reader), 5) for _ in range(5)]
+    finally:
+        writer.close()
+    assert [a.status for a in answers] == [200] * 5
+    assert [json.loads(a.body)["url"] for a in answers] == [f"/anything/{i}" for i in range(5)]
+
+
+async def test_expect_100_continue_gets_continue_before_the_body_is_sent(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(req("/demo/anything/up", "Content-Length: 5", "Expect: 100-continue", method="POST"))
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        answer = await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        writer.close()
+    assert answer.status == 200
+    assert [(s.method, s.body) for s in upstream.seen] == [("POST", b"hello")]
+    assert "expect" not in {k.lower() for k, _ in upstream.seen[0].headers}
+
+
+async def test_a_denied_expect_100_gets_its_answer_and_no_continue(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"POST /demo/anything/up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        answer = await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        writer.close()
+    assert answer.status == 401
+    assert upstream.seen == []
+
+
+async def test_http10_caller_gets_an_answer_and_the_connection_closes(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(req("/demo/anything/old", version="1.0"))
+        data = await asyncio.wait_for(reader.read(), 5)  # until the server closes
+    finally:
+        writer.close()
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding: chunked" not in data.lower()
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["url"] == "/anything/old"
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(proxy, upstream):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        for i in range(20):
+            writer.write(req(f"/demo/anything/{i}", "Content-Length: 3", method="POST", body=b"abc"))
+            answer = await asyncio.wait_for(read_response(reader), 5)
+            assert answer.status == 200
+    finally:
+        writer.close()
+    assert len(upstream.seen) == 20
+
+
+async def test_an_unexpected_handler_error_answers_500_json_and_nothing_else():
+    """A request handler that fails (a fault-injecting one: the pipeline maps its own errors) gets the
+    fixed 500 JSON; the error's text stays out of the answer."""
+    async def failing(request, response):
+        raise RuntimeError("internal detail that must not leak")
+
+    listener = CallerListener.http(lambda live: ConnectionContext("test", failing, live=live))
+    [address] = await listener.start(Listen.parse("127.0.0.1:0"), None)
+    try:
+        reader, writer = await asyncio.open_connection(*address[:2])
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+    finally:
+        await listener.cleanup()
+    assert answer.status == 500
+    body = answer.json()
+    assert body["error"] == "internal_error" and body["request_id"] == answer.headers["x-request-id"]
+    assert b"internal detail" not in answer.raw
