@@ -148,3 +148,31 @@ async def test_a_reload_that_allows_the_token_endpoint_again_reaches_it(tmp_path
         assert status == 200, answer
         assert (await call(proxy, "/api/v1/things"))[0] == 200
     assert token_endpoint.calls == 1
+
+
+async def test_a_token_host_that_also_resolves_to_a_denied_address_is_refused(token_endpoint):
+    """As for upstreams: one refused address refuses the name, though another one it names is allowed."""
+    import ipaddress
+
+    from proxy.errors import TokenFailure
+    from proxy.tokens.http import TokenHttp
+    from proxy.upstream.address_policy import AddressPolicy
+
+    port = int(token_endpoint.url.rsplit(":", 1)[1].split("/", 1)[0])
+
+    async def two_addresses(host, port_):  # a fake DNS answer (fault injection): the allowed address first
+        return [(socket.AF_INET, ("127.0.0.2", port_)), (socket.AF_INET, ("127.0.0.3", port_))]
+
+    rules = AddressPolicy(deny=[ipaddress.ip_network("127.0.0.3/32")])
+    http = TokenHttp(address_policy=rules, resolver=two_addresses)
+    try:
+        with pytest.raises(TokenFailure):
+            await http.send("POST", f"http://token.test:{port}/token", headers={}, body=b"grant_type=x")
+        allowed = TokenHttp(address_policy=AddressPolicy(), resolver=two_addresses)
+        try:  # the same name with nothing denied reaches the endpoint
+            assert (await allowed.send("POST", f"http://token.test:{port}/token", headers={}, body=b"")).status == 200
+        finally:
+            await allowed.close()
+    finally:
+        await http.close()
+    assert token_endpoint.calls == 1

@@ -6,21 +6,27 @@ every call is bounded by a total timeout. Transport failures become ``TokenFailu
 
 Every connection is checked by the address policy in force (``address_policy``: the
 committed State's, read at each call — a token source outlives the State it was built
-for when a reload keeps it, and a rejected reload never commits its rules). Pooled
+for when a reload keeps it, and a rejected reload never commits its rules), the way
+``proxy.upstream.dial`` checks upstreams: the name is resolved once and one refused
+address refuses the name; the socket factory checks the address connected to again
+(IP literals do not go through the resolver). Pooled
 connections belong to the policy they were opened under: when the rules change, the
 next call opens new ones and the old pool closes once its calls are done.
 """
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
+from proxy.errors import AddressDenied, TokenFailure
 from proxy.upstream.address_policy import AddressPolicy
-from proxy.errors import TokenFailure
+from proxy.upstream.dial import Resolver, resolve
 from proxy.upstream.client import ssl_context
 
 MAX_ANSWER = 1 << 20
@@ -33,14 +39,38 @@ class Answer:
     body: bytes = field(repr=False)
 
 
+class _CheckedResolver(AbstractResolver):
+    """aiohttp's resolver for token calls: every address a name resolves to is checked first."""
+
+    def __init__(self, rules: AddressPolicy, resolver: Resolver) -> None:
+        self._rules = rules
+        self._resolver = resolver
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[dict]:
+        addresses = await self._resolver(host, port)
+        if not addresses:
+            raise OSError(f"no address for {host}")
+        for _family, sockaddr in addresses:
+            why = self._rules.refusal(sockaddr[0], sockaddr[1])
+            if why is not None:
+                raise AddressDenied(why)
+        return [{"hostname": host, "host": sockaddr[0], "port": sockaddr[1], "family": fam, "proto": 0,
+                 "flags": socket.AI_NUMERICHOST} for fam, sockaddr in addresses]
+
+    async def close(self) -> None:
+        pass
+
+
 class TokenHttp:
     def __init__(self, *, ca_file: str | None = None, connect_timeout: float = 10.0, total_timeout: float = 30.0,
                  ssl_ctx: ssl.SSLContext | None = None,
-                 address_policy: AddressPolicy | Callable[[], AddressPolicy] | None = None) -> None:
+                 address_policy: AddressPolicy | Callable[[], AddressPolicy] | None = None,
+                 resolver: Resolver = resolve) -> None:
         self._ssl = ssl_ctx or ssl_context(ca_file)
         # Without a config: the always-refused ranges (metadata, link-local) still apply.
         policy = address_policy or AddressPolicy()
         self._rules: Callable[[], AddressPolicy] = policy if callable(policy) else (lambda: policy)
+        self._resolver = resolver
         self._timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
                                               sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -55,7 +85,8 @@ class TokenHttp:
     def _session_for(self, rules: AddressPolicy) -> aiohttp.ClientSession:
         if self._session is None or self._session_rules != rules:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16, socket_factory=rules.socket_factory),
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16, socket_factory=rules.socket_factory,
+                                               resolver=_CheckedResolver(rules, self._resolver)),
                 timeout=self._timeout, trust_env=False,
                 cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True,
             )
