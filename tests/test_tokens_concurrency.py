@@ -34,7 +34,7 @@ async def start(oauth, api, run_proxy, ca_file, **session):
 
 
 def inflight(p) -> float:
-    return p.proxy.holder.current.metrics.inflight._value.get()
+    return p.proxy.holder.current.metrics.registry.get_sample_value("credproxy_requests_in_flight")
 
 
 async def burst(p, oauth, n: int) -> list[int]:

@@ -5,7 +5,8 @@ buckets in Python); on this path that was five locked operations per request. A 
 only from its event loop thread and its admin listener reads them on the same loop, so plain
 attributes suffice: ``collect`` turns them into the same families (names, labels, ``_created``) at
 scrape time. Label values come from config (see ``proxy.observe.metrics``), so children are few and
-are never removed.
+are never removed. Under ``serve --workers`` values must reach prometheus_client's multiprocess files,
+so ``proxy.observe.metrics`` uses these only when one process serves.
 """
 
 from __future__ import annotations

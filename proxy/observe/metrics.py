@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from proxy.observe.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
+
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # read at import, as prometheus_client does
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -67,9 +69,32 @@ class ScrapeTimeGauge:
                 forget(self._gauge, gone)
 
 
+def _per_request(loop_type, prometheus_type):
+    """The type for a metric the request path moves on every request. One process: ``loop_type``, plain
+    numbers (prometheus_client's children take a lock per update, a histogram two). Under ``serve --workers``
+    values must reach the multiprocess files the supervisor merges, so prometheus_client's own."""
+    if MULTIPROCESS:
+        return prometheus_type
+
+    def make(name: str, doc: str, labelnames=(), *, registry: CollectorRegistry, buckets=None,
+             multiprocess_mode: str | None = None):
+        if loop_type is LoopGauge:
+            return LoopGauge(name, doc, registry)
+        if loop_type is LoopHistogram:
+            return LoopHistogram(name, doc, tuple(labelnames), registry, buckets=buckets)
+        return loop_type(name, doc, tuple(labelnames), registry)
+
+    return make
+
+
+_Counter = _per_request(LoopCounter, Counter)
+_Histogram = _per_request(LoopHistogram, Histogram)
+_Gauge = _per_request(LoopGauge, Gauge)
+
+
 class CredentialMetrics:
     """One credential's metric children, bound when the credential is loaded: the request path observes
-    them on every request, and ``labels()`` validates and takes a lock on every call."""
+    them on every request, and ``labels()`` validates (and, for prometheus_client's types, locks) on every call."""
 
     __slots__ = ("upstream_duration", "duration", "leaks", "_requests", "_counter", "_name")
 
@@ -92,24 +117,28 @@ class CredentialMetrics:
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("credproxy_requests_total", "Requests handled", ["credential", "caller", "code"], registry=r)
-        self.duration = Histogram("credproxy_request_duration_seconds", "Request duration, end to end",
-                                  ["credential"], buckets=LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram("credproxy_upstream_duration_seconds", "Time to the upstream's response head",
-                                           ["credential"], buckets=LATENCY_BUCKETS, registry=r)
+        # moved on every request: plain numbers without locks when one process serves (see _per_request)
+        self.requests = _Counter("credproxy_requests_total", "Requests handled", ["credential", "caller", "code"],
+                                 registry=r)
+        self.duration = _Histogram("credproxy_request_duration_seconds", "Request duration, end to end",
+                                   ["credential"], buckets=LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = _Histogram("credproxy_upstream_duration_seconds",
+                                            "Time to the upstream's response head", ["credential"],
+                                            buckets=LATENCY_BUCKETS, registry=r)
         self.token_refresh = Counter("credproxy_token_refresh_total", "Token refreshes", ["credential", "result"], registry=r)
         self.token_refresh_duration = Histogram("credproxy_token_refresh_duration_seconds", "Token refresh duration",
                                                 ["credential"], buckets=LATENCY_BUCKETS, registry=r)
         self.token_expires = Gauge("credproxy_token_expires_in_seconds", "Seconds until the cached token expires",
                                    ["credential"], registry=r, multiprocess_mode="livesum")
-        self.leaks = Counter("credproxy_leaks_redacted_total", "Echoed secrets redacted or blocked", ["credential"], registry=r)
+        self.leaks = _Counter("credproxy_leaks_redacted_total", "Echoed secrets redacted or blocked", ["credential"],
+                              registry=r)
         self.alerts = Counter("credproxy_alerts_total", "Misuse alerts", ["kind"], registry=r)
         self.alert_webhook_failures = Counter("credproxy_alert_webhook_failures_total",
                                               "Alert webhook posts dropped or failed", ["reason"], registry=r)
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
-        self.inflight = Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r,
-                              multiprocess_mode="livesum")
+        self.inflight = _Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r,
+                               multiprocess_mode="livesum")
         self.caller_connections = ScrapeTimeGauge("credproxy_caller_connections",
                                                   "Open caller connections (main, dedicated and forward-proxy listeners)",
                                                   r)
@@ -132,8 +161,9 @@ class Metrics:
         self.disabled = Gauge("credproxy_credential_disabled", "1 while an operator has disabled the credential",
                               ["credential"], registry=r, multiprocess_mode="livesum")
         # forward proxy (SPEC §10): requests arriving through it are also in credproxy_requests_total
-        self.forward_requests = Counter("credproxy_forward_requests_total",
-                                        "Requests through the forward-proxy listener", ["credential", "code"], registry=r)
+        self.forward_requests = _Counter("credproxy_forward_requests_total",
+                                         "Requests through the forward-proxy listener", ["credential", "code"],
+                                         registry=r)
         self.forward_connects = Counter("credproxy_forward_connects_total",
                                         "CONNECT requests by outcome (intercepted, tunnelled, refused, unauthenticated)",
                                         ["outcome"], registry=r)
