@@ -135,7 +135,11 @@ class HTTPConnection(asyncio.Protocol):
         self._active: Request | None = None
         self._task: asyncio.Task | None = None
         self._writer: ResponseWriter | None = None
+        # One timer serves the head deadline and the idle limit: moving a deadline later only records it (the
+        # timer, when it fires early, re-arms itself), so a busy keep-alive connection costs no timer per request.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline: float | None = None
         self._timing_head = False
         self._read_paused = False
         self._write_paused = False
@@ -279,8 +283,8 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._timing_head:
-            self._cancel_timer()
+        self._deadline = None  # the head is in: no deadline while the request is served (the timer lapses)
+        self._timing_head = False
         parser = self._parser
         raw = self._raw
         headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
@@ -498,20 +502,36 @@ class HTTPConnection(asyncio.Protocol):
             transport.close()
 
     def _arm(self, delay: float, *, head: bool) -> None:
-        self._cancel_timer()
-        if delay > 0:
-            self._timing_head = head
-            self._timer = self._loop.call_later(delay, self._expired)
+        if delay <= 0:
+            self._deadline = None
+            self._timing_head = False
+            return
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        self._timing_head = head
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._expired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._deadline = None
         self._timing_head = False
 
     def _expired(self) -> None:
         self._timer = None
-        head, self._timing_head = self._timing_head, False
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() + 0.001 < deadline:  # moved later since the timer was set (1 ms: timer granularity)
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._expired)
+            return
+        head, self._timing_head, self._deadline = self._timing_head, False, None
         if self._task is not None or self._queue or self._dead:
             return  # busy: the deadline was for an idle connection
         if head:

@@ -100,3 +100,33 @@ async def test_an_unexpected_handler_error_answers_500_json_and_nothing_else():
     body = answer.json()
     assert body["error"] == "internal_error" and body["request_id"] == answer.headers["x-request-id"]
     assert b"internal detail" not in answer.raw
+
+
+async def test_a_slow_head_after_a_served_request_is_cut_off_too(upstream, make_proxy):
+    """The head deadline holds for every request of a keep-alive connection, not only the first."""
+    proxy = await make_proxy(upstream.url, {"server": {"limits": {"header_timeout": "300ms"}}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+
+    async def trickle():
+        for i in range(200):  # would take 20 s to finish the head
+            await asyncio.sleep(0.1)
+            writer.write(f"X-{i}: a\r\n".encode())
+            await writer.drain()
+
+    dribbler = None
+    try:
+        writer.write(req("/demo/anything/first"))
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        await asyncio.sleep(0.5)  # idle longer than the head deadline: allowed between requests
+        writer.write(f"GET /demo/anything/second HTTP/1.1\r\nHost: x\r\n{AUTH}\r\n".encode())
+        dribbler = asyncio.ensure_future(trickle())
+        try:
+            closed = await asyncio.wait_for(reader.read(65536), 10) == b""
+        except ConnectionError:
+            closed = True
+        assert closed
+    finally:
+        if dribbler is not None:
+            dribbler.cancel()
+        writer.close()
+    assert [s.path for s in upstream.seen] == ["/anything/first"]
