@@ -200,3 +200,32 @@ async def test_denied_burst_alerts_while_the_webhook_hangs(upstream, make_proxy,
     bursts = [x for x in proxy.audit() if x["outcome"] == "alert"]
     assert [b["reason"] for b in bursts] == ["denied_burst"] * 3  # ... and every request was answered regardless
     assert bursts[0]["count"] == 3 and bursts[0]["caller"] is None
+
+
+async def test_the_webhook_never_posts_to_credproxy_itself(upstream, make_proxy):
+    """A webhook_url naming credproxy's own listener is refused like an upstream would be: an alert about
+    denied requests must not arrive as one more denied request (and alert again)."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    proxy = await make_proxy(upstream.url, {"server": {"listen": f"127.0.0.1:{port}"},
+                                            "alerts": {"webhook_url": f"http://127.0.0.1:{port}/hook",
+                                                       "denied_threshold": 3}})
+
+    async def webhook_failures() -> float:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proxy.admin_url + "/metrics") as r:
+                text = await r.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("credproxy_alert_webhook_failures_total{"))
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(f"http://127.0.0.1:{port}/demo/anything/a") as r:
+                assert r.status == 401
+    for _ in range(250):
+        if await webhook_failures():
+            break
+        await asyncio.sleep(0.02)
+    assert await webhook_failures() >= 1
+    assert [x["path"] for x in proxy.audit() if x["outcome"] != "alert"] == ["/anything/a"] * 3
