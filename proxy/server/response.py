@@ -12,7 +12,8 @@ none for ``write_timeout`` raises ``CallerStalled``. A caller gone raises
 Framing is the writer's: a ``Content-Length`` among the headers is kept (the
 body written must match it); otherwise the body is sent chunked to HTTP/1.1
 callers and delimited by closing the connection for HTTP/1.0 ones. Answers to
-``HEAD``, ``1xx``, ``204`` and ``304`` carry no body. ``Connection: close`` is
+``HEAD``, ``1xx``, ``204`` and ``304`` carry no body, and a ``2xx`` to ``CONNECT``
+no framing headers at all (RFC 9110 §9.3.6: the tunnel follows). ``Connection: close`` is
 added when the connection will close after this answer.
 """
 
@@ -69,7 +70,7 @@ class ResponseWriter:
             lines.append(f"{name}: {value}")
         bodiless = self._head_only or status < 200 or status in (204, 304) or \
             (status < 300 and self._connect)
-        if length is not None and not (status < 200 or status in (204, 304)):
+        if length is not None and not (status < 200 or status in (204, 304) or (self._connect and status < 300)):
             lines.append(f"Content-Length: {length}")
             self._length = length
         elif not bodiless:

@@ -130,3 +130,43 @@ async def test_a_slow_head_after_a_served_request_is_cut_off_too(upstream, make_
             dribbler.cancel()
         writer.close()
     assert [s.path for s in upstream.seen] == ["/anything/first"]
+
+
+async def test_a_connect_handler_can_take_the_connection_over():
+    """``Request.take_over`` (for a CONNECT answered 200): the connection gives up its transport and the
+    bytes after the head; what follows is not parsed as HTTP. The taker here echoes (a stand-in tunnel)."""
+    taken = asyncio.get_running_loop().create_future()
+
+    class Echo(asyncio.Protocol):
+        def __init__(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            self.transport.write(data.upper())
+
+    async def handler(request, response):
+        assert request.method == "CONNECT" and request.upgrade
+        await response.send(200, [], b"")
+        transport, leftover, release = request.take_over()
+        transport.set_protocol(Echo(transport))
+        transport.write(leftover.upper())
+        transport.resume_reading()
+        taken.set_result(release)
+
+    listener = CallerListener.http(lambda live: ConnectionContext("test", handler, live=live))
+    [address] = await listener.start(Listen.parse("127.0.0.1:0"), None)
+    try:
+        reader, writer = await asyncio.open_connection(*address[:2])
+        writer.write(b"CONNECT example:443 HTTP/1.1\r\nHost: example:443\r\n\r\nearly ")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+        writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        echoed = b""
+        while len(echoed) < len(b"EARLY GET / HTTP/1.1\r\n\r\n"):
+            echoed += await asyncio.wait_for(reader.read(100), 5)
+        assert echoed == b"EARLY GET / HTTP/1.1\r\n\r\n"
+        assert await taken is None  # a context without a connection limit: nothing to give back
+        writer.close()
+    finally:
+        await listener.cleanup()
