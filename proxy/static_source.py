@@ -37,9 +37,11 @@ class StaticSource(AuthSource):
 
     async def grant(self, principal: str) -> Grant:
         values: dict[str, Secret] = {}
+        cache = self._cache
         try:
             for name, ref in self._refs_of(principal).items():
-                values[name] = await self._cache.read(ref)
+                value = cache.peek(ref)
+                values[name] = value if value is not None else await cache.read(ref)
         except SecretBackendError as exc:
             self.last_error = type(exc).__name__
             raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None

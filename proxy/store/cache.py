@@ -52,6 +52,15 @@ class SecretCache:
         """Call ``fn(path)`` when a path's secret changed (rotation)."""
         self._listeners.append(fn)
 
+    def peek(self, ref: SecretRef) -> Secret | None:
+        """``read`` when it needs no I/O (the entry is cached and fresh enough), else None: the request path
+        takes this first and awaits ``read`` only on a miss (a coroutine per secret per request costs more
+        than the lookup). Raises as ``read`` does for a field the cached entry lacks."""
+        cached = self._entries.get(ref.path)
+        if cached is not None and self._clock() - cached.fetched_at <= self.max_staleness:
+            return cached.entry.get(ref)
+        return None
+
     async def read(self, ref: SecretRef) -> Secret:
         cached = self._entries.get(ref.path)
         if cached is not None:
