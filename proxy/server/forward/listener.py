@@ -50,39 +50,9 @@ class ForwardContext:
 
     holder: object  # proxy.lifecycle.state.StateHolder
     leaves: LeafContexts
-    inner: Callable[[Via], asyncio.Protocol]  # the HTTP protocol for requests (inside a tunnel or absolute-form)
+    inner: Callable[[Via], object]  # proxy.server.connection.HTTPConnection for requests (in a tunnel or absolute-form)
     connections: ConnectionLimit | None = None
     open: set = field(default_factory=set)  # connections not (yet) handed to ``inner``: closed at shutdown
-
-
-class Attached(asyncio.Protocol):
-    """Stands between a transport and ``inner`` once the connection is handed over, so the connection's
-    slot in ``server.limits.max_connections`` is given back when it closes, whichever protocol it ended in."""
-
-    def __init__(self, inner: asyncio.Protocol, on_lost: Callable[[], None]) -> None:
-        self.inner = inner
-        self._on_lost = on_lost
-
-    def connection_made(self, transport) -> None:
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self):
-        return self.inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-    def connection_lost(self, exc) -> None:
-        try:
-            self.inner.connection_lost(exc)
-        finally:
-            self._on_lost()
 
 
 class ForwardConnection(asyncio.Protocol):
@@ -173,19 +143,17 @@ class ForwardConnection(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._connect(head))
 
     def _hand_over(self, via: Via, pending: bytes, transport=None) -> None:
-        """From here on ``inner`` owns the connection (``transport``: the TLS one, after a CONNECT).
-
-        ``inner(via)`` is an ``HTTPConnection`` whose context carries ``via`` and does not count connections;
-        ``Attached`` gives this connection's place under ``max_connections`` back when the transport closes
-        (``HTTPConnection.attach(transport, release=...)`` would do the same without the wrapper)."""
+        """From here on ``inner(via)`` (an ``HTTPConnection`` whose context carries ``via`` and counts no
+        connections) owns the connection (``transport``: the TLS one, after a CONNECT); it gives this
+        connection's place under ``max_connections`` back when the transport closes."""
         self._disarm()
         self.ctx.open.discard(self)
-        attached = Attached(self.ctx.inner(via), self.release)
+        conn = self.ctx.inner(via)
         transport = transport or self.transport
-        transport.set_protocol(attached)
-        attached.connection_made(transport)
+        transport.set_protocol(conn)
+        conn.attach(transport, release=self.release)
         if pending:
-            attached.data_received(pending)
+            conn.data_received(pending)
 
     async def _connect(self, head: bytes) -> None:
         started = time.monotonic()
