@@ -282,3 +282,44 @@ async def test_operator_refresh_and_revoke_are_not_undone_by_the_shared_record(b
         await api.stop()
     assert_nowhere(oauth.db.issued + ["cs-CANARY-cluster-admin"], raw_log.text,
                    *(p.read_text() for p in tmp_path.glob("audit-*.log")))
+
+
+async def test_a_shared_token_naming_a_server_this_credential_would_refuse_is_not_used(bao, replicas, tmp_path):
+    """A record read from Vault names the server (instance_url) as another replica saw it: it is checked as
+    this replica checks its own token answers, so a tampered record cannot steer requests to http:// or
+    to a URL with userinfo."""
+    from yarl import URL
+
+    from proxy.auth_types import build_source
+    from proxy.errors import CredentialUnavailable
+    from proxy.store.cache import SecretCache
+
+    (node,) = await replicas(1)
+    expires = repr(time.time() + 3600)
+    records = {"plainhttp": "http://attacker.test", "userinfo": "https://user:pw@eu1.api.test",
+               "good": "https://eu1.api.test"}
+    for name, server in records.items():
+        bao.put(f"credproxy/cluster/{name}", {"access_token": f"at-CANARY-shared-{name}-0123456789",
+                                              "expires_at": expires, "lifetime": "3600", "upstream": server})
+    auth = {"type": "oauth2_jwt_bearer", "token_url": "https://login.api.test/token", "client_id": "app",
+            "subject": "svc@example.com", "audience": "https://login.api.test", "private_key": "jwt/app#key",
+            "use_instance_url": True}
+    doc = {"secrets": {"backend": "vault", "vault": {"address": bao.address,
+                                                     "auth": {"method": "token", "token_file": str(tmp_path / "t")}}},
+           "cluster": {"backend": "vault"}, "audit": {"path": str(tmp_path / "audit.log")},
+           "credentials": {name: {"upstream": "https://api.test/base", "auth": auth, "allow": [{"paths": ["/**"]}]}
+                           for name in records}}
+    cfg = config.parse(json.dumps(doc))
+    cache = SecretCache(node.store, refresh_interval=0)
+    for name in ("plainhttp", "userinfo"):
+        source = build_source(cfg.credentials[name], cache, name=name, cluster=node)
+        try:
+            with pytest.raises(CredentialUnavailable):
+                await source.grant("")
+        finally:
+            await source.close()
+    source = build_source(cfg.credentials["good"], cache, name="good", cluster=node)
+    try:
+        assert (await source.grant("")).upstream == URL("https://eu1.api.test/base")
+    finally:
+        await source.close()

@@ -39,6 +39,10 @@ def token_request(auth, private_key: Secret, *, now: float, jti: str, principal:
 
 
 class JwtBearerProvider(Provider):
+    @property
+    def takes_upstream(self) -> bool:
+        return bool(self.auth.use_instance_url)
+
     def __init__(self, auth, http, *, base: URL, insecure_ok: bool = False, credential: str = "", **kw) -> None:
         super().__init__(http, **kw)
         self.auth = auth

@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from yarl import URL
+
 from proxy.errors import SecretBackendError
 from proxy.redact.scrubber import SCRUBBER, secret_owner
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.store.base import SecretStore
-from proxy.tokens.answer import TokenAnswer
+from proxy.tokens.answer import TokenAnswer, upstream_from
 from proxy.errors import TokenFailure
 from proxy.tokens.http import Answer, TokenHttp
 
@@ -64,6 +66,23 @@ class Provider(abc.ABC):
     @property
     def revocable(self) -> bool:
         return False
+
+    # Set by providers whose answers name the server that becomes the upstream (instance_url, serverUrl).
+    base: URL | None = None
+    insecure_ok: bool = False
+
+    @property
+    def takes_upstream(self) -> bool:
+        return False
+
+    def shared_upstream(self, upstream: URL | None) -> URL | None:
+        """The server a token shared by another replica names (``cluster.backend: vault``), checked as this
+        provider checks the answers it gets itself: a record read from Vault is not trusted further."""
+        if not self.takes_upstream:
+            if upstream is not None:
+                raise TokenFailure("bad_instance_url", "the shared token names a server this credential takes none from")
+            return None
+        return upstream_from(str(upstream) if upstream is not None else None, self.base, self.insecure_ok)
 
     async def revoke(self, token: Secret, secrets: PrincipalSecrets) -> None:
         """Tell the provider the token is no longer used (RFC 7009) where configured."""

@@ -116,6 +116,10 @@ def parse_login(answer: Answer, auth, *, base: URL, insecure_ok: bool) -> TokenA
 
 
 class SessionLoginProvider(Provider):
+    @property
+    def takes_upstream(self) -> bool:
+        return self.auth.server_url is not None
+
     def __init__(self, auth, http, *, base: URL, insecure_ok: bool = False, credential: str = "", **kw) -> None:
         super().__init__(http, **kw)
         self.auth = auth

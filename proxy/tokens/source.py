@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from proxy.errors import CredentialUnavailable, TokenFailure
 from proxy.grant import AuthSource, Grant
@@ -70,6 +71,8 @@ class TokenSource(AuthSource):
             answer = await self.cluster.obtain(self.name, principal, lambda: self.provider.fetch(secrets),
                                                refresh_before=self.settings.refresh_before,
                                                rejected=self._refused.pop(principal, None))
+            # Maybe another replica's: its server is checked as this replica checks its own answers.
+            answer = replace(answer, upstream=self.provider.shared_upstream(answer.upstream))
         SCRUBBER.hold((self._scrub_owner, principal), answer.access.reveal())  # replaces the slot's last token
         values = {"secret": answer.access}
         for ref in self._value_refs:  # placeholders besides {secret} in the injected value
