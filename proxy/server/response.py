@@ -52,6 +52,10 @@ class ResponseWriter:
     def start(self, status: int, headers, reason: str | None = None, *, length: int | None = None) -> None:
         """Send the head. ``headers``: a multidict or (name, value) pairs; framing headers in it other than
         ``Content-Length`` are ignored. ``length``: the body's length, when the caller of ``start`` knows it."""
+        self._conn.send(self._head(status, headers, reason, length))
+
+    def _head(self, status: int, headers, reason: str | None, length: int | None) -> bytes:
+        """The head ``start`` sends (and the state it sets: chunked, close, length)."""
         if self.started:
             raise RuntimeError("answer already started")
         self.started = True
@@ -89,7 +93,7 @@ class ResponseWriter:
         head = "\r\n".join(lines)
         if head.count("\n") != len(lines) or head.count("\r") != len(lines):  # a CR or LF inside a name or value: never split an answer
             raise ValueError("CR or LF in a response header")
-        conn.send(head.encode("utf-8", "surrogateescape"))
+        return head.encode("utf-8", "surrogateescape")
 
     async def write(self, data: bytes) -> None:
         if not data or self._head_only:
@@ -113,11 +117,29 @@ class ResponseWriter:
 
     async def send(self, status: int, headers, body: bytes, reason: str | None = None) -> None:
         """A whole answer of known length: head and body in one write."""
-        self.start(status, headers, reason, length=len(body))
-        if body and not self._head_only:
-            self._conn.send(body)
+        await self.send_pieces(status, headers, (body,), reason)
+
+    async def send_pieces(self, status: int, headers, pieces, reason: str | None = None) -> None:
+        """A whole answer held as pieces (``pieces``: a sequence of bytes-like objects): its length is theirs,
+        and the head and every piece go out in one write (one system call for a small answer, not one each)."""
+        conn = self._conn
+        head = self._head(status, headers, reason, sum(map(len, pieces)))
+        if self._head_only:
+            conn.send(head)
+        elif conn.closing:
+            # The caller half-closed (or this is the connection's last answer): the head goes first, so a caller
+            # that is gone altogether answers it with a reset the writes after it find (audited as disconnected).
+            conn.send(head)
+            for piece in pieces:
+                if piece:
+                    conn.send(piece)
+                    await conn.drain()
+        elif len(pieces) == 1 and len(pieces[0]) < 16384:
+            conn.send(head + pieces[0])  # a copy of a small body is cheaper than a scatter write
+        else:
+            conn.send_parts([head, *(p for p in pieces if p)])
         self.finished = True
-        await self._conn.drain()
+        await conn.drain()
 
     async def answer(self, answer: Answer) -> None:
         """An answer credproxy made itself; cuts the connection instead when another answer already began."""

@@ -256,10 +256,7 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
     headers.popall("Content-Length", None)
     try:
-        response.start(upstream.status, headers, reason, length=sum(map(len, pieces)))
-        for piece in pieces:
-            await _write(response, None, piece, mode)
-        await response.end()
+        await response.send_pieces(upstream.status, headers, pieces, reason)
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
 
