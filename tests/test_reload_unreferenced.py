@@ -20,7 +20,7 @@ from tests.ops_support import (ADMIN_TOKEN, CANARY, Admin, base_config, call, cr
 
 __all__ = ["upstream"]
 
-SECOND = CANARY + "-second"
+SECOND = CANARY + "-unreferenced"  # not a value other test modules hold in the shared scrubber
 
 
 @pytest.fixture
