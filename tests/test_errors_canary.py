@@ -112,7 +112,7 @@ async def test_upstream_timeout_before_answer_is_504(proxy_factory, upstream, tm
 
 async def test_upstream_dying_mid_body_truncates_the_answer(proxy_factory, upstream, tmp_path):
     """The caller must not mistake a cut-off answer for a complete one (one over 1 MiB is streamed, so
-    it can only be cut off; smaller ones become a 502: tests/test_relay_whole.py)."""
+    it can only be cut off; smaller ones become a 502: tests/upstream/test_relay_whole.py)."""
 
     async def dies(request):
         resp = web.StreamResponse(headers={"Content-Length": "2000000"})

@@ -105,7 +105,7 @@ async def test_gzip_body_sent_anyway_is_decoded_for_the_leak_guard(proxy, upstre
     assert status == 200
     assert "Content-Encoding" not in headers
     assert body == b'{"hello": "world"}' * 1000  # compressed although not asked for: decoded to be scanned
-    # (with leak_guard: off it passes byte for byte: tests/test_compressed_answers.py)
+    # (with leak_guard: off it passes byte for byte: tests/redact/test_encoding.py)
     # With the leak guard on (the default) credproxy asks for answers it can scan:
     assert upstream.seen[-1].headers.get("Accept-Encoding") == "identity"
 

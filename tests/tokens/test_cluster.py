@@ -6,7 +6,7 @@ The token endpoint is a counting async function here (the provider the coordinat
 wraps); the one that hangs is a fault-injecting fake: a refresher stuck or dead while
 holding the lease is not something a real token endpoint produces on demand. The
 whole path through real processes and a real OAuth2 server is in
-tests/test_cluster_replicas.py.
+tests/tokens/test_cluster_replicas.py.
 """
 
 from __future__ import annotations
