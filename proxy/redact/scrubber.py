@@ -39,6 +39,23 @@ def rotated_owner(ref) -> tuple:
     return ("rotated refresh token", str(ref))
 
 
+def client_key_owner(credential: str) -> tuple:
+    """The owner of a credential's upstream client key (the one in the store and the last one loaded)."""
+    return ("upstream client key", credential)
+
+
+def forward_key_owner(which: str) -> tuple:
+    """The owner of one of the forward proxy's private keys: ``"ca"`` (from the store) or ``"leaf"`` (minted)."""
+    return ("forward proxy key", which)
+
+
+def pem_values(pem: str) -> tuple[str, ...]:
+    """What of a PEM private key to scrub: the whole block and each of its base64 lines (a log line
+    may hold one line of it, or the block with its newlines escaped)."""
+    lines = [line.strip() for line in pem.splitlines()]
+    return (pem.strip(), *(line for line in lines if line and not line.startswith("-----") and len(line) >= 16))
+
+
 class Scrubber:
     def __init__(self, *, grace: float = GRACE, clock: Callable[[], float] = time.monotonic,
                  background: bool = True, use_hyperscan: bool = True) -> None:

@@ -1,6 +1,6 @@
 """Token shapes: what the log scrubber removes without having been told the value.
 
-Bearer/basic credentials, JWTs, Salesforce session IDs, credproxy caller tokens, and
+PEM private-key blocks, bearer/basic credentials, JWTs, Salesforce session IDs, credproxy caller tokens, and
 ``key=value`` / ``"key": "value"`` pairs whose key names a secret. Python's ``re`` tries each rule
 at every position (~140 µs for seven rules over a 250-byte line), so each rule carries the
 lower-case words one of which every match contains: for an ASCII text (nearly every log line) one
@@ -19,6 +19,10 @@ _SECRET_WORDS = ("token", "secret", "assertion", "passw", "session", "api", "pri
 
 # (rule, replacement, words one of which every match contains, lower-cased)
 _RULES = [
+    # A PEM private key, its newlines real or escaped; a block cut off before its END line is redacted
+    # to the end of the text (fail closed).
+    (re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(?:.*?-----END \1PRIVATE KEY-----|.*\Z)", re.S),
+     "[REDACTED]", ("private key-----",)),
     (re.compile(r"(?i)\b(bearer|basic|negotiate)(\s+)[A-Za-z0-9\-._~+/=]{8,}"), r"\1\2[REDACTED]",
      ("bearer", "basic", "negotiate")),
     # "Token <value>" (an Authorization scheme) but not prose such as "token obtained":

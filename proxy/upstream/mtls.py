@@ -36,6 +36,7 @@ from cryptography import x509
 from proxy.config.models import UpstreamTLSConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.observe.metrics import ScrapeTimeGauge
+from proxy.redact.scrubber import SCRUBBER, client_key_owner, pem_values
 from proxy.store.secret import Secret, SecretRef
 from proxy.store.cache import SecretCache
 from proxy.upstream.client import ssl_context
@@ -168,6 +169,9 @@ class ClientTLS:
             return loaded.ctx
         if self._rejected is not None and _same(self._rejected[0], cert) and _same(self._rejected[1], key):
             return self._last_good()
+        # The key the store holds now and the one still in use are both scrubbed from logs.
+        SCRUBBER.hold(client_key_owner(self.credential), *pem_values(key.reveal()),
+                      *(pem_values(loaded.key.reveal()) if loaded is not None else ()))
         try:
             ctx = build_context(self._ca_file, cert, key, **self._pem_opts)
             info = cert_info(cert.reveal())
@@ -179,6 +183,7 @@ class ClientTLS:
                              "keeps_previous": loaded is not None})
             return self._last_good()
         self._loaded = _Loaded(cert, key, ctx, info)
+        SCRUBBER.hold(client_key_owner(self.credential), *pem_values(key.reveal()))
         self._rejected = None
         self.last_error = None
         log.info("upstream client certificate loaded",
@@ -226,6 +231,7 @@ class ClientTLS:
             self._gauge.remove(self.expires_in, label=self.credential)
         for task in list(self._tasks):
             task.cancel()
+        SCRUBBER.release(client_key_owner(self.credential))
 
 
 def _iso(ts: float) -> str:

@@ -478,3 +478,32 @@ async def test_the_connect_caller_holds_for_the_whole_tunnel(proxy, upstream, tm
     line = proxy.audit_lines(tmp_path)[-1]
     assert line["caller"] == "reports" and line["reason"] == "policy"
     assert not upstream.recorder.seen
+
+
+async def test_the_ca_and_leaf_keys_in_a_log_record_or_exception_never_reach_the_log(proxy, tmp_path):
+    import io
+    import logging
+
+    from proxy.observe.log_setup import JsonFormatter
+
+    store = FileStore(tmp_path / "secrets.enc", load_key(config_mod.FileStoreConfig(
+        path=str(tmp_path / "secrets.enc"), key_file=str(tmp_path / "master.key"))))
+    ca_lines = store.get_sync("credproxy/ca").fields["key"].reveal().splitlines()[1:-1]
+    leaf_lines = proxy.proxy.forward_leaves._key_pem.decode().splitlines()[1:-1]
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter())
+    log = logging.getLogger("credproxy.test.forward")
+    log.addHandler(handler)
+    try:
+        for line in ca_lines + leaf_lines:  # one line of a key: only its registration with the scrubber hides it
+            try:
+                raise ValueError(line)
+            except ValueError:
+                log.error("near %s", line, exc_info=True)
+    finally:
+        log.removeHandler(handler)
+    out = buf.getvalue()
+    assert out.count("near ") == len(ca_lines + leaf_lines)
+    for line in ca_lines + leaf_lines:
+        assert line not in out

@@ -227,3 +227,22 @@ def test_every_held_value_is_scrubbed_at_every_moment_while_the_builder_runs(hs)
         assert not [v for v in held.values() if v in out], i
     assert s.settle(30)
     assert s.values == frozenset(held.values())
+
+
+def test_a_pem_private_key_never_registered_is_redacted_whole_escaped_or_cut_off():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pkcs8 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode()
+    sec1 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption()).decode()
+    for pem in (pkcs8, sec1):
+        body = pem.splitlines()[2]
+        for line in (f"loading {pem} failed", f"key={pem!r} rejected", json.dumps({"msg": pem}),
+                     "cut: " + pem[: len(pem) // 2]):
+            out = scrub_shapes(line)
+            assert "[REDACTED]" in out and body not in out and "PRIVATE KEY" not in out, out
+    assert scrub_shapes("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----") == \
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"  # public, left alone

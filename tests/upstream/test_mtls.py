@@ -235,3 +235,24 @@ async def test_both_loading_paths_give_a_working_context(mtls_upstream, pki, tmp
         async with http.get(f"https://127.0.0.1:{server.port}/", ssl=ctx) as r:
             assert (await r.json())["client"] == f"direct-{use_memfd}"
     assert [p.name for p in tmp_path.iterdir()] == ["upstream-ca.pem"]
+
+
+async def test_the_client_key_in_a_log_record_or_exception_never_reaches_the_log(
+        signing_proxy, mtls_upstream, pki, json_logs):
+    import logging
+    server, _seen = mtls_upstream
+    cert, key, _ = pki.client("billing-client", days=30)
+    running = await signing_proxy({"mtls": credential(server, pki)},
+                                  {"tls/client#cert": cert, "tls/client#key": key, "api/token#value": API_TOKEN})
+    assert (await get(running, "/mtls/v1/ping"))[0] == 200
+    log = logging.getLogger("credproxy.test")
+    for marker in key_markers(key):  # one line of the key: no shape rule knows it, only its registration
+        try:
+            raise ValueError(f"bad key line {marker}")
+        except ValueError:
+            log.exception("loading failed near %s", marker, extra={"detail": marker})
+    log.error("whole key %r", key)
+    out = json_logs.getvalue()
+    assert "loading failed near" in out
+    for marker in key_markers(key):
+        assert marker not in out

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import SecretBackendError, StoreError
+from proxy.redact.scrubber import SCRUBBER, forward_key_owner, pem_values
 from proxy.store.secret import Secret
 from proxy.upstream.mtls import pem_path
 
@@ -101,6 +102,7 @@ async def load_ca(cfg, cache) -> CA:
     except SecretBackendError:
         raise CAError(f"forward_proxy.ca.key {cfg.key} cannot be read from the secret store "
                       "(run: credproxy ca init)") from None
+    SCRUBBER.hold(forward_key_owner("ca"), *pem_values(key.reveal()))  # before parsing: an error about it is scrubbed too
     return CA.load(cert_pem, key)
 
 
@@ -119,6 +121,7 @@ class LeafContexts:
         self._key = ec.generate_private_key(ec.SECP256R1())  # one leaf key per process: minting is one signature
         self._key_pem = self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption())
+        SCRUBBER.hold(forward_key_owner("leaf"), *pem_values(self._key_pem.decode()))
         self._ca_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key())
         self._cache: OrderedDict[str, tuple[float, ssl.SSLContext]] = OrderedDict()
