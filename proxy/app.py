@@ -127,6 +127,7 @@ class Proxy:
         self._webhook: WebhookSender | None = None
         self._connections: ConnectionLimit | None = None  # server.limits.max_connections, across caller listeners
         self.forward_leaves: LeafContexts | None = None  # forward proxy: leaf certificates minted (read by tests)
+        self.forward_context: ForwardContext | None = None  # what forward connections share (tests set its resolver)
 
     @property
     def cfg(self) -> Config:
@@ -318,7 +319,7 @@ class Proxy:
         def inner(via) -> HTTPConnection:
             return HTTPConnection(self._context("forward", live, via=via, counted=False))
 
-        ctx = ForwardContext(holder, leaves, inner, connections=self._connections)
+        self.forward_context = ctx = ForwardContext(holder, leaves, inner, connections=self._connections)
         listener = CallerListener(lambda: ForwardConnection(ctx), live=live, pending=ctx.open, grace=FINISH_GRACE)
         self._runners.append(listener)
         try:

@@ -507,3 +507,34 @@ async def test_the_ca_and_leaf_keys_in_a_log_record_or_exception_never_reach_the
     assert out.count("near ") == len(ca_lines + leaf_lines)
     for line in ca_lines + leaf_lines:
         assert line not in out
+
+
+async def test_a_tunnel_host_with_one_refused_address_is_refused_whole(tmp_path, upstream):
+    """Same rule as upstream connections: a name resolving to a loopback echo server and to the metadata
+    address is not trusted with either. The resolver is a fault-injecting fake (no DNS answers this on demand)."""
+    import socket
+
+    accepted = []
+
+    async def echo_server(reader, writer):
+        accepted.append(1)
+        writer.close()
+
+    server = await asyncio.start_server(echo_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def mixed(host, port_):
+        return [(socket.AF_INET, ("127.0.0.1", port_)), (socket.AF_INET, ("169.254.169.254", port_))]
+
+    running = await start(tmp_path, upstream, tunnel_hosts=[f"mixed.invalid:{port}"])
+    running.proxy.forward_context.resolver = mixed
+    try:
+        status, _, body, _reader, writer = await connect(running, f"mixed.invalid:{port}", basic())
+        writer.close()
+        assert status == 502 and b"upstream" in body
+        assert accepted == []
+        running.proxy.holder.current.audit.flush()
+        assert any(entry.get("reason") == "address_refused" for entry in running.audit_lines(tmp_path))
+    finally:
+        await running.proxy.stop()
+        server.close()

@@ -24,19 +24,19 @@ import asyncio
 import ipaddress
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy import errors
-from proxy.errors import BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
+from proxy.errors import AddressDenied, BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
 from proxy.observe.audit import ForwardEvent
 from proxy.routing import Via
 from proxy.server.connlimit import ConnectionLimit, client_address
 from proxy.server.forward.ca import LeafContexts
 from proxy.server.forward.connect import MAX_HEAD, first_line, is_connect, parse_connect
 from proxy.host_map import target
+from proxy.upstream.dial import Resolver, dial, resolve
 
 log = logging.getLogger("credproxy.forward")
 
@@ -53,6 +53,7 @@ class ForwardContext:
     inner: Callable[[Via], object]  # proxy.server.connection.HTTPConnection for requests (in a tunnel or absolute-form)
     connections: ConnectionLimit | None = None
     open: set = field(default_factory=set)  # connections not (yet) handed to ``inner``: closed at shutdown
+    resolver: Resolver = resolve  # how tunnel hosts are resolved (tests put a fault-injecting one here)
 
 
 class ForwardConnection(asyncio.Protocol):
@@ -229,17 +230,15 @@ class ForwardConnection(asyncio.Protocol):
     # --- opaque tunnels (tunnel_hosts) --------------------------------------------
 
     async def _open_tunnel(self, state, hp: tuple[str, int], audit: "_ConnectAudit") -> None:
-        loop = asyncio.get_running_loop()
-        timeout = state.config.server.connect_timeout
+        # The upstream client's dialer: one refused address refuses the name, and the socket connects to an
+        # address that was checked, never to the name again.
         try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(hp[0], hp[1], type=socket.SOCK_STREAM), timeout)
-            allowed = [i for i in infos if state.addresses.refusal(i[4][0], i[4][1]) is None]
-            if not allowed:
-                raise UpstreamError("tunnel host resolves only to refused addresses", reason="address_refused")
-            family, type_, proto, _, sockaddr = allowed[0]
-            _, upstream = await asyncio.wait_for(loop.create_connection(
-                lambda: _TunnelUpstream(self), host=sockaddr[0], port=sockaddr[1], family=family, proto=proto),
-                timeout)
+            _, upstream = await dial(lambda: _TunnelUpstream(self), hp[0], hp[1], ssl_ctx=None,
+                                     policy=state.addresses, timeout=state.config.server.connect_timeout,
+                                     resolver=self.ctx.resolver)
+        except AddressDenied as exc:
+            raise UpstreamError(f"tunnel host resolves to a refused address ({exc.why})",
+                                reason="address_refused") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise UpstreamError(f"tunnel connect failed: {type(exc).__name__}", reason="tunnel_connect") from None
         self._tunnel = upstream
