@@ -111,6 +111,8 @@ class TokenSource(AuthSource):
                 "last_refresh": slot.last_refresh, "last_error": slot.last_error}
 
     async def refresh(self) -> None:
+        """Admin refresh of every principal's token; raises unless every one was refreshed (a slot whose
+        refresh was cancelled — the credential closed under it — or failed otherwise is not refreshed)."""
         principals = set(self.slots) | {""}
         for p in principals:
             self._not_shared_again(p, self.slots[p].token if p in self.slots else None)
@@ -118,6 +120,12 @@ class TokenSource(AuthSource):
         for r in results:
             if isinstance(r, CredentialUnavailable):
                 raise r
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("admin token refresh did not complete", extra={
+                "credential": self.name, "error": type(failed[0]).__name__})
+            raise CredentialUnavailable("token refresh did not complete; nothing was refreshed",
+                                        reason="refresh_incomplete", retry_after=5)
 
     async def revoke(self) -> None:
         """Drop every principal's token, and revoke it at the provider where configured."""

@@ -140,3 +140,23 @@ async def test_a_large_streamed_upload_is_not_replayed(oauth, api, run_proxy, ca
     attempts = [s for s in api.seen if s.request_id == headers["X-Request-Id"]]
     assert [(a.status, a.body_len) for a in attempts] == [(401, 4096), (200, 4096)]
     assert oauth.db.requests == 3
+
+
+async def test_an_admin_refresh_whose_token_request_is_cancelled_says_not_refreshed(oauth, api, run_proxy, ca_file):
+    p = await start(oauth, api, run_proxy, ca_file)
+    assert (await call(p, "/api/v1/warm"))[0] == 200
+    source = p.proxy.holder.current.credentials["api"].source
+    oauth.db.hold = asyncio.Event()  # the token endpoint keeps the refresh waiting
+    async with aiohttp.ClientSession() as s:
+        answer = asyncio.ensure_future(s.post(p.admin_url + "/v1/credentials/api/refresh"))
+        deadline = time.monotonic() + 10
+        while oauth.db.arrived < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert oauth.db.arrived == 2
+        await source.slot("").close()  # the refresh is cancelled (what closing the credential on a reload does)
+        r = await answer
+        body = await r.json()
+        r.release()
+    oauth.db.hold.set()
+    assert r.status == 503 and body.get("result") != "ok", body
+    assert oauth.db.issued.__len__() == 1  # nothing new was issued
