@@ -11,6 +11,7 @@ Paths no config references any more are ``forget``-ten: no longer held nor polle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,16 @@ class SecretCache:
     def on_change(self, fn: Callable[[str], None]) -> None:
         """Call ``fn(path)`` when a path's secret changed (rotation)."""
         self._listeners.append(fn)
+
+    def off_change(self, fn: Callable[[str], None]) -> None:
+        """Stop calling ``fn`` (its owner closed); unknown ``fn`` is ignored."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    @property
+    def listeners(self) -> int:
+        """How many change callbacks are registered (bounded by what is running)."""
+        return len(self._listeners)
 
     def peek(self, ref: SecretRef) -> Secret | None:
         """``read`` when it needs no I/O (the entry is cached and fresh enough), else None: the request path
@@ -110,7 +121,7 @@ class SecretCache:
         self._entries[path] = _Cached(entry, self._clock(), old.reread_at if old else float("-inf"))
         if old is not None and old.entry.stamp != entry.stamp:
             log.info("secret rotated", extra={"secret_path": path, "version": entry.version})
-            for fn in self._listeners:
+            for fn in list(self._listeners):  # a callback may unregister itself
                 fn(path)
         return entry
 

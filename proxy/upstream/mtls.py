@@ -227,6 +227,7 @@ class ClientTLS:
 
     async def close(self) -> None:
         self._closed = True
+        self._cache.off_change(self._on_change)
         if self._gauge is not None:
             self._gauge.remove(self.expires_in, label=self.credential)
         for task in list(self._tasks):

@@ -256,3 +256,39 @@ async def test_the_client_key_in_a_log_record_or_exception_never_reaches_the_log
     assert "loading failed near" in out
     for marker in key_markers(key):
         assert marker not in out
+
+
+async def test_reloads_that_recreate_an_mtls_credential_leave_no_change_callbacks_behind(
+        tmp_path, mtls_upstream, pki, monkeypatch):
+    import yaml
+
+    from proxy.app import Proxy
+    from tests._signing_harness import base_config, write_store
+
+    monkeypatch.delenv("CREDPROXY_MASTER_KEY", raising=False)
+    server, _seen = mtls_upstream
+    cert, key, _ = pki.client("billing-client", days=30)
+    write_store(tmp_path, {"tls/client#cert": cert, "tls/client#key": key, "api/token#value": API_TOKEN})
+    path = tmp_path / "config.yaml"
+
+    def write(version: int) -> None:
+        cred = credential(server, pki)
+        cred["upstream"] += f"/v{version}"  # a changed upstream: the reload builds the credential anew
+        path.write_text(yaml.safe_dump(base_config(tmp_path, "http://127.0.0.1:9", credentials={"mtls": cred})))
+
+    write(0)
+    proxy = Proxy(config_mod.load(path), str(path), watch_interval=None)
+    await proxy.start()
+    try:
+        cache = proxy._cache
+        before = cache.listeners
+        for version in range(1, 6):
+            write(version)
+            assert (await proxy.reload()).result == "ok"
+            for _ in range(200):  # the old state closes once it has no request left
+                if cache.listeners == before:
+                    break
+                await asyncio.sleep(0.01)
+        assert cache.listeners == before
+    finally:
+        await proxy.stop()
