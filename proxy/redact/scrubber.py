@@ -16,13 +16,15 @@ plain check. Shape rules (``proxy.redact.shapes``) catch what was never register
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
 
-from proxy.redact.leak_guard import MIN_SECRET
+from proxy.redact.leak_guard import MIN_SECRET, REDACTED, compile_patterns
 from proxy.redact.shapes import scrub_shapes
 from proxy.redact.value_index import PlainForms, ValueForms, ValueIndex
 
@@ -216,6 +218,13 @@ class Scrubber:
         if pending:
             hits = sorted([*hits, *pending], key=lambda f: len(f.value), reverse=True)
         if hits:
+            compiled = [f for f in hits if isinstance(f, ValueForms)]
+            if len(compiled) > 1:
+                # Values whose occurrences overlap in the text ("0001" + "1111"): one pass of one alternation,
+                # as one leak guard over all of them would do. Redacting them one after another would leave
+                # the first value's start readable once a later one took its tail.
+                data = _joint(tuple(sorted(f.value for f in compiled))).sub(REDACTED, data)
+                hits = [f for f in hits if not isinstance(f, ValueForms)]
             for forms in hits:
                 data = forms.redact(data)
             text = data.decode("utf-8", "surrogateescape")
@@ -227,6 +236,13 @@ class Scrubber:
             self._publish()
         if gone:
             self._kick()  # the values stay in the index (still scrubbed) until the rebuild drops them
+
+
+@functools.lru_cache(maxsize=256)  # a line holding several values is rare; the same few sets recur
+def _joint(values: tuple[str, ...]) -> re.Pattern[bytes]:
+    pattern, _ = compile_patterns(values)
+    assert pattern is not None  # every compiled value has a pattern
+    return pattern
 
 
 SCRUBBER = Scrubber()
