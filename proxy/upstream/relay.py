@@ -219,10 +219,7 @@ async def relay_whole(response: ResponseWriter, upstream: UpstreamResponse, head
         upstream.release()
     if guard is not None:
         data, found = guard.redact(data)
-        if found:
-            leak_counter.inc(found)
-            if mode == "block":
-                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+        _count_body_leaks(found, leak_counter, mode)
     headers.popall("Content-Length", None)
     try:
         await response.send(upstream.status, headers, data, reason)
@@ -250,15 +247,20 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
         upstream.release()
     if redactor is not None:
         pieces.append(redactor.flush())
-        if redactor.count:
-            leak_counter.inc(redactor.count)
-            if mode == "block":
-                raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
+        _count_body_leaks(redactor.count, leak_counter, mode)
     headers.popall("Content-Length", None)
     try:
         await response.send_pieces(upstream.status, headers, pieces, reason)
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
+
+
+def _count_body_leaks(found: int, leak_counter, mode: str) -> None:
+    """A held body's echoes are counted; under ``block`` any echo refuses the answer (nothing was sent yet)."""
+    if found:
+        leak_counter.inc(found)
+        if mode == "block":
+            raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
 
 
 def _abort(response: ResponseWriter, trace, exc: BaseException) -> None:
