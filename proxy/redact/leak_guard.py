@@ -128,7 +128,10 @@ class LeakGuard:
 
 
 class StreamRedactor:
-    """Redacts a body fed in chunks; ``feed`` holds back at most ``longest - 1`` bytes."""
+    """Redacts a body fed in chunks; ``feed`` holds back at most ``longest - 1`` bytes.
+
+    ``feed_pieces`` gives what is decided as one or two pieces (the held-back tail of the chunk before, then
+    this chunk up to its own tail), so a clean chunk goes on without being copied; ``feed`` joins them."""
 
     def __init__(self, guard: LeakGuard) -> None:
         self._re = guard._re
@@ -138,9 +141,25 @@ class StreamRedactor:
         self.count = 0
 
     def feed(self, chunk: bytes) -> bytes | memoryview:
+        pieces = self.feed_pieces(chunk)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def feed_pieces(self, chunk: bytes) -> tuple[bytes | memoryview, ...]:
         if self._re is None:
-            return chunk
-        buf = self._tail + chunk if self._tail else chunk
+            return (chunk,)
+        keep, tail = self._keep, self._tail
+        if len(chunk) > keep:
+            # tail + chunk holds a needle only if the chunk does or one starts in the tail (a needle is at most
+            # ``keep + 1`` bytes long): the same answer as checking tail + chunk, without copying the chunk.
+            if not self._may_match(chunk) and not (tail and self._may_match(tail + chunk[:keep])):
+                cut = len(chunk) - keep
+                self._tail = chunk[cut:]
+                clean = memoryview(chunk)[:cut]
+                return (tail, clean) if tail else (clean,)
+        return (self._feed_joined(tail + chunk if tail else chunk),)
+
+    def _feed_joined(self, buf: bytes) -> bytes | memoryview:
+        """Decide ``buf`` (the held-back tail and the new chunk, as one buffer)."""
         # A match may start at a position only once every pattern fits after it;
         # later positions wait for more bytes, so chunking never changes a decision.
         decided = len(buf) - self._keep

@@ -86,14 +86,12 @@ class _BodyRead:
 BODY_READ = _BodyRead()
 
 
-def _header_text(headers: CIMultiDict[str]) -> bytes:
-    """All names and values as one text, for one quick check before scanning header by header."""
-    return "\n".join(map("\n".join, headers.items())).encode("utf-8", "surrogateescape")
+def _head_text(reason: str | None, headers: CIMultiDict[str]) -> bytes:
+    """The reason phrase and all names and values as one text, for one quick check before scanning part by part."""
+    return "\n".join([reason or "", *map("\n".join, headers.items())]).encode("utf-8", "surrogateescape")
 
 
 def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMultiDict[str], int]:
-    if not guard.may_match(_header_text(headers)):
-        return headers, 0
     found = 0
     out: CIMultiDict[str] = CIMultiDict()
     for key, value in headers.items():
@@ -107,11 +105,9 @@ def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMulti
     return out, found
 
 
-def _reason(reason: str | None, guard: LeakGuard | None) -> tuple[str | None, int]:
-    """The upstream's reason phrase if it is plain printable text (else the standard one), redacted."""
-    if not reason or not reason.isascii() or not reason.isprintable():
-        return None, 0
-    return guard.redact_text(reason) if guard is not None else (reason, 0)
+def _plain_reason(reason: str | None) -> str | None:
+    """The upstream's reason phrase if it is plain printable text (else None: the standard one is sent)."""
+    return reason if reason and reason.isascii() and reason.isprintable() else None
 
 
 async def relay(request: Request, response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
@@ -121,18 +117,36 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
     try:
         headers = strip_hop_by_hop(upstream.headers)
         scanning = mode != "off" and guard.active
-        compressed = bool(encoding.content_codings(upstream.headers))
-        reason, found = _reason(upstream.reason, guard if scanning else None)
-        if scanning:
-            headers, in_headers = _guard_headers(headers, guard)
-            found += in_headers
-        if found:
-            leak_counter.inc(found)
-            if mode == "block":
-                raise LeakBlocked("secret echoed in the response head", reason="leak_blocked")
+        # ``in`` first: nearly every answer has no Content-Encoding. The upstream's own headers: one it named in
+        # Connection is stripped from ``headers`` but its body is still encoded.
+        compressed = "Content-Encoding" in upstream.headers and bool(encoding.content_codings(upstream.headers))
+        reason = _plain_reason(upstream.reason)
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY
+        length = upstream.content_length
+        whole = has_body and length is not None and length <= WHOLE_BODY_MAX
+        body = None
+        if whole and not compressed and upstream.done:
+            # A small answer that has arrived whole (the usual one) is read now: one quick check covers its head
+            # and body together, and relay_whole neither waits nor scans again when nothing can match.
+            with BODY_READ:
+                body = head + await upstream.read()
+        clean = False
+        if scanning:
+            text = _head_text(reason, headers)
+            if not guard.may_match(text if body is None else text + body):
+                clean = body is not None
+            else:
+                found = 0
+                if reason is not None:
+                    reason, found = guard.redact_text(reason)
+                headers, in_headers = _guard_headers(headers, guard)
+                found += in_headers
+                if found:
+                    leak_counter.inc(found)
+                    if mode == "block":
+                        raise LeakBlocked("secret echoed in the response head", reason="leak_blocked")
         decoder = encoding.decoder_for(upstream.headers) if scanning and compressed and has_body else None
-        scan_body = scanning and not (compressed and decoder is None)
+        scan_body = scanning and not clean and not (compressed and decoder is None)
         headers["X-Request-Id"] = trace.request_id
         if scan_body and has_body:
             headers.popall("Content-Length", None)
@@ -143,10 +157,9 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
         headers.popall("Content-Encoding", None)
         return await relay_whole(response, upstream, head, headers, reason, guard, mode, leak_counter, trace,
                                  decoder)
-    length = upstream.content_length
-    if has_body and length is not None and length <= WHOLE_BODY_MAX:
+    if whole:
         return await relay_whole(response, upstream, head, headers, reason, guard if scan_body else None, mode,
-                                 leak_counter, trace)
+                                 leak_counter, trace, body=body)
     redactor = guard.stream() if scan_body else None
     if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
             and budget.take(length):
@@ -203,25 +216,27 @@ async def relay_streamed(response: ResponseWriter, upstream: UpstreamResponse, h
 
 async def relay_whole(response: ResponseWriter, upstream: UpstreamResponse, head: bytes, headers: CIMultiDict[str],
                       reason: str | None, guard: LeakGuard | None, mode: str, leak_counter, trace,
-                      decoder: encoding.Decoder | None = None) -> None:
+                      decoder: encoding.Decoder | None = None, *, body: bytes | None = None) -> None:
     """A small answer of known length, or a compressed one to decode (``decoder``): read it whole, scan it once,
-    send it with its (new) length."""
+    send it with its (new) length. ``body``: the whole body, when it was read already (``head`` included)."""
     try:
-        with BODY_READ:
-            if decoder is None:
-                data = head + await upstream.read()
-            else:
-                decoder.feed(head)
-                while chunk := await upstream.read_chunk():
-                    decoder.feed(chunk)
-                data = decoder.finish()
+        if body is not None:
+            data = body
+        else:
+            with BODY_READ:
+                if decoder is None:
+                    data = head + await upstream.read()
+                else:
+                    decoder.feed(head)
+                    while chunk := await upstream.read_chunk():
+                        decoder.feed(chunk)
+                    data = decoder.finish()
     finally:
         upstream.release()
     if guard is not None:
         data, found = guard.redact(data)
         _count_body_leaks(found, leak_counter, mode)
-    headers.popall("Content-Length", None)
-    try:
+    try:  # a Content-Length still among the headers is the body's own: relay drops it when the body is scanned
         await response.send(upstream.status, headers, data, reason)
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
@@ -236,20 +251,19 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
     The chunks are kept as they arrive (not joined into one buffer) and written one by one: the answer is
     held once, not twice."""
     pieces: list[bytes | memoryview] = []
-    scan = redactor.feed if redactor is not None else (lambda chunk: chunk)
+    scan = redactor.feed_pieces if redactor is not None else (lambda chunk: (chunk,))
     try:
         with BODY_READ:
             if head:
-                pieces.append(scan(head))
+                pieces += scan(head)
             while chunk := await upstream.read_chunk():
-                pieces.append(scan(chunk))  # scanned as it arrives: the unscanned chunk is not kept as well
+                pieces += scan(chunk)  # scanned as it arrives: the unscanned chunk is not kept as well
     finally:
         upstream.release()
     if redactor is not None:
         pieces.append(redactor.flush())
         _count_body_leaks(redactor.count, leak_counter, mode)
-    headers.popall("Content-Length", None)
-    try:
+    try:  # as in relay_whole, a Content-Length still among the headers is the body's own
         await response.send_pieces(upstream.status, headers, pieces, reason)
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
