@@ -261,8 +261,11 @@ class AuditLog:
                     await self._wake.wait()
             self._wake.clear()
             try:
-                while self._pending and self._write_batch():
-                    await asyncio.sleep(0)  # a backlog (after an outage) goes batch by batch: requests run between
+                # A backlog (after an outage) goes batch by batch, requests running between. A part batch
+                # waits for the next one to fill or for the interval: written at once, it made a write (and
+                # its lock and stats) per loop turn under steady load, a few lines each.
+                while self._pending and self._write_batch() and len(self._pending) >= FLUSH_LINES:
+                    await asyncio.sleep(0)
             except Exception as exc:  # noqa: BLE001 - a bug must not end the writer: fail closed and keep trying
                 log.exception("audit write failed unexpectedly")
                 self._failed(exc)
