@@ -123,14 +123,25 @@ class AlertMonitor:
 
     def observe(self, event: AuditEvent) -> None:
         now = self._clock()
-        if event.caller and event.caller != "anonymous" and event.client_ip:
-            self._check_addresses(event, now)
+        caller, ip = event.caller, event.client_ip
+        if caller and ip and caller != "anonymous":
+            seen = self._addresses.get(caller)
+            last = seen.get(ip) if seen is not None else None
+            if last is not None and now - last <= self._cfg.multi_ip_window:
+                # The usual request: an address seen within the window raises nothing. Older addresses
+                # ahead of it are expired when a new one comes, which leaves the same ones as expiring now.
+                seen[ip] = now
+                seen.move_to_end(ip)
+            else:
+                self._check_addresses(event, now)
         if event.outcome == "denied":
             self._check_denied(event, now)
 
     def _check_addresses(self, event: AuditEvent, now: float) -> None:
         window = self.cfg.multi_ip_window
-        seen = self._addresses.setdefault(event.caller, OrderedDict())
+        seen = self._addresses.get(event.caller)
+        if seen is None:
+            seen = self._addresses[event.caller] = OrderedDict()
         while seen and now - next(iter(seen.values())) > window:
             seen.popitem(last=False)
         new = event.client_ip not in seen
