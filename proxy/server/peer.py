@@ -6,6 +6,33 @@ import functools
 import ipaddress
 
 
+class _IPv4(ipaddress.IPv4Address):
+    """An address that keeps its text: every request's audit line writes it, and ``ipaddress`` builds the
+    text anew on each ``str`` (a join over the address bytes). Otherwise an ``IPv4Address``."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, address) -> None:
+        super().__init__(address)
+        self._text = super().__str__()
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class _IPv6(ipaddress.IPv6Address):
+    """``_IPv4``'s counterpart."""
+
+    __slots__ = ("_text",)
+
+    def __init__(self, address) -> None:
+        super().__init__(address)
+        self._text = super().__str__()
+
+    def __str__(self) -> str:
+        return self._text
+
+
 def transport_ip(transport) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The peer's IP (an IPv4-mapped IPv6 address as the IPv4 one); None on a unix socket."""
     peer = transport.get_extra_info("peername") if transport is not None else None
@@ -20,4 +47,7 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return None
-    return ip.ipv4_mapped or ip if isinstance(ip, ipaddress.IPv6Address) else ip
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped
+        return _IPv4(int(mapped)) if mapped is not None else _IPv6(text)
+    return _IPv4(int(ip))
