@@ -54,7 +54,7 @@ def _never_forwarded(removes: tuple[str, ...]) -> frozenset[str]:
     return HOP_BY_HOP | {n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes)}
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """What the audit line will say about this request; filled in as the steps run."""
 
@@ -205,29 +205,30 @@ async def _peek(upstream: UpstreamResponse) -> bytes:
 def _record(state: State, request: Request, route: Route | None, trace: Trace, ip,
             via: Via | None = None) -> None:
     duration = time.monotonic() - trace.started
-    raw_path = request.target.partition("?")
-    path = (route.path if route else raw_path[0][:512])
-    query = route.query if route else raw_path[2]
+    if route is not None:
+        path, query, credential = route.path, route.query, trace.credential
+    else:
+        path, _, query = request.target.partition("?")
+        path, credential = path[:512], None
     if query:
         path += "?" + strip_query_values(query)
     kind, extra = (AuditEvent, {}) if via is None else (
         ForwardEvent, {"listener": via.listener, "connect_host": _host_port(via.connect)})
     event = kind(
-        request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None,
-        credential=trace.credential if route else None, method=request.method, path=path,
-        status=trace.status, outcome=trace.outcome, reason=trace.reason or trace.outcome,
-        duration_ms=round(duration * 1000, 3), token_refreshed=trace.token_refreshed, **extra,
+        request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None, credential=credential,
+        method=request.method, path=path, status=trace.status, outcome=trace.outcome,
+        reason=trace.reason or trace.outcome, duration_ms=round(duration * 1000, 3),
+        token_refreshed=trace.token_refreshed, **extra,
     )
     state.audit.write(event)
     if via is not None:
-        state.metrics.forward_requests.labels(trace.credential if route else "-", str(trace.status)).inc()
+        state.metrics.forward_requests.labels(credential if route else "-", str(trace.status)).inc()
     if state.alerts is not None:
         state.alerts.observe(event)
-    cred = state.credentials.get(trace.credential) if route and trace.credential else None
+    cred = state.credentials.get(credential) if credential else None
     caller_label = trace.caller or "-"
     if cred is not None and cred.metrics is not None:
-        cred.metrics.requests(caller_label, trace.status).inc()
-        cred.metrics.duration.observe(duration)
+        cred.metrics.record(caller_label, trace.status, duration)
     else:
         state.metrics.child(state.metrics.requests, "-", caller_label, str(trace.status)).inc()
         state.metrics.child(state.metrics.duration, "-").observe(duration)

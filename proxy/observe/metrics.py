@@ -106,12 +106,14 @@ class CredentialMetrics:
         self._name = name
         self._requests: dict[tuple[str, int], object] = {}  # (caller, status): callers come from config
 
-    def requests(self, caller: str, status: int):
+    def record(self, caller: str, status: int, seconds: float) -> None:
+        """One finished request: counted by (caller, status), its end-to-end duration observed."""
         key = (caller, status)
         found = self._requests.get(key)
         if found is None:
             found = self._requests[key] = self._counter.labels(self._name, caller, str(status))
-        return found
+        found.inc()
+        self.duration.observe(seconds)
 
 
 class Metrics:
