@@ -42,7 +42,7 @@ class Credential:
         self.leak_guard = leak_guard
         self.expired_when: tuple[ExpiredWhen, ...] = tuple(cfg.session.expired_when)
         self.needs_body_peek = any(m.body_contains for m in self.expired_when)
-        self._expired_statuses = frozenset(m.status for m in self.expired_when)  # checked on every answer
+        self.expired_statuses = frozenset(m.status for m in self.expired_when)  # checked on every answer
         self.per_caller = cfg.auth.principals()  # callers with a principal of their own
         self.disabled = False
         self.stats = Stats()
@@ -60,9 +60,6 @@ class Credential:
 
     def principal(self, caller: str) -> str:
         return caller if caller in self.per_caller else ""
-
-    def expired_status(self, status: int) -> bool:
-        return status in self._expired_statuses
 
     def is_expired(self, status: int, body_head: bytes) -> bool:
         for m in self.expired_when:

@@ -35,6 +35,11 @@ class AuthSource(abc.ABC):
     async def grant(self, principal: str) -> Grant:
         """Material for ``principal`` (a caller name with its own per_caller entry, or "")."""
 
+    def ready(self, principal: str) -> Grant | None:
+        """What ``grant(principal)`` would return when that needs no I/O, else None. The request path takes
+        this first and awaits ``grant`` only on a miss (a coroutine per request costs more than the lookup)."""
+        return None
+
     @abc.abstractmethod
     async def expired(self, principal: str, used: Grant) -> bool:
         """The upstream said ``used`` is no longer valid. Get fresh material once;

@@ -30,7 +30,7 @@ from proxy.server.upload import RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential
 from proxy.grant import Grant
-from proxy.errors import CredentialUnavailable, Forbidden, ProxyError, UpstreamError
+from proxy.errors import CredentialUnavailable, Forbidden, ProxyError
 from proxy.upstream.outbound import Outbound
 from proxy.upstream.relay import read_upto, relay
 from proxy.routing import Route, Via, route_forward
@@ -101,9 +101,12 @@ async def handle(request: Request, response: ResponseWriter, state: State) -> No
         if state.limiter is not None:
             state.limiter.acquire(caller.name, cred.name)
         cred.touch()
-        limits = state.config.server.limits
-        body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
-                               body_timeout=limits.body_timeout)
+        if request.body is None:
+            body = RequestBody(None)  # nothing to read: what read_body returns, without a coroutine for it
+        else:
+            limits = state.config.server.limits
+            body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
+                                   body_timeout=limits.body_timeout)
         await forward(request, response, state, cred, caller.name, route, body, trace)
     except ProxyError as exc:
         if body is not None and body.fault is not None:
@@ -145,24 +148,26 @@ def _forward_route(request: Request, state: State, via: Via, trace: Trace) -> tu
 async def forward(request: Request, response: ResponseWriter, state: State, cred: Credential, caller: str,
                   route: Route, body: RequestBody, trace: Trace) -> None:
     principal = cred.principal(caller)
+    source = cred.source
     drop = _never_forwarded(cred.injector.removes)
     bound = cred.metrics or CredentialMetrics(state.metrics, cred.name)
     for attempt in (1, 2):
-        grant = await cred.source.grant(principal)
+        grant = source.ready(principal) or await source.grant(principal)  # awaited only when it needs I/O
         # The one copy of the caller's headers (per attempt: the injector changes it).
         headers = strip_hop_by_hop(request.headers, drop)
         out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
         started = time.monotonic()
-        upstream = await _send(cred, out, body)
+        # An upload over max_body breaks this off; handle answers body.fault (413) rather than the upstream error.
+        upstream = await cred.client.send(out)
         body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
         bound.upstream_duration.observe(time.monotonic() - started)
         head = b""
-        if attempt == 1 and cred.expired_status(upstream.status):
+        if attempt == 1 and upstream.status in cred.expired_statuses:
             if cred.needs_body_peek:
                 head = await _peek(upstream)
             if cred.is_expired(upstream.status, head):
                 trace.token_refreshed = True
-                renewed = await cred.source.expired(principal, grant)
+                renewed = await source.expired(principal, grant)
                 if renewed and body.replayable:
                     upstream.release()
                     log.info("upstream rejected the credential; replaying once",
@@ -186,15 +191,6 @@ def _outbound(request: Request, cred: Credential, grant: Grant, route: Route, he
         out.headers["Accept-Encoding"] = "identity"
     cred.injector.inject(out, grant.values)
     return out
-
-
-async def _send(cred: Credential, out: Outbound, body: RequestBody) -> UpstreamResponse:
-    try:
-        return await cred.client.send(out)
-    except UpstreamError:
-        if body.too_large:
-            raise errors.PayloadTooLarge("streamed body over max_body") from None
-        raise
 
 
 async def _peek(upstream: UpstreamResponse) -> bytes:

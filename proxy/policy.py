@@ -120,4 +120,7 @@ class Policy:
             if credential not in self._rules:
                 return False
             compiled = self._compiled(credential, caller)
-        return compiled.by_method.get(method, compiled.other).permits(path, ip)
+        group = compiled.by_method.get(method, compiled.other)
+        if not group.locked:  # the usual group: one regex match, without a call to permits for it
+            return group.paths is not None and group.paths.match(path) is not None
+        return group.permits(path, ip)

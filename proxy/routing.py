@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from proxy.errors import BadRequest, Forbidden
 from proxy.host_map import target
@@ -26,6 +27,7 @@ _FORBIDDEN_DECODED = frozenset({0x2F, 0x5C}) | frozenset(range(0x20)) | {0x7F}
 _PLAIN = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_RAW = re.compile(rb"[\x00-\x20\x5c\x7f]")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})?")  # every "%", with its pair when it has a valid one
 _ENCODE = re.compile(rb"[^A-Za-z0-9\-._~!$&'()*+,;=:@/%]")  # neither kept as is nor (already) an escape
@@ -45,8 +47,7 @@ def _encode(match: re.Match) -> bytes:
     return b"%%%02X" % match.group()[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):  # immutable like a frozen dataclass, at half its construction cost (one per request)
     credential: str
     path: str  # canonical, starts with "/"
     query: str  # raw, without "?"
@@ -90,7 +91,7 @@ def split_target(raw_target: str) -> tuple[str, str]:
     if "#" in raw_target:
         raise BadRequest("fragment in request target")
     path, _, query = raw_target.partition("?")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in query):
+    if query and _CONTROL.search(query):
         raise BadRequest("control byte in query")
     return path, query
 

@@ -8,8 +8,9 @@ import time
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.grant import AuthSource, Grant
 from proxy.redact.scrubber import SCRUBBER, secret_owner
+from proxy.store.base import SecretEntry
 from proxy.store.cache import SecretCache
-from proxy.store.secret import Secret, SecretRef
+from proxy.store.secret import SecretRef
 
 
 class StaticSource(AuthSource):
@@ -21,7 +22,8 @@ class StaticSource(AuthSource):
         self._metrics = metrics
         self.last_refresh: float | None = None
         self._auth = auth
-        self._grants: dict[str, tuple[tuple[int, ...], Grant]] = {}
+        # principal -> ((path, the cache entry its values came from), ...), and the grant built from them
+        self._grants: dict[str, tuple[tuple[tuple[str, SecretEntry], ...], Grant]] = {}
         self._refs: dict[str, dict[str, SecretRef]] = {}
         self.last_error: str | None = None
 
@@ -35,24 +37,38 @@ class StaticSource(AuthSource):
     def refs(self) -> set[SecretRef]:
         return self._auth.all_refs()
 
+    def ready(self, principal: str) -> Grant | None:
+        """The grant built from the cache entries that are still current (same version, read, fresh enough):
+        one object per secret version, so the injector's rendered header and the leak guard are built once
+        per version. None when an entry rotated, was dropped or went stale: ``grant`` then reads again."""
+        held = self._grants.get(principal)
+        if held is None:
+            return None
+        entries, grant = held
+        current = self._cache.current
+        for path, entry in entries:
+            if current(path) is not entry:
+                return None
+        return grant
+
     async def grant(self, principal: str) -> Grant:
-        values: dict[str, Secret] = {}
-        cache = self._cache
+        found = self.ready(principal)
+        if found is not None:
+            return found
+        refs = self._refs_of(principal)
+        entries: dict[str, SecretEntry] = {}
         try:
-            for name, ref in self._refs_of(principal).items():
-                value = cache.peek(ref)
-                values[name] = value if value is not None else await cache.read(ref)
+            for ref in refs.values():
+                if ref.path not in entries:
+                    entries[ref.path] = await self._cache.entry(ref.path)
+            values = {name: entries[ref.path].get(ref) for name, ref in refs.items()}
         except SecretBackendError as exc:
             self.last_error = type(exc).__name__
             raise CredentialUnavailable(str(exc), reason="secret_unavailable", retry_after=5) from None
-        key = tuple(id(v) for v in values.values())
-        cached = self._grants.get(principal)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        for name, ref in self._refs_of(principal).items():  # a rotated secret replaces its old value
+        for name, ref in refs.items():  # a rotated secret replaces its old value
             SCRUBBER.hold(secret_owner(ref), values[name].reveal())
         g = Grant(values)
-        self._grants[principal] = (key, g)
+        self._grants[principal] = (tuple(entries.items()), g)
         return g
 
     async def expired(self, principal: str, used: Grant) -> bool:

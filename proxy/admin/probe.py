@@ -3,7 +3,7 @@
 Obtains the material (``source.grant``: a token fetch for token types, a secret
 read for static ones) and, when the credential sets ``probe: {method, path,
 expect_status}``, sends that call upstream through the pipeline's own steps
-(``_outbound`` builds and injects, ``_send`` sends, ``_record`` audits and
+(``_outbound`` builds and injects, the credential's client sends, ``_record`` audits and
 counts it as caller ``admin-probe``), so a probe exercises exactly the request
 path callers get. The report says what happened and never carries material:
 the upstream body is not read.
@@ -70,7 +70,7 @@ async def probe(state: State, cred: Credential, *, clock: Callable[[], float] = 
         body = RequestBody(None)
         out = pipeline._outbound(request, cred, grant, route, CIMultiDict(), body, trace.request_id)
         started = clock()
-        upstream = await pipeline._send(cred, out, body)
+        upstream = await cred.client.send(out)
         latency = clock() - started
         state.metrics.upstream_duration.labels(cred.name).observe(latency)
         upstream.release()  # the body is not read: nothing the upstream sent reaches the report

@@ -63,22 +63,26 @@ class SecretCache:
         """How many change callbacks are registered (bounded by what is running)."""
         return len(self._listeners)
 
-    def peek(self, ref: SecretRef) -> Secret | None:
-        """``read`` when it needs no I/O (the entry is cached and fresh enough), else None: the request path
-        takes this first and awaits ``read`` only on a miss (a coroutine per secret per request costs more
-        than the lookup). Raises as ``read`` does for a field the cached entry lacks."""
-        cached = self._entries.get(ref.path)
+    def current(self, path: str) -> SecretEntry | None:
+        """The cached entry at ``path`` when it is fresh enough to serve without I/O, else None. One entry
+        object stands for one read of one version: a re-read replaces it, so a caller may keep what it
+        derived from an entry for as long as ``current`` still returns that same object."""
+        cached = self._entries.get(path)
         if cached is not None and self._clock() - cached.fetched_at <= self.max_staleness:
-            return cached.entry.get(ref)
+            return cached.entry
         return None
 
+    async def entry(self, path: str) -> SecretEntry:
+        """``current``, or (missing or too stale) the entry read from the backend now."""
+        found = self.current(path)
+        if found is not None:
+            return found
+        if path in self._entries:
+            log.warning("secret too stale to serve", extra={"secret_path": path})
+        return await self._fetch(path)
+
     async def read(self, ref: SecretRef) -> Secret:
-        cached = self._entries.get(ref.path)
-        if cached is not None:
-            if self._clock() - cached.fetched_at <= self.max_staleness:
-                return cached.entry.get(ref)
-            log.warning("secret too stale to serve", extra={"secret_path": ref.path})
-        return (await self._fetch(ref.path)).get(ref)
+        return (await self.entry(ref.path)).get(ref)
 
     def forget(self, paths) -> None:
         """Drop ``paths`` (no running config references them): not served from memory, not polled again.
