@@ -29,8 +29,11 @@ from json.encoder import encode_basestring  # the C escaping the encoder itself 
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from itertools import islice
+from operator import attrgetter
+from typing import NamedTuple
 
 from proxy.errors import AppendFailed, AuditUnavailable
 from proxy.observe.audit_sink import GENESIS, FileSink, StdoutSink
@@ -96,68 +99,82 @@ def _canonical(obj: dict) -> bytes:
     return _ENCODER.encode(obj).encode()
 
 
-_PREV_KEY = b',"prev_hash":"'
 _TS = "ts"
 
 
-def _plan(cls) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
-    """Per event class, the keys in canonical (sorted) order, each with the text before its value, split
-    around ``prev_hash``: the line is then built by concatenation, without a dict or a sort per line."""
+class _Plan(NamedTuple):
+    """One event class's line as two %-templates (keys in canonical, sorted, order, JSON-escaped once), split
+    around the ``prev_hash`` value, and getters of the fields that fill them: a line is then two formats,
+    without a dict or a sort per line."""
+
+    head: str  # '{"caller":%s,...,"prev_hash":"'
+    tail: str  # '","reason":%s,...}'
+    head_fields: tuple[str, ...]
+    tail_fields: tuple[str, ...]  # without "ts", which goes in at ``ts_at``
+    ts_at: int
+    head_values: Callable
+    tail_values: Callable
+
+
+def _plan(cls) -> _Plan:
     keys = sorted([*_FIELDS[cls], _TS, "prev_hash"])
     cut = keys.index("prev_hash")
-    before = tuple(("{" if n == 0 else ",") + _ENCODER.encode(k) + ":" for n, k in enumerate(keys[:cut]))
-    after = tuple("," + _ENCODER.encode(k) + ":" for k in keys[cut + 1:])
-    return tuple(zip(before, keys[:cut])), tuple(zip(after, keys[cut + 1:]))
+    head, tail = keys[:cut], keys[cut + 1:]
+    ts_at = tail.index(_TS)  # "ts" sorts after "prev_hash"
+    tail_fields = tail[:ts_at] + tail[ts_at + 1:]
+    assert len(head) > 1 and len(tail_fields) > 1  # attrgetter of one name would not return a tuple
+    return _Plan("{" + ",".join(_ENCODER.encode(k) + ":%s" for k in head) + ',"prev_hash":"',
+                 '"' + "".join("," + _ENCODER.encode(k) + ":%s" for k in tail) + "}",
+                 tuple(head), tuple(tail_fields), ts_at, attrgetter(*head), attrgetter(*tail_fields))
 
 
 _PLANS = {cls: _plan(cls) for cls in _FIELDS}
 _INF = float("inf")
 
 
-def _value(v) -> str:
-    """``v`` as the canonical encoder writes it (its own C string escaping; anything but a plain scalar is
-    left to the encoder itself)."""
-    cls = v.__class__
-    if cls is str:
-        return encode_basestring(v)
-    if v is None:
-        return "null"
-    if cls is bool:
-        return "true" if v else "false"
-    if cls is int:
-        return int.__repr__(v)
-    if cls is float and -_INF < v < _INF:
-        return float.__repr__(v)
-    return _ENCODER.encode(v)
+def _values(values) -> list[str]:
+    """Each value as the canonical encoder writes it (its own C string escaping; anything but a plain scalar
+    is left to the encoder itself). One loop, not a call per value."""
+    out = []
+    for v in values:
+        cls = v.__class__
+        if cls is str:
+            out.append(encode_basestring(v))
+        elif v is None:
+            out.append("null")
+        elif cls is bool:
+            out.append("true" if v else "false")
+        elif cls is int:
+            out.append(int.__repr__(v))
+        elif cls is float and -_INF < v < _INF:
+            out.append(float.__repr__(v))
+        else:
+            out.append(_ENCODER.encode(v))
+    return out
 
 
-def _template(plan: tuple[tuple[str, str], ...]) -> str:
-    return "".join(text + "%s" for text, _ in plan)
-
-
-# The per-request event (``AuditEvent``) is encoded by one %-template per half with only its values escaped:
-# the generic plan below costs a Python call per field, this is one format per half (~half the time).
-_REQUEST_HEAD = _template(_PLANS[AuditEvent][0]) + ',"prev_hash":"'
-_REQUEST_TAIL = '"' + _template(_PLANS[AuditEvent][1]) + "}"
-assert tuple(n for _, n in _PLANS[AuditEvent][0]) == (
-    "caller", "client_ip", "credential", "duration_ms", "method", "outcome", "path")
-assert tuple(n for _, n in _PLANS[AuditEvent][1]) == ("reason", "request_id", "status", "token_refreshed", "ts")
+# The per-request event (``AuditEvent``) is written by hand from its plan's templates: its field types are
+# known, so no value needs its type looked at (~0.6 us less a line than the general loop).
+_REQUEST = _PLANS[AuditEvent]
+assert (_REQUEST.head_fields, _REQUEST.tail_fields, _REQUEST.ts_at) == (
+    ("caller", "client_ip", "credential", "duration_ms", "method", "outcome", "path"),
+    ("reason", "request_id", "status", "token_refreshed"), 4)
 
 
 def _encode_request(ts: float, e: AuditEvent) -> tuple[bytes, bytes] | None:
-    """``encode`` of an ``AuditEvent`` whose numbers are plain finite ones (None otherwise: the generic plan
+    """``encode`` of an ``AuditEvent`` whose numbers are plain finite ones (None otherwise: the general loop
     writes those); its texts are str or None, as typed."""
     duration, status = e.duration_ms, e.status
     if not (duration.__class__ is float and -_INF < duration < _INF and ts.__class__ is float and -_INF < ts < _INF
             and status.__class__ is int and e.token_refreshed.__class__ is bool):
         return None
     caller, ip, credential = e.caller, e.client_ip, e.credential
-    head = _REQUEST_HEAD % ("null" if caller is None else encode_basestring(caller),
+    head = _REQUEST.head % ("null" if caller is None else encode_basestring(caller),
                             "null" if ip is None else encode_basestring(ip),
                             "null" if credential is None else encode_basestring(credential),
                             float.__repr__(duration), encode_basestring(e.method), encode_basestring(e.outcome),
                             encode_basestring(e.path))
-    tail = _REQUEST_TAIL % (encode_basestring(e.reason), encode_basestring(e.request_id), int.__repr__(status),
+    tail = _REQUEST.tail % (encode_basestring(e.reason), encode_basestring(e.request_id), int.__repr__(status),
                             "true" if e.token_refreshed else "false", float.__repr__(ts))
     return head.encode(), tail.encode()
 
@@ -170,10 +187,10 @@ def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
         done = _encode_request(ts, event)
         if done is not None:
             return done
-    before, after = _PLANS[type(event)]
-    head = "".join([text + _value(ts if name == _TS else getattr(event, name)) for text, name in before])
-    tail = "".join([text + _value(ts if name == _TS else getattr(event, name)) for text, name in after])
-    return (head + ',"prev_hash":"').encode(), ('"' + tail + "}").encode()
+    plan = _PLANS[type(event)]
+    tail = list(plan.tail_values(event))
+    tail.insert(plan.ts_at, ts)
+    return (plan.head % tuple(_values(plan.head_values(event)))).encode(), (plan.tail % tuple(_values(tail))).encode()
 
 
 def _chain(batch: list[tuple[bytes, bytes]], prev: str) -> list[tuple[bytes, str]]:
