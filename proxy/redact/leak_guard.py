@@ -131,13 +131,15 @@ class StreamRedactor:
     """Redacts a body fed in chunks; ``feed`` holds back at most ``longest - 1`` bytes.
 
     ``feed_pieces`` gives what is decided as one or two pieces (the held-back tail of the chunk before, then
-    this chunk up to its own tail), so a clean chunk goes on without being copied; ``feed`` joins them."""
+    this chunk up to its own tail), so a clean chunk goes on without being copied; ``feed`` joins them.
+    ``feed_held`` is for a body held whole before anything is sent: a clean chunk goes on whole."""
 
     def __init__(self, guard: LeakGuard) -> None:
         self._re = guard._re
         self._may_match = guard.may_match
         self._keep = max(guard.longest - 1, 0)
         self._tail = b""
+        self._placed = False  # feed_held: the undecided tail is the end of the last piece, not in ``_tail``
         self.count = 0
 
     def feed(self, chunk: bytes) -> bytes | memoryview:
@@ -157,6 +159,29 @@ class StreamRedactor:
                 clean = memoryview(chunk)[:cut]
                 return (tail, clean) if tail else (clean,)
         return (self._feed_joined(tail + chunk if tail else chunk),)
+
+    def feed_held(self, pieces: list[bytes | memoryview], chunk: bytes) -> None:
+        """Put what is decided of ``chunk`` onto ``pieces``, for a body held whole before it is sent. While
+        nothing can match, each chunk goes on whole: its undecided tail stays at its end rather than being split
+        off (the body is as many pieces as it arrived in); it is decided with the next chunk, or at ``flush``.
+        Not mixed with ``feed`` on one redactor."""
+        if self._re is None:
+            pieces.append(chunk)
+            return
+        keep = self._keep
+        tail = pieces[-1][len(pieces[-1]) - keep :] if self._placed else self._tail
+        if len(chunk) > keep and not self._may_match(chunk) and not (tail and self._may_match(tail + chunk[:keep])):
+            if not self._placed and tail:
+                pieces.append(tail)  # only after a chunk that held a match: its tail was split off then
+                self._tail = b""
+            pieces.append(chunk)
+            self._placed = True  # every position of the tail before this chunk's own is decided: no match
+            return
+        if self._placed:  # take the tail back off the last piece: it is decided together with this chunk
+            last = pieces[-1]
+            pieces[-1] = memoryview(last)[: len(last) - keep]
+            self._placed = False
+        pieces.append(self._feed_joined(tail + chunk if tail else chunk))
 
     def _feed_joined(self, buf: bytes) -> bytes | memoryview:
         """Decide ``buf`` (the held-back tail and the new chunk, as one buffer)."""
@@ -182,6 +207,9 @@ class StreamRedactor:
         return b"".join(out)
 
     def flush(self) -> bytes:
+        if self._placed:  # a tail left in place was part of a chunk with no needle: nothing in it can match
+            self._placed = False
+            return b""
         if self._re is None or not self._tail:
             return b""
         out, n = self._re.subn(REDACTED, self._tail)

@@ -136,3 +136,39 @@ def _same_as_the_regex_alone(guard, secret, filler, inserts, cuts):
     assert guard.redact(body) == without_prefilter(guard).redact(body)
     if inserts:
         assert secret.encode() not in fast[0]
+
+
+def redact_held(guard: LeakGuard, body: bytes, cuts: list[int]) -> tuple[bytes, int, int]:
+    """``feed_held`` over ``body`` cut at ``cuts``: the redacted body, the count, and how many pieces it took."""
+    r, pieces, pos = guard.stream(), [], 0
+    for cut in sorted(set(c % (len(body) + 1) for c in cuts)) + [len(body)]:
+        r.feed_held(pieces, body[pos:cut])
+        pos = cut
+    pieces.append(r.flush())
+    return b"".join(pieces), r.count, len([p for p in pieces if p])
+
+
+@settings(max_examples=300, deadline=None)
+@given(secret=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=8, max_size=40),
+       filler=st.binary(max_size=300), inserts=st.lists(st.tuples(st.integers(0, 300), forms), max_size=4),
+       cuts=st.lists(st.integers(0, 2000), max_size=6))
+def test_held_body_is_redacted_exactly_as_the_whole_body_at_once(secret, filler, inserts, cuts):
+    for engine in ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",):
+        guard = with_engine(LeakGuard([secret]), engine)
+        body = filler
+        for at, form in inserts:
+            at %= len(body) + 1
+            body = body[:at] + encode(secret, form) + body[at:]
+        out, count, _ = redact_held(guard, body, cuts)
+        assert (out, count) == guard.redact(body) == without_prefilter(guard).redact(body)
+
+
+def test_a_clean_held_body_stays_in_the_chunks_it_came_in_and_a_split_secret_is_still_caught():
+    guard = LeakGuard([SECRET])
+    filler = b'{"id": "cus_0123456789abcdef", "email": "user1@example.com"},' * 100
+    cuts = list(range(1000, len(filler), 1000))
+    assert redact_held(guard, filler, cuts) == (filler, 0, len(cuts) + 1)
+    raw = SECRET.encode()
+    body = filler[:2990] + raw + filler[2990:]  # across the cut at 3000
+    out, count, _ = redact_held(guard, body, cuts)
+    assert out == filler[:2990] + REDACTED + filler[2990:] and count == 1
