@@ -184,7 +184,7 @@ def _outbound(request: Request, cred: Credential, grant: Grant, route: Route, he
               body: RequestBody, request_id: str) -> Outbound:
     """``headers`` becomes the outbound request's own (the injector changes it)."""
     out = Outbound(request.method, grant.upstream or cred.base, route.path, route.query, headers, body.payload())
-    if not body.replayable and request.content_length is not None:
+    if request.content_length is not None and not body.replayable:
         out.headers["Content-Length"] = str(request.content_length)
     out.headers["X-Request-Id"] = request_id
     if cred.leak_guard != "off":  # a compressed answer could not be scanned: ask for one the guard can read

@@ -76,14 +76,16 @@ class RateLimiter:
         return cls(callers, credentials, clock=clock, previous=previous)
 
     def acquire(self, caller: str, credential: str) -> None:
-        pairs = [(kind, b) for kind, b in (("caller", self._callers.get(caller)),
-                                           ("credential", self._credentials.get(credential))) if b is not None]
-        if not pairs:
+        by_caller, by_credential = self._callers.get(caller), self._credentials.get(credential)
+        if by_caller is None and by_credential is None:
             return
         now = self._clock()
-        waits = [(b.wait(now), kind) for kind, b in pairs]
-        wait, kind = max(waits)
+        # The longer wait names the limit (the credential's on a tie); no lists built per request.
+        wait, kind = max((by_caller.wait(now) if by_caller is not None else 0.0, "caller"),
+                         (by_credential.wait(now) if by_credential is not None else 0.0, "credential"))
         if wait > 0:
             raise RateLimited(f"{kind} rate limit", reason=f"rate_limited_{kind}", retry_after=math.ceil(wait))
-        for _, b in pairs:
-            b.take()
+        if by_caller is not None:
+            by_caller.take()
+        if by_credential is not None:
+            by_credential.take()

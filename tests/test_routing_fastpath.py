@@ -77,3 +77,26 @@ def reference(raw: str) -> str:
 def test_pattern_scan_agrees_with_the_byte_by_byte_reference(raw):
     got, want = outcome(full, raw), outcome(reference, raw)
     assert got == want or (isinstance(got, type) and isinstance(want, type)), (raw, got, want)
+
+
+def prefixed_in_steps(raw: str):
+    """``route_prefixed`` without its one-match shortcut: split, canonicalize, then take the name."""
+    path, query = routing.split_target(raw)
+    name, _, rest = routing.canonical_path(path)[1:].partition("/")
+    return routing.Route(name[:64], "/" + rest, query)
+
+
+queries = st.sampled_from(["", "?", "?a=1", "?a=1&b=%2F", "?x#y", "?\x01", "?\x7f", "?é", "?a b", "??", "?#"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(pieces | st.just("#") | st.just("?"), max_size=25).map(lambda p: "/" + "".join(p)), queries)
+def test_prefixed_shortcut_agrees_with_the_steps(raw, query):
+    target = raw + query
+    assert outcome(routing.route_prefixed, target) == outcome(prefixed_in_steps, target)
+
+
+@pytest.mark.parametrize("target", ["/bench/v1/small", "/bench", "/bench/", "/a/b?c=d", "/" + "n" * 70 + "/x",
+                                    "//x", "/bench/v1/./x", "/bench?q#f"])
+def test_prefixed_examples(target):
+    assert outcome(routing.route_prefixed, target) == outcome(prefixed_in_steps, target)
