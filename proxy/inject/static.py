@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from urllib.parse import quote, unquote_plus
 
 from proxy.inject.base import Injector, SecretValues
@@ -10,11 +11,33 @@ from proxy.upstream.outbound import Outbound
 from proxy.template import Template
 
 
-class HeaderInjector(Injector):
-    """The header's value is rendered once per ``secrets`` object: a source hands out the same mapping for
-    as long as the secret's version (or the token) is unchanged, and a new one when it changes."""
+class _PerMaterial:
+    """A value derived from secret material, kept per material object: a source hands out the same mapping for
+    as long as the secret's version (or the token) is unchanged, and a new one when it changes, so the value is
+    derived once per version, not once per request. Holding the mapping keeps its id from being reused."""
 
-    RENDERED_MAX = 16  # one per principal in use, at a time; more is a rotation churning through
+    __slots__ = ("_derive", "kept", "_max")
+
+    def __init__(self, derive: Callable[[SecretValues], str], kept_max: int) -> None:
+        self._derive = derive
+        self._max = kept_max  # one per principal in use, at a time; more is a rotation churning through
+        self.kept: dict[int, tuple[SecretValues, str]] = {}  # id(secrets) -> (secrets, value)
+
+    def __call__(self, secrets: SecretValues) -> str:
+        found = self.kept.get(id(secrets))
+        if found is not None and found[0] is secrets:
+            return found[1]
+        value = self._derive(secrets)
+        if len(self.kept) >= self._max:
+            del self.kept[next(iter(self.kept))]  # the oldest
+        self.kept[id(secrets)] = (secrets, value)
+        return value
+
+
+class HeaderInjector(Injector):
+    """The header's value is rendered once per ``secrets`` object (``_PerMaterial``)."""
+
+    RENDERED_MAX = 16
 
     def __init__(self, header: str, template: Template) -> None:
         self.header = header
@@ -22,19 +45,14 @@ class HeaderInjector(Injector):
         self.removes = (header,)
         self.sends = f"sends {header}: {template}"
         self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
-        # id(secrets) -> (secrets, value): holding the mapping keeps its id from being reused by another
-        self._rendered: dict[int, tuple[SecretValues, str]] = {}
+        self._rendered = _PerMaterial(self._render, self.RENDERED_MAX)
+
+    def _render(self, secrets: SecretValues) -> str:
+        return self.template.render(secrets.get("secret"), {ref: secrets[key] for ref, key in self._refs})
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
-        found = self._rendered.get(id(secrets))
-        if found is not None and found[0] is secrets:
-            value = found[1]
-        else:
-            refs = {ref: secrets[key] for ref, key in self._refs}
-            value = self.template.render(secrets.get("secret"), refs)
-            if len(self._rendered) >= self.RENDERED_MAX:
-                del self._rendered[next(iter(self._rendered))]  # the oldest
-            self._rendered[id(secrets)] = (secrets, value)
+        found = self._rendered.kept.get(id(secrets))  # what _rendered(secrets) does first, without the call
+        value = found[1] if found is not None and found[0] is secrets else self._rendered(secrets)
         out.headers.popall(self.header, None)
         out.headers[self.header] = value
 
@@ -43,10 +61,12 @@ class QueryInjector(Injector):
     def __init__(self, param: str) -> None:
         self.param = param
         self.sends = f"sends ?{param}={{secret}}"
+        self._pair = _PerMaterial(lambda secrets: f"{quote(param, safe='')}={quote(secrets['secret'].reveal(), safe='')}",
+                                  HeaderInjector.RENDERED_MAX)
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         kept = [p for p in out.query.split("&") if p and unquote_plus(p.split("=", 1)[0]) != self.param]
-        kept.append(f"{quote(self.param, safe='')}={quote(secrets['secret'].reveal(), safe='')}")
+        kept.append(self._pair(secrets))
         out.query = "&".join(kept)
 
 
@@ -54,7 +74,15 @@ class BasicInjector(Injector):
     removes = ("Authorization",)
     sends = "sends Authorization: Basic base64(username:password)"
 
+    def __init__(self) -> None:
+        self._value = _PerMaterial(_basic_value, HeaderInjector.RENDERED_MAX)
+
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
-        raw = f"{secrets['username'].reveal()}:{secrets['password'].reveal()}".encode()
+        value = self._value(secrets)
         out.headers.popall("Authorization", None)
-        out.headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+        out.headers["Authorization"] = value
+
+
+def _basic_value(secrets: SecretValues) -> str:
+    raw = f"{secrets['username'].reveal()}:{secrets['password'].reveal()}".encode()
+    return "Basic " + base64.b64encode(raw).decode()

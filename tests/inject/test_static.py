@@ -34,3 +34,22 @@ def test_many_principals_each_get_their_own_value():
             injector.inject(out, material)
             assert out.headers.getall("X-Key") == [f"s{n}:id{n}"]
     assert SecretRef.parse("apis/x#id") in template.refs
+
+
+def test_basic_and_query_values_follow_a_rotation():
+    from proxy.inject import BasicInjector, QueryInjector
+
+    basic, query = BasicInjector(), QueryInjector("api_key")
+
+    def sent(material):
+        out = Outbound("GET", URL("https://api.example"), "/", "api_key=caller&x=1",
+                       CIMultiDict({"Authorization": "Basic Y2FsbGVyOm93bg=="}))
+        basic.inject(out, material)
+        query.inject(out, material)
+        return out.headers.getall("Authorization"), out.query
+
+    v1 = {"username": Secret("u1"), "password": Secret("p 1"), "secret": Secret("k/1")}
+    v2 = {"username": Secret("u2"), "password": Secret("p2"), "secret": Secret("k2")}
+    assert sent(v1) == sent(v1) == (["Basic dTE6cCAx"], "x=1&api_key=k%2F1")
+    assert sent(v2) == (["Basic dTI6cDI="], "x=1&api_key=k2")
+    assert sent(v1) == (["Basic dTE6cCAx"], "x=1&api_key=k%2F1")
