@@ -15,6 +15,7 @@ import signal
 
 from aiohttp import web
 
+from proxy import heap
 from proxy.config import models as config_mod
 from proxy.errors import ListenError, ListenerUnavailable
 from proxy.redact import log_filter as logfilter
@@ -402,6 +403,7 @@ async def serve(config_path: str, **proxy_options) -> int:
 
 
 def run(config_path: str, **proxy_options) -> int:
+    heap.keep_freed_heap()
     try:
         import uvloop  # type: ignore[import-not-found]
 
