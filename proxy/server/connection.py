@@ -57,6 +57,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from itertools import chain
 
 import httptools
 from multidict import CIMultiDict
@@ -67,6 +68,7 @@ from proxy.observe.request_id import new_request_id
 from proxy.server.connlimit import ConnectionLimit
 from proxy.server.peer import transport_ip
 from proxy.server.request import HIGH_WATER, BodyStream, Request
+from proxy.server.request_shape import plain_head
 from proxy.server.response import CallerStalled, ResponseWriter
 
 log = logging.getLogger("credproxy.server")
@@ -75,6 +77,7 @@ KEEPALIVE_TIMEOUT = 75.0
 LINGER = 2.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9), "2.0": (2, 0)}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT")}
 
 Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
 OnRefused = Callable[[object, ProxyError, str], None]  # (peer IP or None, the error, request ID)
@@ -207,6 +210,10 @@ class HTTPConnection(asyncio.Protocol):
                     if self._head_bytes > self.ctx.max_header_line * (self.ctx.max_headers + 2):
                         self._oversize = True
                         self._parse_failed(None)
+                    elif not self._timing_head and self._task is None and not self._queue:
+                        # A head begun, not finished, on an idle connection: it must now be quick. (Armed here
+                        # rather than at its first byte: a head that arrives whole needs no timer.)
+                        self._arm(self.ctx.header_timeout, head=True)
             break
         self._flow()
         if self._queue and self._task is None:
@@ -256,8 +263,6 @@ class HTTPConnection(asyncio.Protocol):
         self._raw = []
         self._head_bytes = 0
         self._trailers = 0
-        if not self._timing_head and self._task is None and not self._queue:
-            self._arm(self.ctx.header_timeout, head=True)  # the idle wait is over: the head must now be quick
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -287,17 +292,32 @@ class HTTPConnection(asyncio.Protocol):
         self._timing_head = False
         parser = self._parser
         raw = self._raw
-        headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                               for n, v in raw])
+        # One decode of the whole head, NUL-joined (llhttp accepts no NUL in a field), instead of two per field;
+        # the same bytes tell request_shape whether its header checks can be skipped.
+        joined = b"\x00".join(chain.from_iterable(raw))
+        fields = joined.decode("utf-8", "surrogateescape").split("\x00") if raw else []
+        if len(fields) == 2 * len(raw):
+            names = fields[0::2]
+            headers = CIMultiDict(zip(names, fields[1::2]))
+            plain = plain_head(joined, len(fields), list(map(str.lower, names)))
+        else:  # a NUL inside a field after all: decoded field by field (and refused by request_shape)
+            headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                                   for n, v in raw])
+            plain = False
         version = _VERSIONS.get(parser.get_http_version(), (0, 0))
-        length = headers.get("Content-Length")
-        content_length = int(length) if length is not None else None  # llhttp checked: digits, and only one
-        chunked = "Transfer-Encoding" in headers
-        method = self._last_method = parser.get_method().decode("ascii")
+        if plain:  # neither Content-Length nor Transfer-Encoding
+            content_length, chunked = None, False
+        else:
+            length = headers.get("Content-Length")
+            content_length = int(length) if length is not None else None  # llhttp checked: digits, and only one
+            chunked = "Transfer-Encoding" in headers
+        method = parser.get_method()
+        method = self._last_method = _METHODS.get(method) or method.decode("ascii")
         req = Request(method, self._url.decode("utf-8", "surrogateescape"), version,
                       raw, headers, peer_ip=self._peer_ip, peercert=self._peercert, context=self.ctx,
                       connection=self, content_length=content_length, chunked=chunked,
                       keep_alive=parser.should_keep_alive(), upgrade=method == "CONNECT")
+        req.plain_head = plain
         if chunked or content_length:
             expect = version >= (1, 1) and headers.get("Expect", "").lower() == "100-continue"
             req.expect_continue = expect
@@ -354,7 +374,8 @@ class HTTPConnection(asyncio.Protocol):
                     self._refuse(item)
                     return
                 self._active = item
-                self._flow()
+                if self._read_paused:  # paused for this request's turn (reading pauses only in _flow)
+                    self._flow()
                 await self._run(item)
                 self._active = None
                 if self._dead or self._transport is None:

@@ -46,16 +46,34 @@ SPOOFABLE = (
 )
 
 
+# Lower-case names the header checks below read (besides Host, which only a repeat makes them refuse).
+SHAPE_NAMES = frozenset({"transfer-encoding", "content-length", "upgrade", "connection",
+                         *(h.lower() for h in METHOD_OVERRIDE_HEADERS)})
+
+
+def plain_head(joined: bytes, fields: int, names: list[str]) -> bool:
+    """Whether a head passes the header checks of ``check_request`` without running them. ``joined``: its
+    ``fields`` names and values joined by NUL; ``names``: the names in lower case. Plain: ASCII (names fold
+    as the checks fold them), no CR, LF or NUL, none of ``SHAPE_NAMES``, at most one Host. The connection
+    asks this once per head, from the pass that decodes it; a head that is not plain gets every check."""
+    return joined.isascii() and b"\r" not in joined and b"\n" not in joined \
+        and joined.count(b"\x00") == max(fields - 1, 0) \
+        and SHAPE_NAMES.isdisjoint(names) and names.count("host") < 2
+
+
 def check_request(request) -> None:
     """``request``: a ``proxy.server.request.Request``."""
     if request.version not in ((1, 1), (1, 0)):
         raise BadRequest("HTTP version other than 1.0/1.1", reason="http_version")
     if request.method in REFUSED_METHODS:
         raise BadRequest(f"method {request.method} is never forwarded", reason="method_refused")
-    check_framing(request.headers, request.version)
-    check_header_bytes(request.raw_headers)
-    check_upgrade(request.headers)
-    check_method_override(request.headers, request.target.partition("?")[2])
+    if not request.plain_head:  # see plain_head: a plain head passes these four
+        check_framing(request.headers, request.version)
+        check_header_bytes(request.raw_headers)
+        check_upgrade(request.headers)
+        check_method_override(request.headers, request.target.partition("?")[2])
+    elif "?" in request.target:
+        check_method_override((), request.target.partition("?")[2])
 
 
 def check_framing(headers, version) -> None:

@@ -109,6 +109,23 @@ def test_header_checks_only_ever_refuse_with_400(headers, version, query):
         assert exc.status == 400
 
 
+@given(st.lists(st.tuples(header_names | st.sampled_from(["host", "HOST", "x-b", "conNection"]), header_values),
+                max_size=6), st.sampled_from([(1, 0), (1, 1)]))
+def test_a_head_vouched_plain_passes_every_header_check(headers, version):
+    """The connection skips the header checks for a head ``plain_head`` vouches for: they must all pass."""
+    from multidict import CIMultiDict
+
+    raw = [(k.encode(), v.encode("utf-8", "surrogateescape")) for k, v in headers]
+    joined = b"\x00".join(b for pair in raw for b in pair)
+    if not guards.plain_head(joined, 2 * len(raw), [k.lower() for k, _ in headers]):
+        return
+    h = CIMultiDict(headers)
+    guards.check_framing(h, version)
+    guards.check_header_bytes(raw)
+    guards.check_upgrade(h)
+    guards.check_method_override(h, "")
+
+
 # --- the config loader -------------------------------------------------------------------
 
 leaves = st.one_of(st.just(CANARY), st.text(max_size=12), st.integers(), st.booleans(), st.none(),
