@@ -19,7 +19,6 @@ added when the connection will close after this answer.
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 
 from proxy.errors import Answer
@@ -28,9 +27,13 @@ CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
-# A line that may name one of _FRAMING (case-insensitively, as str.lower() folds): a pre-check, never the decision.
-_MAY_FRAME = re.compile(r"(?:^|\n)(?:content-length|transfer-encoding|connection|keep-alive): ", re.I).search
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
+
+
+def _may_frame(lower: str) -> bool:
+    """Whether some line may name one of ``_FRAMING`` (a name whose lower() is one is in the text's lower())."""
+    return "content-length" in lower or "transfer-encoding" in lower or "connection" in lower \
+        or "keep-alive" in lower
 
 
 class CallerStalled(Exception):
@@ -69,13 +72,13 @@ class ResponseWriter:
         items = headers.items() if hasattr(headers, "items") else headers
         if not isinstance(items, (list, tuple)) and not hasattr(headers, "items"):
             items = tuple(items)  # a one-shot iterable: the exact pass below may need a second look
-        # Every answer: the lines joined at C speed, and one regex pre-check for framing names (hits, rare, take
-        # the exact pass below), rather than a lower() and a set lookup per header.
+        # Every answer: the lines joined at C speed, and one search of their lower-case text for the framing
+        # names (a hit, rare, takes the exact pass below), rather than a lower() and a set lookup per header.
         try:
             text = "\r\n".join(map(": ".join, items))
         except TypeError:  # a value that is not a str: the exact pass formats it
             text = None
-        if text is None or _MAY_FRAME(text):
+        if text is None or _may_frame(text.lower()):
             lines = []
             for name, value in items:
                 lower = name.lower()
