@@ -97,8 +97,11 @@ class _InUse:
         state.in_flight += 1
         holder.in_flight += 1
         holder._tasks.add(task)
-        state._idle.clear()
-        holder._idle.clear()
+        # An idle event is set exactly while its count is 0: only the first request in flight clears it.
+        if state.in_flight == 1:
+            state._idle.clear()
+        if holder.in_flight == 1:
+            holder._idle.clear()
         return state
 
     def __exit__(self, *exc) -> None:

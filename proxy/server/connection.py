@@ -376,11 +376,25 @@ class HTTPConnection(asyncio.Protocol):
                 self._active = item
                 if self._read_paused:  # paused for this request's turn (reading pauses only in _flow)
                     self._flow()
-                await self._run(item)
+                # The handler is awaited here, not through a helper coroutine: every resumption of the request
+                # passes through each coroutine frame on the way down.
+                writer = self._writer = ResponseWriter(self, item.method, item.version,
+                                                       item.keep_alive and not self.closing)
+                try:
+                    await self.ctx.handler(item, writer)
+                except asyncio.CancelledError:
+                    self.abort()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - see _failed
+                    await self._failed(exc, writer)
+                else:
+                    if not writer.finished and self._transport is not None and not self._dead:
+                        if not writer.started:
+                            log.error("request handler returned without answering")
+                        self.abort()  # an answer left unfinished must never look whole
                 self._active = None
                 if self._dead or self._transport is None:
                     return
-                writer = self._writer
                 incomplete = item.body is not None and not item.body.complete
                 if writer.close or self.closing or incomplete or item.upgrade:
                     self._close(linger=incomplete or item.upgrade)
@@ -395,33 +409,21 @@ class HTTPConnection(asyncio.Protocol):
                 else:
                     self._arm(self.ctx.keepalive_timeout, head=False)
 
-    async def _run(self, req: Request) -> None:
-        writer = self._writer = ResponseWriter(self, req.method, req.version, req.keep_alive and not self.closing)
-        try:
-            await self.ctx.handler(req, writer)
-        except asyncio.CancelledError:
+    async def _failed(self, exc: Exception, writer: ResponseWriter) -> None:
+        """The handler raised: the caller went away or stalled (cut), or a bug (``500``, or cut once answering)."""
+        if isinstance(exc, (ConnectionError, CallerStalled)):
             self.abort()
-            raise
+            return
+        # the handler's own errors are answered by it; this is a bug
+        request_id = new_request_id()
+        log.error("unhandled error in the request path", exc_info=exc, extra={"request_id": request_id})
+        if writer.started:
+            self.abort()
+            return
+        try:
+            await writer.answer(errors.to_response(ProxyError("unhandled error"), request_id))
         except (ConnectionError, CallerStalled):
             self.abort()
-            return
-        except Exception:  # noqa: BLE001 - the handler's own errors are answered by it; this is a bug
-            request_id = new_request_id()
-            log.error("unhandled error in the request path", exc_info=True, extra={"request_id": request_id})
-            if writer.started:
-                self.abort()
-                return
-            try:
-                await writer.answer(errors.to_response(ProxyError("unhandled error"), request_id))
-            except (ConnectionError, CallerStalled):
-                self.abort()
-            return
-        if not writer.finished and self._transport is not None and not self._dead:
-            if writer.started:
-                self.abort()  # an answer left unfinished must never look whole
-            else:
-                log.error("request handler returned without answering")
-                self.abort()
 
     def _continue(self, req: Request) -> None:
         writer = self._writer
