@@ -103,16 +103,13 @@ class LeakGuard:
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._re, self.longest = compile_patterns(secrets)
+        self.active = self._re is not None  # a plain attribute, not a property: read on every answer
         found = needles(self._re)
         self._needles = NeedleSet(found) if found else None
 
     def may_match(self, data: bytes) -> bool:
         """False only when ``data`` certainly holds no secret form (checked at memory speed)."""
         return self._needles is None or self._needles.may_match(data)
-
-    @property
-    def active(self) -> bool:
-        return self._re is not None
 
     def redact(self, data: bytes) -> tuple[bytes, int]:
         if self._re is None or not self.may_match(data):

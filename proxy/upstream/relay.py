@@ -106,11 +106,6 @@ def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMulti
     return out, found
 
 
-def _plain_reason(reason: str | None) -> str | None:
-    """The upstream's reason phrase if it is plain printable text (else None: the standard one is sent)."""
-    return reason if reason and reason.isascii() and reason.isprintable() else None
-
-
 async def relay(request: Request, response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
                 guard: LeakGuard, mode: str, trace, leak_counter, *, budget: AnswerBudget | None = None) -> None:
     """Check and redact the head, then hand the answer to one of the three strategies. ``head``: body bytes
@@ -121,7 +116,9 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
         # ``in`` first: nearly every answer has no Content-Encoding. The upstream's own headers: one it named in
         # Connection is stripped from ``headers`` but its body is still encoded.
         compressed = "Content-Encoding" in upstream.headers and bool(encoding.content_codings(upstream.headers))
-        reason = _plain_reason(upstream.reason)
+        reason = upstream.reason  # sent if it is plain printable text, else the standard phrase (None)
+        if not (reason and reason.isascii() and reason.isprintable()):
+            reason = None
         has_body = request.method != "HEAD" and upstream.status not in _NO_BODY
         length = upstream.content_length
         whole = has_body and length is not None and length <= WHOLE_BODY_MAX
