@@ -203,6 +203,12 @@ class StreamRedactor:
         self._tail = buf[cut:]
         return b"".join(out)
 
+    def tail_count(self) -> int:
+        """The echoes ``flush`` would find in the undecided tail now, without deciding it."""
+        if self._placed or self._re is None or not self._tail:
+            return 0
+        return len(self._re.findall(self._tail))
+
     def flush(self) -> bytes:
         if self._placed:  # a tail left in place was part of a chunk with no needle: nothing in it can match
             self._placed = False

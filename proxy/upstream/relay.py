@@ -166,25 +166,25 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
                                     trace)
         finally:
             budget.give(length)
-    return await relay_streamed(response, upstream, head, headers, reason, guard, redactor, mode, leak_counter,
+    return await relay_streamed(response, upstream, head, headers, reason, redactor, mode, leak_counter,
                                 trace, has_body=has_body)
 
 
 async def relay_streamed(response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
-                         headers: CIMultiDict[str], reason: str | None, guard: LeakGuard,
-                         redactor: StreamRedactor | None, mode: str, leak_counter, trace, *, has_body: bool) -> None:
+                         headers: CIMultiDict[str], reason: str | None, redactor: StreamRedactor | None, mode: str,
+                         leak_counter, trace, *, has_body: bool) -> None:
     """An answer too long (or of unknown length) to hold: sent on chunk by chunk as the caller takes it.
     Under ``block`` the first ``BLOCK_BUFFER`` bytes are held and scanned before anything is sent."""
     try:
         held = b""
         if redactor is not None and mode == "block" and has_body:
-            held = await read_upto(upstream, head, BLOCK_BUFFER)
+            # The held bytes go through the answer's own redactor once (not a probe first and then again):
+            # what it decided and its undecided tail together are all of them.
+            held = redactor.feed(await read_upto(upstream, head, BLOCK_BUFFER))
             head = b""
-            probe = guard.stream()
-            probe.feed(held)
-            probe.flush()
-            if probe.count:
-                leak_counter.inc(probe.count)
+            found = redactor.count + redactor.tail_count()
+            if found:
+                leak_counter.inc(found)
                 raise LeakBlocked("secret echoed in the response body", reason="leak_blocked")
     except BaseException:
         upstream.release()
@@ -194,8 +194,9 @@ async def relay_streamed(response: ResponseWriter, upstream: UpstreamResponse, h
         if not has_body:
             await response.end()
             return
-        for chunk in (held, head):
-            await _write(response, redactor, chunk, mode)
+        if held:
+            await response.write(held)
+        await _write(response, redactor, head, mode)
         while chunk := await upstream.read_chunk():
             await _write(response, redactor, chunk, mode)
         if redactor is not None:

@@ -172,3 +172,18 @@ def test_a_clean_held_body_stays_in_the_chunks_it_came_in_and_a_split_secret_is_
     body = filler[:2990] + raw + filler[2990:]  # across the cut at 3000
     out, count, _ = redact_held(guard, body, cuts)
     assert out == filler[:2990] + REDACTED + filler[2990:] and count == 1
+
+
+@pytest.mark.parametrize("at", ["start", "middle", "end"])
+def test_what_was_fed_and_the_undecided_tail_count_every_echo_before_anything_is_decided(at):
+    """Under block, the first MiB of a streamed answer is judged by ``count + tail_count`` after one feed."""
+    guard = LeakGuard([SECRET])
+    filler = b'{"id": "cus_0123456789abcdef"},' * 200
+    raw = SECRET.encode()
+    body = {"start": raw + filler, "middle": filler[:3000] + raw + filler[3000:], "end": filler + raw}[at]
+    r = guard.stream()
+    r.feed(body)
+    assert r.count + r.tail_count() == 1 == guard.redact(body)[1]
+    clean = guard.stream()
+    clean.feed(filler)
+    assert clean.count + clean.tail_count() == 0
