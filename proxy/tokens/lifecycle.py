@@ -101,13 +101,25 @@ class TokenSlot:
 
     # --- what requests call ----------------------------------------------------------
 
-    async def get(self) -> Token:
-        now = self.settings.clock()
+    def ready(self) -> Token | None:
+        """The token ``get`` returns without waiting (one still usable; in the advisory window this starts
+        the refresh behind the requests' backs), else None: then ``get`` waits for one. The request path
+        takes this first: no coroutine while the token is usable."""
+        return self._ready(self.settings.clock())
+
+    def _ready(self, now: float) -> Token | None:
         tok = self.token
         if tok is not None and now < tok.usable_until:
             self.used = True
             if now >= self.refresh_at and self._task is None and now >= self.not_before:
                 self._start()  # advisory window: refresh behind the requests' backs
+            return tok
+        return None
+
+    async def get(self) -> Token:
+        now = self.settings.clock()
+        tok = self._ready(now)
+        if tok is not None:
             return tok
         if self._task is None:
             if now < self.not_before:

@@ -90,6 +90,10 @@ class TokenSource(AuthSource):
     async def grant(self, principal: str) -> Grant:
         return (await self.slot(principal).get()).grant
 
+    def ready(self, principal: str) -> Grant | None:
+        tok = self.slot(principal).ready()
+        return tok.grant if tok is not None else None
+
     def _not_shared_again(self, principal: str, token) -> None:
         """Cluster mode: a token refused, revoked or refreshed by the operator is not to be taken
         again from the shared record by the next fetch."""

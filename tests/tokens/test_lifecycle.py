@@ -101,6 +101,25 @@ async def test_advisory_window_one_background_refresh_while_the_old_token_serves
     await slot.close()
 
 
+async def test_ready_is_what_get_returns_without_waiting():
+    script, clock = Script(3600.0), Clock()
+    slot = slot_for(script, clock)
+    assert slot.ready() is None and script.calls == 0  # nothing to hand out: only get() fetches
+    first = await slot.get()
+    assert slot.ready() is first
+    clock.now += 3350.0  # the advisory window: ready() serves the old token and starts the one refresh
+    script.gate = asyncio.Event()
+    assert [slot.ready() for _ in range(5)] == [first] * 5
+    await asyncio.sleep(0)
+    assert script.calls == 2 and slot.state() == "refreshing"
+    script.gate.set()
+    await asyncio.sleep(0.01)
+    assert token_of(slot.ready()) == "token-2"
+    clock.now += 3600.0  # past its use: nothing without waiting
+    assert slot.ready() is None
+    await slot.close()
+
+
 async def test_mandatory_window_everyone_waits_for_one_refresh():
     script, clock = Script(3600.0), Clock()
     slot = slot_for(script, clock)
