@@ -236,7 +236,7 @@ async def relay_whole(response: ResponseWriter, upstream: UpstreamResponse, head
         data, found = guard.redact(data)
         _count_body_leaks(found, leak_counter, mode)
     try:  # a Content-Length still among the headers is the body's own: relay drops it when the body is scanned
-        await response.send(upstream.status, headers, data, reason)
+        await response.send_pieces(upstream.status, headers, (data,), reason)  # send is this, one call deeper
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
 
