@@ -136,7 +136,10 @@ class HTTPConnection(asyncio.Protocol):
         # serving
         self._queue: deque[Request | ProxyError] = deque()
         self._active: Request | None = None
+        # The serving task lives from the first request to the connection's end, waiting on ``_next`` between
+        # requests: a task per request would cost its creation and registration every time.
         self._task: asyncio.Task | None = None
+        self._next: asyncio.Future | None = None
         self._writer: ResponseWriter | None = None
         # One timer serves the head deadline and the idle limit: moving a deadline later only records it (the
         # timer, when it fires early, re-arms itself), so a busy keep-alive connection costs no timer per request.
@@ -210,26 +213,30 @@ class HTTPConnection(asyncio.Protocol):
                     if self._head_bytes > self.ctx.max_header_line * (self.ctx.max_headers + 2):
                         self._oversize = True
                         self._parse_failed(None)
-                    elif not self._timing_head and self._task is None and not self._queue:
+                    elif not self._timing_head and self._active is None and not self._queue:
                         # A head begun, not finished, on an idle connection: it must now be quick. (Armed here
                         # rather than at its first byte: a head that arrives whole needs no timer.)
                         self._arm(self.ctx.header_timeout, head=True)
             break
         self._flow()
-        if self._queue and self._task is None:
-            self._task = self._loop.create_task(self._serve())
+        if self._queue:
+            if self._task is None:
+                self._task = self._loop.create_task(self._serve())
+            else:
+                self._rouse()
 
     def eof_received(self) -> bool:
         body = self._parsing.body if self._parsing is not None else None
         if body is not None:
             body.set_exception(ConnectionResetError("caller closed mid-body"))
-        if self._task is None and not self._queue:
+        if self.idle:
             return False  # idle: close
         self.closing = True  # answer what was asked, then close
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._dead = True
+        self._rouse()
         self._cancel_timer()
         if self._release is not None:
             self._release, release = None, self._release
@@ -368,7 +375,14 @@ class HTTPConnection(asyncio.Protocol):
 
     async def _serve(self) -> None:
         try:
-            while self._queue and not self._dead:
+            while not self._dead:
+                if not self._queue:
+                    if self._stopped:
+                        return
+                    self._between_requests()
+                    self._next = waiter = self._loop.create_future()
+                    await waiter  # _rouse: a request, or the connection's end
+                    continue
                 item = self._queue.popleft()
                 if isinstance(item, ProxyError):
                     self._refuse(item)
@@ -400,14 +414,26 @@ class HTTPConnection(asyncio.Protocol):
                     self._close(linger=incomplete or item.upgrade)
                     return
         finally:
-            self._task = None
+            self._task = self._next = None
             self._active = None
             if not self._dead and not self._stopped:
-                self._flow()
-                if self._in_head:
-                    self._arm(self.ctx.header_timeout, head=True)
-                else:
-                    self._arm(self.ctx.keepalive_timeout, head=False)
+                self._between_requests()
+
+    def _between_requests(self) -> None:
+        """Idle: reading resumes if it waited for the turn, and the timer is the head's (one begun) or idle's."""
+        self._flow()
+        if self._in_head:
+            self._arm(self.ctx.header_timeout, head=True)
+        else:
+            self._arm(self.ctx.keepalive_timeout, head=False)
+
+    def _rouse(self) -> None:
+        """Wake the serving task waiting between requests (a request came, or the connection ends)."""
+        waiter = self._next
+        if waiter is not None:
+            self._next = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _failed(self, exc: Exception, writer: ResponseWriter) -> None:
         """The handler raised: the caller went away or stalled (cut), or a bug (``500``, or cut once answering)."""
@@ -462,6 +488,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._stopped = True
+        self._rouse()
         if self._transport is not None:
             self._transport.abort()
 
@@ -469,7 +496,7 @@ class HTTPConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._task is None and not self._queue
+        return self._active is None and not self._queue
 
     def shutdown(self) -> None:
         """Stop serving: an idle connection closes now, a busy one after the answer in progress."""
@@ -482,6 +509,7 @@ class HTTPConnection(asyncio.Protocol):
             raise ConnectionResetError("caller went away")
         self._cancel_timer()
         self._dead = self._stopped = True
+        self._rouse()
         release, self._release = self._release, None
         if self.ctx.live is not None:
             self.ctx.live.discard(self)
@@ -511,6 +539,7 @@ class HTTPConnection(asyncio.Protocol):
         connection, which can destroy the answer before the caller reads it)."""
         self._stopped = True
         self._queue.clear()  # pipelined requests behind this answer are not served
+        self._rouse()
         self._cancel_timer()
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -555,7 +584,7 @@ class HTTPConnection(asyncio.Protocol):
             self._timer = self._loop.call_at(deadline, self._expired)
             return
         head, self._timing_head, self._deadline = self._timing_head, False, None
-        if self._task is not None or self._queue or self._dead:
+        if self._active is not None or self._queue or self._dead:
             return  # busy: the deadline was for an idle connection
         if head:
             log.info("request head not complete in time; connection closed",
