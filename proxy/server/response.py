@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from proxy.errors import Answer
 
 CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
+_CI = (CIMultiDict, CIMultiDictProxy)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n" for s in HTTPStatus}
 
 
@@ -78,7 +81,14 @@ class ResponseWriter:
             text = "\r\n".join(map(": ".join, items))
         except TypeError:  # a value that is not a str: the exact pass formats it
             text = None
-        if text is None or _may_frame(text.lower()):
+        if text is None:
+            framed = True
+        elif text.isascii() and isinstance(headers, _CI):  # ASCII: the multidict folds case as str.lower() does
+            framed = "Content-Length" in headers or "Transfer-Encoding" in headers or "Connection" in headers \
+                or "Keep-Alive" in headers
+        else:
+            framed = _may_frame(text.lower())
+        if framed:
             lines = []
             for name, value in items:
                 lower = name.lower()
