@@ -162,6 +162,7 @@ class Proxy:
         self._connections = connections = ConnectionLimit(
             cfg.server.limits.max_connections, on_refused=lambda client, rid: record_refusal(holder.current, client, rid))
         metrics.caller_connections.set_function(lambda: connections.open)
+        metrics.inflight.set_function(lambda: holder.in_flight)  # what StateHolder.use() counts anyway
         await self._listen()
         self.reloader.started()
         if self.config_path is not None and self.watch_interval:

@@ -77,7 +77,6 @@ async def handle(request: Request, response: ResponseWriter, state: State) -> No
     via: Via | None = ctx.via
     route: Route | None = None
     body: RequestBody | None = None
-    state.metrics.inflight.inc()
     try:
         state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
         guards.check_request(request)
@@ -120,7 +119,6 @@ async def handle(request: Request, response: ResponseWriter, state: State) -> No
     finally:
         if body is not None and body.fault is not None and trace.outcome == "error":
             trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
-        state.metrics.inflight.dec()
         _record(state, request, route, trace, ip, via)
 
 

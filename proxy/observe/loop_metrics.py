@@ -106,22 +106,22 @@ class LoopHistogram(_Collector):
 
 
 class LoopGauge:
-    """An unlabelled gauge moved by ``inc``/``dec``."""
+    """An unlabelled gauge whose value a function gives when it is collected (0 until one is set)."""
 
-    __slots__ = ("name", "doc", "value")
+    __slots__ = ("name", "doc", "_fn")
 
     def __init__(self, name: str, doc: str, registry: CollectorRegistry) -> None:
-        self.name, self.doc, self.value = name, doc, 0.0
+        self.name, self.doc, self._fn = name, doc, None
         registry.register(self)
 
-    def inc(self, amount: float = 1) -> None:
-        self.value += amount
+    def set_function(self, fn) -> None:
+        self._fn = fn
 
-    def dec(self, amount: float = 1) -> None:
-        self.value -= amount
+    def update(self) -> None:
+        """Nothing to store before rendering (``ScrapeTimeGauge`` does, for the multiprocess files): read in ``collect``."""
 
     def describe(self):
         return [GaugeMetricFamily(self.name, self.doc)]
 
     def collect(self):
-        yield GaugeMetricFamily(self.name, self.doc, value=self.value)
+        yield GaugeMetricFamily(self.name, self.doc, value=float(self._fn()) if self._fn is not None else 0.0)

@@ -78,8 +78,6 @@ def _per_request(loop_type, prometheus_type):
 
     def make(name: str, doc: str, labelnames=(), *, registry: CollectorRegistry, buckets=None,
              multiprocess_mode: str | None = None):
-        if loop_type is LoopGauge:
-            return LoopGauge(name, doc, registry)
         if loop_type is LoopHistogram:
             return LoopHistogram(name, doc, tuple(labelnames), registry, buckets=buckets)
         return loop_type(name, doc, tuple(labelnames), registry)
@@ -89,7 +87,6 @@ def _per_request(loop_type, prometheus_type):
 
 _Counter = _per_request(LoopCounter, Counter)
 _Histogram = _per_request(LoopHistogram, Histogram)
-_Gauge = _per_request(LoopGauge, Gauge)
 
 
 class CredentialMetrics:
@@ -139,8 +136,9 @@ class Metrics:
                                               "Alert webhook posts dropped or failed", ["reason"], registry=r)
         self.backend_errors = Counter("credproxy_secret_backend_errors_total", "Secret backend failures", ["backend"], registry=r)
         self.reloads = Counter("credproxy_config_reloads_total", "Config reloads", ["result"], registry=r)
-        self.inflight = _Gauge("credproxy_requests_in_flight", "Requests being handled", registry=r,
-                               multiprocess_mode="livesum")
+        # read from StateHolder.in_flight when rendered (``set_function``), not moved twice per request
+        self.inflight = (ScrapeTimeGauge if MULTIPROCESS else LoopGauge)("credproxy_requests_in_flight",
+                                                                           "Requests being handled", r)
         self.caller_connections = ScrapeTimeGauge("credproxy_caller_connections",
                                                   "Open caller connections (main, dedicated and forward-proxy listeners)",
                                                   r)
@@ -173,8 +171,8 @@ class Metrics:
                                             "Bytes through opaque tunnels (tunnel_hosts)", ["direction"], registry=r)
         self.forward_leaf_certs = ScrapeTimeGauge("credproxy_forward_leaf_certificates",
                                                   "Leaf certificates cached for intercepted hosts", r)
-        self._scrape_time = (self.caller_connections, self.upstream_cert_expires, self.audit_lines_buffered,
-                             self.forward_leaf_certs)
+        self._scrape_time = (self.inflight, self.caller_connections, self.upstream_cert_expires,
+                             self.audit_lines_buffered, self.forward_leaf_certs)
         self._credentials: set[str] = set()  # what observe_credentials last saw: every name,
         self._expiring: set[str] = set()  # and those with a token expiry
         self._children: dict[tuple, object] = {}

@@ -23,7 +23,8 @@ WORKER = textwrap.dedent("""
     m.observe_credentials([{"name": "demo", "state": "fresh", "expires_in_s": 60.0},
                            {"name": "gone", "state": "fresh", "expires_in_s": 30.0}])
     m.observe_credentials([{"name": "demo", "state": "fresh", "expires_in_s": 60.0}])  # a reload removed "gone"
-    m.inflight.inc()
+    m.inflight.set_function(lambda: 1)  # one request in flight, stored when the worker renders
+    m.render()
 """)
 
 
