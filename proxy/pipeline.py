@@ -26,7 +26,7 @@ from proxy.observe.metrics import CredentialMetrics
 from proxy.observe.request_id import new_request_id
 from proxy.server.request import Request
 from proxy.server.response import ResponseWriter
-from proxy.server.upload import RequestBody, read_body
+from proxy.server.upload import NO_BODY, RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential
 from proxy.grant import Grant
@@ -101,7 +101,7 @@ async def handle(request: Request, response: ResponseWriter, state: State) -> No
             state.limiter.acquire(caller.name, cred.name)
         cred.touch()
         if request.body is None:
-            body = RequestBody(None)  # nothing to read: what read_body returns, without a coroutine for it
+            body = NO_BODY  # nothing to read: what read_body returns, without a coroutine for it
         else:
             limits = state.config.server.limits
             body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,

@@ -48,6 +48,8 @@ class RequestBody:
     def answered(self, upstream: UpstreamResponse) -> None:
         """The upstream's answer has begun while the body may still be on its way: if the caller breaks the
         upload off, the answer is ended too (closing it wakes whoever reads it), or it would wait forever."""
+        if self._rest is None:
+            return  # held whole: nothing can break it off (and NO_BODY, shared, keeps no answer)
         self._answer = upstream
         if self.fault is not None:
             upstream.close()
@@ -64,10 +66,14 @@ class RequestBody:
             yield chunk
 
 
+# A request without a body: nothing in a RequestBody held whole changes once it is made, so one serves all.
+NO_BODY = RequestBody(None)
+
+
 async def read_body(request: Request, *, max_body: int, buffer_max: int, body_timeout: float = 60.0) -> RequestBody:
     content = request.body
     if content is None:
-        return RequestBody(None)
+        return NO_BODY
     length = request.content_length
     if length is not None and length > max_body:
         raise PayloadTooLarge("declared length over max_body")
