@@ -16,6 +16,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy.observe.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
+from proxy.observe.mmap_metrics import mmap_counter, mmap_histogram
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # read at import, as prometheus_client does
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -69,15 +70,15 @@ class ScrapeTimeGauge:
                 forget(self._gauge, gone)
 
 
-def _per_request(loop_type, prometheus_type):
+def _per_request(loop_type, mmap_type):
     """The type for a metric the request path moves on every request. One process: ``loop_type``, plain
     numbers (prometheus_client's children take a lock per update, a histogram two). Under ``serve --workers``
-    values must reach the multiprocess files the supervisor merges, so prometheus_client's own."""
+    values must reach the multiprocess files the supervisor merges as they happen: ``mmap_type``,
+    prometheus_client's metrics whose children write their value straight at its offset in the file."""
     if MULTIPROCESS:
-        return prometheus_type
+        return mmap_type
 
-    def make(name: str, doc: str, labelnames=(), *, registry: CollectorRegistry, buckets=None,
-             multiprocess_mode: str | None = None):
+    def make(name: str, doc: str, labelnames=(), *, registry: CollectorRegistry, buckets=None):
         if loop_type is LoopHistogram:
             return LoopHistogram(name, doc, tuple(labelnames), registry, buckets=buckets)
         return loop_type(name, doc, tuple(labelnames), registry)
@@ -85,8 +86,8 @@ def _per_request(loop_type, prometheus_type):
     return make
 
 
-_Counter = _per_request(LoopCounter, Counter)
-_Histogram = _per_request(LoopHistogram, Histogram)
+_Counter = _per_request(LoopCounter, mmap_counter)
+_Histogram = _per_request(LoopHistogram, mmap_histogram)
 
 
 class CredentialMetrics:
