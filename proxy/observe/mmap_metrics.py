@@ -5,8 +5,8 @@ prometheus_client's multiprocess values take a process-wide lock, check the pid 
 key up in the file's dict on every update (a histogram also walks its buckets in Python): ~1 µs per
 counter update, ~2 µs per histogram observe. Its ``MmapedDict`` appends each key once and never moves
 it, so the value of a bound child stays at one offset of the file: a child here keeps that offset, and
-an update is one 8-byte write there, as it happens (a worker killed right after a request has it
-counted; nothing is batched). The metrics and their children are prometheus_client's own (``labels()``
+an update is one 8-byte store there (through a memoryview of the mapping), as it happens (a worker
+killed right after a request has it counted; nothing is batched). The metrics and their children are prometheus_client's own (``labels()``
 makes the child, which writes its key), so the files, this worker's own render and the supervisor's
 merge are what they would be with prometheus_client updating them.
 
@@ -20,49 +20,50 @@ prometheus_client whose internals differ leaves the child to prometheus_client (
 from __future__ import annotations
 
 import bisect
-import struct
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-_pack_double = struct.Struct("d").pack  # a sample is (value, timestamp) doubles; only the value moves
 
+def _view_and_index(value) -> tuple[memoryview, int]:
+    """This process's file of prometheus_client's ``MmapedValue`` as doubles, and where its value is.
 
-def _offset(value) -> int:
-    """Where prometheus_client's ``MmapedValue`` keeps its value in its file."""
-    return value._file._positions[value._key]
+    Keys are padded so each value starts 8-byte aligned. The view keeps the mapping it was made on alive:
+    when the file grows prometheus_client maps it again, and the old mapping still reaches the same pages
+    (the file only grows, so the offset stays inside it). A view also keeps ``MmapedDict.close`` from
+    unmapping, which only prometheus_client's fork handling and ``close_all_multiprocess_files`` do."""
+    pos = value._file._positions[value._key]
+    if pos % 8:
+        raise KeyError("unaligned value")
+    return memoryview(value._file._m).cast("d"), pos // 8
 
 
 class CounterSlot:
-    __slots__ = ("_value", "_file", "_pos")
+    __slots__ = ("_value", "_view", "_at")
 
     def __init__(self, child) -> None:
         self._value = child._value
-        self._file = self._value._file
-        self._pos = _offset(self._value)
+        self._view, self._at = _view_and_index(self._value)
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
             raise ValueError("Counters can only be incremented by non-negative amounts.")
         value = self._value
         value._value += amount
-        pos = self._pos
-        # slice assignment, as prometheus_client writes (struct.pack_into zeroes the bytes first); _m is
-        # read each time since the file is remapped when it grows
-        self._file._m[pos:pos + 8] = _pack_double(value._value)
+        # one 8-byte store (struct.pack_into would zero the bytes first, which a reader could see)
+        self._view[self._at] = value._value
 
 
 class HistogramSlot:
-    __slots__ = ("_sum", "_buckets", "_bounds", "_file", "_sum_pos", "_bucket_pos")
+    __slots__ = ("_sum", "_buckets", "_bounds", "_view", "_sum_at", "_bucket_at")
 
     def __init__(self, child) -> None:
         self._sum = child._sum
         self._buckets = tuple(child._buckets)
         self._bounds = tuple(child._upper_bounds)  # ends with +Inf
-        self._file = self._sum._file
-        if any(b._file is not self._file for b in self._buckets):
+        if any(b._file is not self._sum._file for b in self._buckets):
             raise AttributeError("histogram values in different files")
-        self._sum_pos = _offset(self._sum)
-        self._bucket_pos = tuple(_offset(b) for b in self._buckets)
+        self._view, self._sum_at = _view_and_index(self._sum)
+        self._bucket_at = tuple(_view_and_index(b)[1] for b in self._buckets)
 
     def observe(self, amount: float) -> None:
         total = self._sum
@@ -70,9 +71,9 @@ class HistogramSlot:
         i = bisect.bisect_left(self._bounds, amount)  # the first bucket whose bound >= amount, as prometheus_client
         bucket = self._buckets[i]
         bucket._value += 1
-        m, pos, at = self._file._m, self._sum_pos, self._bucket_pos[i]
-        m[pos:pos + 8] = _pack_double(total._value)
-        m[at:at + 8] = _pack_double(bucket._value)
+        view = self._view
+        view[self._sum_at] = total._value
+        view[self._bucket_at[i]] = bucket._value
 
 
 class _Family:

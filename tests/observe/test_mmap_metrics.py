@@ -77,5 +77,7 @@ def test_the_files_and_the_merge_are_what_prometheus_client_would_have_written(t
     run(fast, "fast")
     run(slow, "slow")
     assert values(fast) == values(slow)
+    [counters] = [n for n in os.listdir(fast) if n.startswith("counter_")]
+    assert os.path.getsize(fast / counters) > 1 << 16  # grown (remapped) while the first children were bound
     assert render(fast) == render(slow)
     assert b't_requests_total{code="200",credential="a",worker="0"} 300.0' in render(fast)
