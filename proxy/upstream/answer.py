@@ -34,6 +34,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy.errors import BadAnswer, BodyFailed, BodyTimeout, HeadTimeout
+from proxy.upstream.hop_by_hop import HOP_BY_HOP
 
 
 class AnswerConnection(Protocol):
@@ -55,6 +56,12 @@ MAX_INTERIM = 16
 HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+# Lower-case names of the fields ``on_headers_complete`` looks at; those not kept (hop-by-hop) have a kind
+# other than _LENGTH and _ENCODING. Header names are tokens, so bytes.lower() is str.lower() here.
+_LENGTH, _ENCODING, _CODING, _CONNECTION, _HOP = "length", "encoding", "coding", "connection", "hop"
+_ANSWER_FIELDS = {name.encode(): _HOP for name in HOP_BY_HOP} | {
+    b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"transfer-encoding": _CODING,
+    b"connection": _CONNECTION}
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
 
 
@@ -65,8 +72,29 @@ class UpstreamResponse:
 
     status: int
     reason: str
-    headers: CIMultiDict[str]
     content_length: int | None
+    # Starting values shared by every answer (class attributes, set per answer only when they change): most of
+    # an answer's state, made per request, would otherwise be two dozen stores before a byte arrives.
+    status, reason, content_length = 0, "", None
+    forward_headers: CIMultiDict[str] | None = None
+    encoded = False
+    _full: CIMultiDict[str] | None = None
+    _fields: list[tuple[bytes, bytes]] | tuple = ()  # on_message_begin gives each head its list
+    _reason = b""
+    _head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends)
+    _field_bytes = 0
+    _refusal: BadAnswer | None = None
+    _interim = 0
+    _in_head = True
+    _got_bytes = False
+    _until_close = False
+    keep_alive = False
+    done = False  # the whole answer was received (not necessarily read)
+    _dirty = False  # bytes after the end of the answer: the connection cannot be trusted again
+    _buffered = 0
+    _paused = False
+    _error: BaseException | None = None
+    _waiter: asyncio.Future[None] | None = None
 
     def __init__(self, conn: AnswerConnection, method: str, read_timeout: float) -> None:
         self._conn = conn
@@ -75,24 +103,16 @@ class UpstreamResponse:
         self._head_only = method == "HEAD"
         self._parser = httptools.HttpResponseParser(self)
         self._head: asyncio.Future[None] = self._loop.create_future()
-        self._fields: list[tuple[str, str]] = []
-        self._reason = b""
-        self._head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends)
-        self._field_bytes = 0
-        self._refusal: BadAnswer | None = None
-        self._interim = 0
-        self._in_head = True
-        self._got_bytes = False
-        self._until_close = False
-        self.keep_alive = False
-        self.done = False  # the whole answer was received (not necessarily read)
-        self._dirty = False  # bytes after the end of the answer: the connection cannot be trusted again
         self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._paused = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.status, self.reason, self.headers, self.content_length = 0, "", CIMultiDict(), None
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """All header fields of the final answer, hop-by-hop ones included (decoded when first asked for: the
+        relay takes ``forward_headers``)."""
+        if self._full is None:
+            self._full = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                                      for n, v in (self._fields if not self._in_head else ())])
+        return self._full
 
     # -- fed by the connection ------------------------------------------------------------------------
 
@@ -150,8 +170,9 @@ class UpstreamResponse:
 
     def on_message_begin(self) -> None:
         if self.done:
-            self._dirty = True
-        self._fields = []
+            self._dirty = True  # the final answer's fields stay (``headers`` decodes them when asked)
+        else:
+            self._fields = []
 
     def _refuse(self, why: str, reason: str = "upstream_failed") -> BadAnswer:
         # httptools wraps what a callback raises in HttpParserCallbackError: ``feed`` reports this one
@@ -176,14 +197,16 @@ class UpstreamResponse:
         fields = self._fields
         if len(fields) > MAX_HEADERS:
             raise self._refuse("too many header fields")
-        if fields:
+        status = self._parser.get_status_code()
+        # Every field is among the bytes fed so far: within MAX_FIELD of them (the usual small answer) no limit
+        # can be reached, so the sizes are summed only past that, and for 1xx answers (whose fields count too).
+        if fields and (self._head_bytes > MAX_FIELD or status < 200 or self._interim):
             sizes = [len(n) + len(v) for n, v in fields]
             self._field_bytes += sum(sizes)
             if max(sizes) > MAX_FIELD:
                 raise self._refuse("header field over the limit")
             if self._field_bytes > MAX_HEAD:  # the fields of 1xx answers count too
                 raise self._refuse("answer head over the limit")
-        status = self._parser.get_status_code()
         if status < 200:
             if status == 101:
                 raise self._refuse("unrequested 101 answer", "upstream_bad_framing")
@@ -192,15 +215,36 @@ class UpstreamResponse:
                 raise self._refuse("too many 1xx answers", "upstream_bad_framing")
             self._reason = b""
             return
-        headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                               for n, v in fields])
-        te = headers.getall("Transfer-Encoding", ())
-        if len(te) > 1 or (te and te[0].strip().lower() != "chunked"):
+        # One pass over the fields: the framing facts, and the fields the caller's answer carries (decoded, without
+        # the hop-by-hop ones), so neither the relay nor anyone else copies or searches a header set for them.
+        forward = []
+        te: list[bytes] = []
+        connection: list[bytes] = []
+        length = None
+        for name, value in fields:
+            kind = _ANSWER_FIELDS.get(name.lower())  # llhttp (strict) let only token characters into a name
+            if kind is not None:
+                if kind is _LENGTH:
+                    if length is None:
+                        length = value
+                elif kind is _ENCODING:
+                    self.encoded = True
+                else:
+                    if kind is _CODING:
+                        te.append(value)
+                    elif kind is _CONNECTION:
+                        connection.append(value)
+                    continue
+            forward.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+        if te and (len(te) > 1 or te[0].decode("utf-8", "surrogateescape").strip().lower() != "chunked"):
             raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
-        length = headers.get("Content-Length")
+        if connection:  # names it lists are hop-by-hop too
+            named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
+            if not named <= HOP_BY_HOP:  # "keep-alive" or "close", nearly always
+                forward = [(k, v) for k, v in forward if k.lower() not in named]
+        self.forward_headers = CIMultiDict(forward)
         self.status = status
         self.reason = self._reason.decode("utf-8", "surrogateescape")
-        self.headers = headers
         self.content_length = int(length) if length is not None and not te else None  # llhttp checked the digits
         self.keep_alive = self._parser.should_keep_alive()
         no_body = self._head_only or status in _NO_BODY_STATUS

@@ -25,34 +25,20 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import AddressDenied, BadAnswer, HeadTimeout, UpstreamError, UpstreamTimeout
 from proxy.upstream.address_policy import AddressPolicy
 from proxy.upstream.answer import UpstreamResponse
 from proxy.upstream.connection import Connection
 from proxy.upstream.dial import Resolver, dial, resolve
+from proxy.upstream.hop_by_hop import HOP_BY_HOP, strip_hop_by_hop  # noqa: F401 - imported from here too
 from proxy.upstream.outbound import Outbound
 
-HOP_BY_HOP = frozenset(h.lower() for h in (
-    "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
-    "Proxy-Authenticate", "Proxy-Authorization", "HTTP2-Settings",
-))
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 KEEPALIVE_S = 15.0  # an idle connection older than this is closed rather than reused (aiohttp's default)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # sent with Content-Length: 0 when there is no body
 _FRAMING = frozenset({"content-length", "transfer-encoding", "host"})
 _TOKENS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:\n[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
-
-
-def strip_hop_by_hop(headers: CIMultiDict[str] | CIMultiDictProxy[str],
-                     drop: frozenset[str] = HOP_BY_HOP) -> CIMultiDict[str]:
-    """A copy without the lower-case names in ``drop`` (a superset of ``HOP_BY_HOP``, prepared once) and those
-    named in ``Connection``."""
-    if "Connection" in headers:
-        drop = drop | {t.strip().lower() for v in headers.getall("Connection") for t in v.split(",")}
-    # One pass over the few headers a request has, rather than a removal per name that might be there (~50).
-    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:

@@ -41,7 +41,6 @@ from proxy.redact.leak_guard import LeakGuard, StreamRedactor
 from proxy.server.request import Request
 from proxy.server.response import CallerStalled, ResponseWriter
 from proxy.upstream.answer import UpstreamResponse
-from proxy.upstream.client import strip_hop_by_hop
 
 log = logging.getLogger("credproxy.relay")
 
@@ -111,11 +110,11 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
     """Check and redact the head, then hand the answer to one of the three strategies. ``head``: body bytes
     already read (the expired-answer peek), sent first."""
     try:
-        headers = strip_hop_by_hop(upstream.headers)
+        headers = upstream.forward_headers  # this answer's own copy, without the hop-by-hop fields
         scanning = mode != "off" and guard.active
-        # ``in`` first: nearly every answer has no Content-Encoding. The upstream's own headers: one it named in
+        # ``encoded`` first: nearly every answer has no Content-Encoding. The upstream's own headers: one it named in
         # Connection is stripped from ``headers`` but its body is still encoded.
-        compressed = "Content-Encoding" in upstream.headers and bool(encoding.content_codings(upstream.headers))
+        compressed = upstream.encoded and bool(encoding.content_codings(upstream.headers))
         reason = upstream.reason  # sent if it is plain printable text, else the standard phrase (None)
         if not (reason and reason.isascii() and reason.isprintable()):
             reason = None
