@@ -68,15 +68,24 @@ def request_head(out: Outbound, host: str) -> tuple[bytes, int | None]:
         length = int(declared) if declared is not None and declared.isdigit() else None
     target = out.base.raw_path.rstrip("/") + out.path + ("?" + out.query if out.query else "")
     headers = out.headers
-    lines = [f"{out.method} {target} HTTP/1.1", "Host: " + headers.get("Host", host)]
-    lines += [f"{k}: {v}" for k, v in headers.items() if k.lower() not in _FRAMING]
+    if "Host" in headers or "Content-Length" in headers or "Transfer-Encoding" in headers:  # set by a signer
+        fields = [(k, v) for k, v in headers.items() if k.lower() not in _FRAMING]
+    else:
+        fields = headers.items()  # usually: nothing to leave out, so no list is built
+    lines = len(fields) + 3  # request line, Host, the fields, the blank line
+    framing = ""
     if length is not None:
         if length or out.method in _BODY_METHODS or body is not None:
-            lines.append(f"Content-Length: {length}")
+            framing = f"Content-Length: {length}\r\n"
+            lines += 1
     elif body is not None:
-        lines.append("Transfer-Encoding: chunked")
-    text = "\r\n".join(lines) + "\r\n\r\n"
-    if (text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1 or "\x00" in text
+        framing = "Transfer-Encoding: chunked\r\n"
+        lines += 1
+    # ": ".join per (name, value) pair and one "\r\n".join, both in C: no Python-level step per header
+    text = "\r\n".join(map(": ".join, fields))
+    text = (f"{out.method} {target} HTTP/1.1\r\nHost: {headers.get('Host', host)}\r\n"
+            + (text + "\r\n" if text else "") + framing + "\r\n")
+    if (text.count("\n") != lines or text.count("\r") != lines or "\x00" in text
             or " " in target or not _TOKENS.fullmatch("\n".join([out.method, *headers.keys()]))):
         raise ValueError("request head would not survive the wire")
     return text.encode("utf-8", "surrogateescape"), length
