@@ -178,7 +178,10 @@ class UpstreamClient:
         key = (tls, host, port, ssl_ctx)
         retry = out.method in IDEMPOTENT and out.replayable
         while True:
-            conn = await self._connection(key, host, port, ssl_ctx)
+            # An idle pooled connection (the usual case) is taken here, without awaiting a coroutine for it.
+            conn = None if self.closed else self._pool.take(key, asyncio.get_running_loop().time())
+            if conn is None:
+                conn = await self._connection(key, host, port, ssl_ctx)
             answer = UpstreamResponse(conn, out.method, self._read_timeout)
             try:
                 conn.send(answer, head, out.body, length, self._read_timeout)
