@@ -238,9 +238,10 @@ class UpstreamResponse:
             forward.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
         if te and (len(te) > 1 or te[0].decode("utf-8", "surrogateescape").strip().lower() != "chunked"):
             raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
-        if connection:  # names it lists are hop-by-hop too
+        # Names Connection lists are hop-by-hop too; a lone "keep-alive" (the usual one) names none else.
+        if connection and (len(connection) > 1 or connection[0].lower() != b"keep-alive"):
             named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
-            if not named <= HOP_BY_HOP:  # "keep-alive" or "close", nearly always
+            if not named <= HOP_BY_HOP:
                 forward = [(k, v) for k, v in forward if k.lower() not in named]
         self.forward_headers = CIMultiDict(forward)
         self.status = status
