@@ -25,6 +25,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from multidict import CIMultiDict
 
 from proxy.errors import AddressDenied, BadAnswer, HeadTimeout, UpstreamError, UpstreamTimeout
 from proxy.upstream.address_policy import AddressPolicy
@@ -53,6 +54,21 @@ def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
 def _system_context() -> ssl.SSLContext:
     # Loading the system CAs takes ~0.1 s; credentials without their own CA share one context.
     return ssl.create_default_context()
+
+
+# Method and header names already found to be tokens: a set lookup per name instead of the regex (whether a text
+# is a token never changes, so this cannot go stale). Bounded, since callers choose their header names.
+_TOKEN_NAMES: set[str] = set()
+_TOKEN_NAMES_MAX = 4096
+
+
+def _all_tokens(method: str, headers: CIMultiDict[str]) -> bool:
+    names = [method, *headers.keys()]
+    if not _TOKENS.fullmatch("\n".join(names)):
+        return False
+    if len(_TOKEN_NAMES) < _TOKEN_NAMES_MAX:
+        _TOKEN_NAMES.update(names)
+    return True
 
 
 def request_head(out: Outbound, host: str) -> tuple[bytes, int | None]:
@@ -86,7 +102,9 @@ def request_head(out: Outbound, host: str) -> tuple[bytes, int | None]:
     text = (f"{out.method} {target} HTTP/1.1\r\nHost: {headers.get('Host', host)}\r\n"
             + (text + "\r\n" if text else "") + framing + "\r\n")
     if (text.count("\n") != lines or text.count("\r") != lines or "\x00" in text
-            or " " in target or not _TOKENS.fullmatch("\n".join([out.method, *headers.keys()]))):
+            or " " in target
+            or not (out.method in _TOKEN_NAMES and _TOKEN_NAMES.issuperset(headers.keys())
+                    or _all_tokens(out.method, headers))):
         raise ValueError("request head would not survive the wire")
     return text.encode("utf-8", "surrogateescape"), length
 
