@@ -130,8 +130,12 @@ class _Pool:
 
     def put(self, conn: Connection) -> None:
         conn.idle_since = conn.loop.time()
-        self.idle.setdefault(conn.key, deque()).append(conn)
-        self._wake()
+        idle = self.idle.get(conn.key)
+        if idle is None:  # not setdefault: that would build a deque per request to throw away
+            idle = self.idle[conn.key] = deque()
+        idle.append(conn)
+        if self._waiters:
+            self._wake()
 
     def lost(self, conn: Connection) -> None:
         idle = self.idle.get(conn.key)
