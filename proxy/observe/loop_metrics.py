@@ -6,7 +6,8 @@ only from its event loop thread and its admin listener reads them on the same lo
 attributes suffice: ``collect`` turns them into the same families (names, labels, ``_created``) at
 scrape time. Label values come from config (see ``proxy.observe.metrics``), so children are few and
 are never removed. Under ``serve --workers`` values must reach prometheus_client's multiprocess files,
-so ``proxy.observe.metrics`` uses these only when one process serves.
+so ``proxy.observe.metrics`` uses these only when one process serves (``proxy.observe.mmap_metrics``
+under ``--workers``).
 """
 
 from __future__ import annotations
