@@ -6,24 +6,11 @@ import functools
 import ipaddress
 
 
-class _IPv4(ipaddress.IPv4Address):
+class _KeepsText:
     """An address that keeps its text: every request's audit line writes it, and ``ipaddress`` builds the
-    text anew on each ``str`` (a join over the address bytes). Otherwise an ``IPv4Address``."""
+    text anew on each ``str`` (a join over the address bytes). Otherwise the ``ipaddress`` class after it."""
 
-    __slots__ = ("_text",)
-
-    def __init__(self, address) -> None:
-        super().__init__(address)
-        self._text = super().__str__()
-
-    def __str__(self) -> str:
-        return self._text
-
-
-class _IPv6(ipaddress.IPv6Address):
-    """``_IPv4``'s counterpart."""
-
-    __slots__ = ("_text",)
+    __slots__ = ()
 
     def __init__(self, address) -> None:
         super().__init__(address)
@@ -31,6 +18,14 @@ class _IPv6(ipaddress.IPv6Address):
 
     def __str__(self) -> str:
         return self._text
+
+
+class _IPv4(_KeepsText, ipaddress.IPv4Address):
+    __slots__ = ("_text",)
+
+
+class _IPv6(_KeepsText, ipaddress.IPv6Address):
+    __slots__ = ("_text",)
 
 
 def transport_ip(transport) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
