@@ -95,6 +95,7 @@ class UpstreamResponse:
     _paused = False
     _error: BaseException | None = None
     _waiter: asyncio.Future[None] | None = None
+    _head_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, conn: AnswerConnection, method: str, read_timeout: float) -> None:
         self._conn = conn
@@ -138,6 +139,8 @@ class UpstreamResponse:
         # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
         if not self._in_head and not self._head.done():
             self._head.set_result(None)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
 
     def connection_lost(self) -> None:
         if self._in_head:
@@ -155,6 +158,8 @@ class UpstreamResponse:
 
     def _fail(self, exc: BaseException) -> None:
         self.keep_alive = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()  # the head is settled below (or already was: its waiter was cancelled)
         if self.done:
             self._dirty = True  # garbage after a complete answer: that answer stands, the connection does not
             return
@@ -277,16 +282,17 @@ class UpstreamResponse:
 
     # -- read by the relay ------------------------------------------------------------------------------
 
-    async def wait_head(self) -> None:
-        if not self._head.done():
-            timer = self._loop.call_later(self._read_timeout, self._head_timed_out)
-            try:
-                await self._head
-            finally:
-                timer.cancel()
-        self._head.result()
+    def wait_head(self) -> asyncio.Future[None]:
+        """The head, to await: fails with ``BadAnswer``, or ``HeadTimeout`` past the read timeout (counted from
+        this call). A future, not a coroutine (one frame fewer per request): the timer is cancelled where the head
+        completes (``feed``, ``_fail``), and a caller that stops waiting aborts the connection (``_fail`` too)."""
+        head = self._head
+        if not head.done() and self._head_timer is None:
+            self._head_timer = self._loop.call_later(self._read_timeout, self._head_timed_out)
+        return head
 
     def _head_timed_out(self) -> None:
+        self._head_timer = None
         if not self._head.done():
             self._head.set_exception(HeadTimeout("no answer head within the read timeout"))
             self._head.exception()
