@@ -470,6 +470,11 @@ class HTTPConnection(asyncio.Protocol):
             raise ConnectionResetError("caller went away")
         transport.writelines(parts)
 
+    @property
+    def must_drain(self) -> bool:
+        """Whether ``drain()`` would do anything (wait, or raise): a caller that keeps up skips the coroutine."""
+        return self._dead or self._write_paused
+
     async def drain(self) -> None:
         if self._dead:
             raise ConnectionResetError("caller went away")

@@ -191,7 +191,8 @@ class ResponseWriter:
             if not sent:
                 conn.send(head)
         self.finished = True
-        await conn.drain()
+        if conn.must_drain:  # the usual small answer: no drain coroutine made just to return
+            await conn.drain()
 
     async def answer(self, answer: Answer) -> None:
         """An answer credproxy made itself; cuts the connection instead when another answer already began."""
