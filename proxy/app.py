@@ -286,7 +286,7 @@ class Proxy:
             on_refused=lambda ip, exc, rid: record_refused(holder.current, ip, exc, rid))
 
     async def _handler(self, request, response) -> None:
-        with self.holder.use() as state:
+        with self.holder.use(request.task) as state:
             await handle(request, response, state)
 
     async def _listen(self) -> None:

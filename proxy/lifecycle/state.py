@@ -65,9 +65,10 @@ class StateHolder:
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
     _tasks: set = field(default_factory=set, repr=False)
 
-    def use(self) -> "_InUse":
-        """The state one request runs on, from start to finish: ``with holder.use() as state``."""
-        return _InUse(self)
+    def use(self, task: asyncio.Task | None = None) -> "_InUse":
+        """The state one request runs on, from start to finish: ``with holder.use() as state``. ``task``: the
+        task running the request, when the caller knows it (else the current task is looked up)."""
+        return _InUse(self, task)
 
     async def wait_idle(self) -> None:
         """Until no request is in flight on any state (current or retired)."""
@@ -87,13 +88,16 @@ class _InUse:
 
     __slots__ = ("_holder", "_state", "_task")
 
-    def __init__(self, holder: StateHolder) -> None:
+    def __init__(self, holder: StateHolder, task: asyncio.Task | None) -> None:
         self._holder = holder
+        self._task = task
 
     def __enter__(self) -> State:
         holder = self._holder
         state = self._state = holder.current
-        task = self._task = asyncio.current_task()
+        task = self._task
+        if task is None:  # asyncio.current_task is Python code in 3.11: skipped when the caller knows its task
+            task = self._task = asyncio.current_task()
         state.in_flight += 1
         holder.in_flight += 1
         holder._tasks.add(task)

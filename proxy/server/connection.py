@@ -388,6 +388,7 @@ class HTTPConnection(asyncio.Protocol):
                     self._refuse(item)
                     return
                 self._active = item
+                item.task = self._task  # this serving task: what a drain deadline cancels (StateHolder.use)
                 if self._read_paused:  # paused for this request's turn (reading pauses only in _flow)
                     self._flow()
                 # The handler is awaited here, not through a helper coroutine: every resumption of the request
