@@ -172,24 +172,8 @@ class ResponseWriter:
                     await conn.drain()
         elif len(pieces) == 1 and len(pieces[0]) < 16384:
             conn.send(head + pieces[0])  # a copy of a small body is cheaper than a scatter write
-        elif len(pieces) == 1:
-            conn.send_parts((head, pieces[0]))
         else:
-            # Several pieces (a held answer, ~256 KiB each as it arrived): the head goes out with the first in one
-            # write (no system call of its own), the rest one by one as the caller takes them (measured cheaper
-            # than one write of the whole answer).
-            sent = False
-            for piece in pieces:
-                if not piece:
-                    continue
-                if sent:
-                    await conn.drain()
-                    conn.send(piece)
-                else:
-                    conn.send_parts((head, piece))
-                    sent = True
-            if not sent:
-                conn.send(head)
+            conn.send_parts([head, *(p for p in pieces if p)])
         self.finished = True
         if conn.must_drain:  # the usual small answer: no drain coroutine made just to return
             await conn.drain()

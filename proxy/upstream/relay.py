@@ -248,7 +248,7 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
 
     The chunks are kept as they arrive (not joined into one buffer) and written one by one: the answer is
     held once, not twice, and goes out in writes of the size it came in (~256 KiB; measured cheaper than one
-    write of the whole answer, and than smaller ones), the head with the first."""
+    write of the whole answer, and than smaller ones)."""
     pieces: list[bytes | memoryview] = []
     take = partial(redactor.feed_held, pieces) if redactor is not None else pieces.append
     try:
@@ -263,7 +263,10 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
         pieces.append(redactor.flush())
         _count_body_leaks(redactor.count, leak_counter, mode)
     try:  # as in relay_whole, a Content-Length still among the headers is the body's own
-        await response.send_pieces(upstream.status, headers, pieces, reason)  # the head rides with the first piece
+        response.start(upstream.status, headers, reason, length=sum(map(len, pieces)))
+        for piece in pieces:
+            await response.write(piece)
+        await response.end()
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
 
