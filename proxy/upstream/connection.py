@@ -1,9 +1,5 @@
-"""One keep-alive connection to an upstream: an ``asyncio.BufferedProtocol`` that writes requests and hands the
-bytes it receives to the answer being read (``answer.UpstreamResponse``).
-
-Received bytes land in one reusable buffer per thread (the transport reads into it; no bytes object made per
-read) and are parsed before the next read: the parser copies out what the answer keeps (body chunks, fields),
-so nothing handed on points into the buffer.
+"""One keep-alive connection to an upstream: an ``asyncio.Protocol`` that writes requests and hands the bytes
+it receives to the answer being read (``answer.UpstreamResponse``).
 
 A request body that is a stream is pumped by a task of its own while the answer is awaited, one chunk at a
 time, waiting whenever the transport's write buffer is full (``pause_writing``), so an upload of any size
@@ -16,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import AsyncIterator, Callable
 
 from proxy.errors import BadAnswer
@@ -28,19 +23,7 @@ class UploadFailed(Exception):
     taking bytes)."""
 
 
-READ_BUFFER = 256 * 1024  # uvloop's own read size for data_received
-_local = threading.local()
-
-
-def _read_buffer() -> memoryview:
-    """This thread's read buffer (a loop runs its protocols' callbacks one at a time, on its thread)."""
-    view = getattr(_local, "view", None)
-    if view is None:
-        view = _local.view = memoryview(bytearray(READ_BUFFER))
-    return view
-
-
-class Connection(asyncio.BufferedProtocol):
+class Connection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, on_idle: Callable[[Connection], None],
                  on_lost: Callable[[Connection], None]) -> None:
         self.loop = loop
@@ -55,9 +38,8 @@ class Connection(asyncio.BufferedProtocol):
         self._pump: asyncio.Task | None = None
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
-        self._buffer = _read_buffer()
 
-    # -- asyncio.BufferedProtocol -------------------------------------------------------------------------
+    # -- asyncio.Protocol ---------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -65,15 +47,7 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # Saves a copy of every received byte (into a bytes object) over data_received; the answer's parser
-        # (httptools) gives its callbacks new bytes, so no piece held afterwards aliases the buffer.
-        self.data_received(self._buffer[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes) -> None:
         answer = self.answer
         if answer is None:
             self.abort()  # nothing was asked: an upstream that talks unprompted is not reused
