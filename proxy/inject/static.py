@@ -16,21 +16,21 @@ class _PerMaterial:
     as long as the secret's version (or the token) is unchanged, and a new one when it changes, so the value is
     derived once per version, not once per request. Holding the mapping keeps its id from being reused."""
 
-    __slots__ = ("_derive", "kept", "_max")
+    __slots__ = ("_derive", "_kept", "_max")
 
     def __init__(self, derive: Callable[[SecretValues], str], kept_max: int) -> None:
         self._derive = derive
         self._max = kept_max  # one per principal in use, at a time; more is a rotation churning through
-        self.kept: dict[int, tuple[SecretValues, str]] = {}  # id(secrets) -> (secrets, value)
+        self._kept: dict[int, tuple[SecretValues, str]] = {}  # id(secrets) -> (secrets, value)
 
     def __call__(self, secrets: SecretValues) -> str:
-        found = self.kept.get(id(secrets))
+        found = self._kept.get(id(secrets))
         if found is not None and found[0] is secrets:
             return found[1]
         value = self._derive(secrets)
-        if len(self.kept) >= self._max:
-            del self.kept[next(iter(self.kept))]  # the oldest
-        self.kept[id(secrets)] = (secrets, value)
+        if len(self._kept) >= self._max:
+            del self._kept[next(iter(self._kept))]  # the oldest
+        self._kept[id(secrets)] = (secrets, value)
         return value
 
 
@@ -51,10 +51,8 @@ class HeaderInjector(Injector):
         return self.template.render(secrets.get("secret"), {ref: secrets[key] for ref, key in self._refs})
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
-        found = self._rendered.kept.get(id(secrets))  # what _rendered(secrets) does first, without the call
-        value = found[1] if found is not None and found[0] is secrets else self._rendered(secrets)
         out.headers.popall(self.header, None)
-        out.headers[self.header] = value
+        out.headers[self.header] = self._rendered(secrets)
 
 
 class QueryInjector(Injector):

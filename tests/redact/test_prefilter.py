@@ -125,11 +125,17 @@ def test_prefiltered_stream_redacts_exactly_as_the_regex_alone(secret, filler, i
         _same_as_the_regex_alone(with_engine(LeakGuard([secret]), engine), secret, filler, inserts, cuts)
 
 
-def _same_as_the_regex_alone(guard, secret, filler, inserts, cuts):
+def with_inserts(filler: bytes, secret: str, inserts) -> bytes:
+    """``filler`` with ``secret`` inserted in each (position, form) of ``inserts``, one after another."""
     body = filler
     for at, form in inserts:
         at %= len(body) + 1
         body = body[:at] + encode(secret, form) + body[at:]
+    return body
+
+
+def _same_as_the_regex_alone(guard, secret, filler, inserts, cuts):
+    body = with_inserts(filler, secret, inserts)
     fast = redact_stream(guard, body, cuts)
     slow = redact_stream(without_prefilter(guard), body, cuts)
     assert fast == slow
@@ -155,10 +161,7 @@ def redact_held(guard: LeakGuard, body: bytes, cuts: list[int]) -> tuple[bytes, 
 def test_held_body_is_redacted_exactly_as_the_whole_body_at_once(secret, filler, inserts, cuts):
     for engine in ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",):
         guard = with_engine(LeakGuard([secret]), engine)
-        body = filler
-        for at, form in inserts:
-            at %= len(body) + 1
-            body = body[:at] + encode(secret, form) + body[at:]
+        body = with_inserts(filler, secret, inserts)
         out, count, _ = redact_held(guard, body, cuts)
         assert (out, count) == guard.redact(body) == without_prefilter(guard).redact(body)
 
