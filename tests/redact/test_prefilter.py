@@ -103,6 +103,17 @@ def test_clean_chunks_pass_through_unchanged_and_held_back_tail_still_catches_a_
 
 forms = st.sampled_from(["raw", "quoted", "b64", "b64url", "b64-shift1", "b64-shift2"])
 
+# A secret, filler bytes, where (and in which form) the secret is inserted, and where the body is cut into chunks.
+bodies_with_secrets = given(
+    secret=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=8, max_size=40),
+    filler=st.binary(max_size=300), inserts=st.lists(st.tuples(st.integers(0, 300), forms), max_size=4),
+    cuts=st.lists(st.integers(0, 2000), max_size=6))
+
+
+def engines() -> tuple[str, ...]:
+    """The prefilter engines this machine has."""
+    return ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",)
+
 
 def encode(secret: str, form: str) -> bytes:
     raw = secret.encode()
@@ -117,11 +128,9 @@ def encode(secret: str, form: str) -> bytes:
 
 
 @settings(max_examples=300, deadline=None)
-@given(secret=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=8, max_size=40),
-       filler=st.binary(max_size=300), inserts=st.lists(st.tuples(st.integers(0, 300), forms), max_size=4),
-       cuts=st.lists(st.integers(0, 2000), max_size=6))
+@bodies_with_secrets
 def test_prefiltered_stream_redacts_exactly_as_the_regex_alone(secret, filler, inserts, cuts):
-    for engine in ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",):
+    for engine in engines():
         _same_as_the_regex_alone(with_engine(LeakGuard([secret]), engine), secret, filler, inserts, cuts)
 
 
@@ -155,11 +164,9 @@ def redact_held(guard: LeakGuard, body: bytes, cuts: list[int]) -> tuple[bytes, 
 
 
 @settings(max_examples=300, deadline=None)
-@given(secret=st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=8, max_size=40),
-       filler=st.binary(max_size=300), inserts=st.lists(st.tuples(st.integers(0, 300), forms), max_size=4),
-       cuts=st.lists(st.integers(0, 2000), max_size=6))
+@bodies_with_secrets
 def test_held_body_is_redacted_exactly_as_the_whole_body_at_once(secret, filler, inserts, cuts):
-    for engine in ("hyperscan", "bytes.find") if needles_module.hyperscan is not None else ("bytes.find",):
+    for engine in engines():
         guard = with_engine(LeakGuard([secret]), engine)
         body = with_inserts(filler, secret, inserts)
         out, count, _ = redact_held(guard, body, cuts)
