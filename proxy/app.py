@@ -285,9 +285,8 @@ class Proxy:
             connections=self._connections if counted else None,
             on_refused=lambda ip, exc, rid: record_refused(holder.current, ip, exc, rid))
 
-    async def _handler(self, request, response) -> None:
-        with self.holder.use(request.task) as state:
-            await handle(request, response, state)
+    def _handler(self, request, response):
+        return handle(request, response, self.holder)
 
     async def _listen(self) -> None:
         cfg = self.cfg

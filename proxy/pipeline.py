@@ -11,9 +11,11 @@ written in ``finally`` for allowed, denied and failed requests alike.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
@@ -30,14 +32,15 @@ from proxy.server.upload import NO_BODY, RequestBody, read_body
 from proxy.callers import CALLER_HEADERS, Caller
 from proxy.credential import Credential
 from proxy.grant import Grant
-from proxy.errors import CredentialUnavailable, Forbidden, ProxyError
+from proxy.errors import BadAnswer, CredentialUnavailable, Forbidden, ProxyError
 from proxy.upstream.outbound import Outbound
-from proxy.upstream.relay import read_upto, relay
+from proxy.upstream.relay import Prepared, deliver, drained, prepare, read_upto, relay_now
 from proxy.routing import Route, Via, route_forward
 from proxy.host_map import pick as pick_credential
-from proxy.lifecycle.state import State
+from proxy.lifecycle.state import State, StateHolder
+from proxy.upstream import plain_request
 from proxy.upstream.answer import UpstreamResponse
-from proxy.upstream.client import HOP_BY_HOP, strip_hop_by_hop
+from proxy.upstream.client import HOP_BY_HOP, IDEMPOTENT, head_failure, strip_hop_by_hop
 
 log = logging.getLogger("credproxy.request")
 
@@ -68,45 +71,206 @@ class Trace:
     token_refreshed: bool = False
 
 
-async def handle(request: Request, response: ResponseWriter, state: State) -> None:
-    """Answer one caller request through ``response``. ``request.context`` is the listener's: its routing
-    function (main, dedicated) or the forward proxy's ``Via`` (the CONNECT target and its caller)."""
-    trace = Trace(new_request_id(), time.monotonic())
+class Exchange:
+    """One request in flight: its ``trace``, and its place among the requests in flight on its state
+    (``StateHolder.use``), which it leaves when its audit line is written. A drain deadline ``cancel``s it:
+    its task, or (answered in callbacks) its connections."""
+
+    __slots__ = ("request", "response", "trace", "state", "task", "route", "cred", "caller", "grant", "answer",
+                 "started", "_use", "_done")
+
+    def __init__(self, request: Request, response: ResponseWriter, holder: StateHolder) -> None:
+        self.request, self.response = request, response
+        self.trace = Trace(new_request_id(), time.monotonic())
+        self.task: asyncio.Task | None = None
+        self.route: Route | None = None
+        self.answer: UpstreamResponse | None = None
+        self._done = False
+        self._use = holder.use(self)
+        self.state: State = self._use.__enter__()
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> asyncio.Task | None:
+        """Stop the request (the drain deadline passed); returns its task, if it has one, to wait for."""
+        if self.task is not None:
+            self.task.cancel()
+            return self.task
+        self.response.abort()
+        if self.answer is not None:
+            self.answer.close()
+        return None
+
+    def finish(self) -> None:
+        """The audit line, metrics and alerts; then the request is no longer in flight."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            _record(self.state, self.request, self.route, self.trace, self.request.peer_ip, self.request.context.via)
+        finally:
+            self._use.__exit__(None, None, None)
+
+    def arrived(self, answer: UpstreamResponse) -> None:
+        """The answer's head to a request sent by ``_send_now`` is in, or failed: called back by the upstream
+        connection. Continues in callbacks to the end of a small answer that arrived whole; anything else
+        continues in a task, as ``forward`` (a failed head as the error it is, a stale pooled connection
+        retried once, an expired credential refreshed, a large or encoded answer streamed)."""
+        try:
+            _arrived(self, answer)
+        except Exception as exc:  # noqa: BLE001 - a bug: the caller's answer is cut, never left hanging
+            log.error("unhandled error in the request path", exc_info=exc,
+                      extra={"request_id": self.trace.request_id})
+            self.response.abort()
+            self.finish()
+            self.response.complete()
+
+
+def handle(request: Request, response: ResponseWriter, holder: StateHolder) -> Awaitable[None] | None:
+    """Answer one caller request through ``response``, on the state current now. ``request.context`` is the
+    listener's: its routing function (main, dedicated) or the forward proxy's ``Via`` (the CONNECT target and
+    its caller). Returns None when the request goes on in callbacks (``_send_now``: a plain body-less request
+    whose material is at hand, on an idle pooled connection — the usual one), else the coroutine that answers
+    it (``_run``)."""
+    ex = Exchange(request, response, holder)
+    try:
+        cred, caller = _admit(ex)
+    except ProxyError as exc:
+        return _run(ex, refusal=exc)
+    except BaseException:
+        ex.finish()
+        raise
+    try:
+        if request.plain_head and request.body is None and _send_now(ex, cred, caller):
+            return None
+    except BaseException:
+        ex.finish()
+        raise
+    return _run(ex, cred, caller)
+
+
+def _admit(ex: Exchange) -> tuple[Credential, Caller]:
+    """The checks before any material is touched: audit, request shape, route, caller, source address,
+    policy, the credential's state, the rate limit. Raises ``ProxyError``."""
+    request, state, trace = ex.request, ex.state, ex.trace
     ip = request.peer_ip
-    ctx = request.context
-    via: Via | None = ctx.via
-    route: Route | None = None
+    via: Via | None = request.context.via
+    state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
+    guards.check_request(request)
+    if via is not None:
+        caller, route = _forward_route(request, state, via, trace)
+        ex.route = route
+    else:
+        route = ex.route = request.context.route(request.target)
+        trace.credential = route.credential
+        caller = state.authenticator.authenticate(request.headers, ip, request.peercert)
+    trace.caller = caller.name
+    state.authenticator.check_source(caller, ip)
+    cred = state.credentials.get(route.credential)
+    if cred is None:
+        raise Forbidden("unknown credential", reason="unknown_credential")
+    if via is not None and via.connect is None and not cred.cfg.allow_insecure_upstream:
+        raise Forbidden("plain http:// needs allow_insecure_upstream", reason="insecure_refused")
+    if not state.policy.allowed(caller.name, cred.name, request.method, route.path, ip):
+        raise Forbidden("no allow rule matches", reason="policy")
+    if cred.disabled:
+        raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
+    if state.limiter is not None:
+        state.limiter.acquire(caller.name, cred.name)
+    cred.touch()
+    return cred, caller
+
+
+def _send_now(ex: Exchange, cred: Credential, caller: Caller) -> bool:
+    """Send a plain body-less request without a coroutine, when everything it needs is at hand: the material
+    (``AuthSource.ready``), an injector that sets one header, a fixed upstream target and an idle pooled
+    connection. The head is rendered from the caller's bytes (``plain_request``). False: ``forward`` sends it."""
+    if cred.needs_body_peek:
+        return False
+    grant = cred.source.ready(cred.principal(caller.name))
+    if grant is None:
+        return False
+    injected = cred.injector.header_line(grant.values)
+    if injected is None:
+        return False
+    target = cred.client.target(grant.upstream or cred.base)
+    if target is None:
+        return False
+    request, route = ex.request, ex.route
+    head = plain_request.render(request.method, target, route.path, route.query, request.raw_headers,
+                                plain_request.as_bytes(_never_forwarded(cred.injector.removes)),
+                                ex.trace.request_id, cred.leak_guard != "off", injected)
+    if head is None:
+        return False
+    ex.cred, ex.caller, ex.grant, ex.started = cred, caller, grant, time.monotonic()
+    ex.answer = cred.client.send_now(target, request.method, head, ex.arrived)
+    return ex.answer is not None
+
+
+def _arrived(ex: Exchange, answer: UpstreamResponse) -> None:
+    """``Exchange.arrived``: what ``forward`` and ``relay`` do with an answer, for the one that needs no waiting."""
+    response, cred, trace = ex.response, ex.cred, ex.trace
+    failure = answer.failure
+    if failure is not None:
+        if isinstance(failure, BadAnswer) and failure.stale and ex.request.method in IDEMPOTENT:
+            # The pooled connection had been closed by the upstream: once more, on another (as client.send does).
+            response.resume(_run(ex, cred, ex.caller, stale_retry=False))
+        else:
+            response.resume(_run(ex, refusal=head_failure(failure)))
+        return
+    bound = cred.metrics or CredentialMetrics(ex.state.metrics, cred.name)
+    bound.upstream_duration.observe(time.monotonic() - ex.started)
+    sent = (ex.grant, answer)
+    if answer.status in cred.expired_statuses:
+        response.resume(_run(ex, cred, ex.caller, sent=sent))
+        return
+    grant = ex.grant
+    try:
+        ready = prepare(ex.request, answer, b"", grant.guard, cred.leak_guard, trace, bound.leaks)
+        trace.status, trace.outcome = answer.status, "allowed"  # relay_now downgrades to error if it aborts
+        if not ready.at_hand:
+            response.resume(_run(ex, cred, ex.caller, sent=sent, ready=ready))
+            return
+        behind = relay_now(response, answer, ready, grant.guard, cred.leak_guard, trace, bound.leaks)
+    except ProxyError as exc:  # the leak guard's block, before anything was sent
+        response.resume(_run(ex, refusal=exc))
+        return
+    if behind:  # the caller is not keeping up: the next request waits until it has taken this answer
+        response.resume(_drained(ex))
+        return
+    ex.finish()
+    response.complete()
+
+
+async def _drained(ex: Exchange) -> None:
+    ex.task = asyncio.current_task()
+    try:
+        await drained(ex.response, ex.trace)
+    finally:
+        ex.finish()
+
+
+async def _run(ex: Exchange, cred: Credential | None = None, caller: Caller | None = None, *,
+               refusal: ProxyError | None = None, sent: tuple[Grant, UpstreamResponse] | None = None,
+               ready: Prepared | None = None, stale_retry: bool = True) -> None:
+    """The request in a task of its own: read its body, ``forward`` it (``sent``: the answer to the request
+    ``_send_now`` sent, and its grant; ``ready``: that answer ``prepare``d), and answer any ``ProxyError``
+    (``refusal``: one raised before) with its status. The audit line is written however it ends."""
+    ex.task = asyncio.current_task()
+    request, response, state, trace = ex.request, ex.response, ex.state, ex.trace
     body: RequestBody | None = None
     try:
-        state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
-        guards.check_request(request)
-        if via is not None:
-            caller, route = _forward_route(request, state, via, trace)
-        else:
-            route = ctx.route(request.target)
-            trace.credential = route.credential
-            caller = state.authenticator.authenticate(request.headers, ip, request.peercert)
-        trace.caller = caller.name
-        state.authenticator.check_source(caller, ip)
-        cred = state.credentials.get(route.credential)
-        if cred is None:
-            raise Forbidden("unknown credential", reason="unknown_credential")
-        if via is not None and via.connect is None and not cred.cfg.allow_insecure_upstream:
-            raise Forbidden("plain http:// needs allow_insecure_upstream", reason="insecure_refused")
-        if not state.policy.allowed(caller.name, cred.name, request.method, route.path, ip):
-            raise Forbidden("no allow rule matches", reason="policy")
-        if cred.disabled:
-            raise CredentialUnavailable("credential disabled by an operator", reason="disabled", retry_after=30)
-        if state.limiter is not None:
-            state.limiter.acquire(caller.name, cred.name)
-        cred.touch()
+        if refusal is not None:
+            raise refusal
         if request.body is None:
             body = NO_BODY  # nothing to read: what read_body returns, without a coroutine for it
         else:
             limits = state.config.server.limits
             body = await read_body(request, max_body=limits.max_body, buffer_max=cred.cfg.session.replay_max_body,
                                    body_timeout=limits.body_timeout)
-        await forward(request, response, state, cred, caller.name, route, body, trace)
+        await forward(request, response, state, cred, caller.name, ex.route, body, trace, sent=sent, ready=ready,
+                      stale_retry=stale_retry)
     except ProxyError as exc:
         if body is not None and body.fault is not None:
             exc = body.fault  # the caller overfilled or stalled its streamed upload: not the upstream's 502/504
@@ -119,7 +283,7 @@ async def handle(request: Request, response: ResponseWriter, state: State) -> No
     finally:
         if body is not None and body.fault is not None and trace.outcome == "error":
             trace.reason = body.fault.reason  # the answer had started, so it was aborted; the cause was the upload
-        _record(state, request, route, trace, ip, via)
+        ex.finish()
 
 
 def _forward_route(request: Request, state: State, via: Via, trace: Trace) -> tuple[Caller, Route]:
@@ -144,21 +308,27 @@ def _forward_route(request: Request, state: State, via: Via, trace: Trace) -> tu
 
 
 async def forward(request: Request, response: ResponseWriter, state: State, cred: Credential, caller: str,
-                  route: Route, body: RequestBody, trace: Trace) -> None:
+                  route: Route, body: RequestBody, trace: Trace, *, sent: tuple[Grant, UpstreamResponse] | None = None,
+                  ready: Prepared | None = None, stale_retry: bool = True) -> None:
+    """Send (``sent``: the first attempt was sent already, and this is its grant and answer), refresh and
+    replay once if the upstream says the material expired, relay the answer."""
     principal = cred.principal(caller)
     source = cred.source
     drop = _never_forwarded(cred.injector.removes)
     bound = cred.metrics or CredentialMetrics(state.metrics, cred.name)
     for attempt in (1, 2):
-        grant = source.ready(principal) or await source.grant(principal)  # awaited only when it needs I/O
-        # The one copy of the caller's headers (per attempt: the injector changes it).
-        headers = strip_hop_by_hop(request.headers, drop)
-        out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
-        started = time.monotonic()
-        # An upload over max_body breaks this off; handle answers body.fault (413) rather than the upstream error.
-        upstream = await cred.client.send(out)
-        body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
-        bound.upstream_duration.observe(time.monotonic() - started)
+        if sent is not None:
+            (grant, upstream), sent = sent, None
+        else:
+            grant = source.ready(principal) or await source.grant(principal)  # awaited only when it needs I/O
+            # The one copy of the caller's headers (per attempt: the injector changes it).
+            headers = strip_hop_by_hop(request.headers, drop)
+            out = _outbound(request, cred, grant, route, headers, body, trace.request_id)
+            started = time.monotonic()
+            # An upload over max_body breaks this off; _run answers body.fault (413) rather than the upstream error.
+            upstream = await cred.client.send(out, stale_retry=stale_retry)
+            body.answered(upstream)  # a streamed upload the caller breaks off from here on ends this answer too
+            bound.upstream_duration.observe(time.monotonic() - started)
         head = b""
         if attempt == 1 and upstream.status in cred.expired_statuses:
             if cred.needs_body_peek:
@@ -172,8 +342,10 @@ async def forward(request: Request, response: ResponseWriter, state: State, cred
                              extra={"request_id": trace.request_id, "credential": cred.name})
                     continue
         trace.status, trace.outcome = upstream.status, "allowed"  # relay downgrades to error if it aborts
-        await relay(request, response, upstream, head, grant.guard, cred.leak_guard, trace, bound.leaks,
-                    budget=state.answer_budget)
+        if ready is None:
+            ready = prepare(request, upstream, head, grant.guard, cred.leak_guard, trace, bound.leaks)
+        await deliver(response, upstream, head, ready, grant.guard, cred.leak_guard, trace, bound.leaks,
+                      budget=state.answer_budget)
         return
     raise AssertionError("unreachable")  # pragma: no cover - the loop always returns on attempt 2
 

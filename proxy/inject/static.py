@@ -6,7 +6,7 @@ import base64
 from collections.abc import Callable
 from urllib.parse import quote, unquote_plus
 
-from proxy.inject.base import Injector, SecretValues
+from proxy.inject.base import Injector, SecretValues, header_line
 from proxy.upstream.outbound import Outbound
 from proxy.template import Template
 
@@ -18,12 +18,12 @@ class _PerMaterial:
 
     __slots__ = ("_derive", "_kept", "_max")
 
-    def __init__(self, derive: Callable[[SecretValues], str], kept_max: int) -> None:
+    def __init__(self, derive: Callable[[SecretValues], object], kept_max: int) -> None:
         self._derive = derive
         self._max = kept_max  # one per principal in use, at a time; more is a rotation churning through
-        self._kept: dict[int, tuple[SecretValues, str]] = {}  # id(secrets) -> (secrets, value)
+        self._kept: dict[int, tuple[SecretValues, object]] = {}  # id(secrets) -> (secrets, value)
 
-    def __call__(self, secrets: SecretValues) -> str:
+    def __call__(self, secrets: SecretValues):
         found = self._kept.get(id(secrets))
         if found is not None and found[0] is secrets:
             return found[1]
@@ -46,6 +46,7 @@ class HeaderInjector(Injector):
         self.sends = f"sends {header}: {template}"
         self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
         self._rendered = _PerMaterial(self._render, self.RENDERED_MAX)
+        self._line = _PerMaterial(lambda secrets: header_line(header, self._rendered(secrets)), self.RENDERED_MAX)
 
     def _render(self, secrets: SecretValues) -> str:
         return self.template.render(secrets.get("secret"), {ref: secrets[key] for ref, key in self._refs})
@@ -53,6 +54,9 @@ class HeaderInjector(Injector):
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         out.headers.popall(self.header, None)
         out.headers[self.header] = self._rendered(secrets)
+
+    def header_line(self, secrets: SecretValues) -> bytes | None:
+        return self._line(secrets)
 
 
 class QueryInjector(Injector):
@@ -74,11 +78,16 @@ class BasicInjector(Injector):
 
     def __init__(self) -> None:
         self._value = _PerMaterial(_basic_value, HeaderInjector.RENDERED_MAX)
+        self._line = _PerMaterial(lambda secrets: header_line("Authorization", self._value(secrets)),
+                                  HeaderInjector.RENDERED_MAX)
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         value = self._value(secrets)
         out.headers.popall("Authorization", None)
         out.headers["Authorization"] = value
+
+    def header_line(self, secrets: SecretValues) -> bytes | None:
+        return self._line(secrets)
 
 
 def _basic_value(secrets: SecretValues) -> str:

@@ -65,9 +65,11 @@ class StateHolder:
     _idle: asyncio.Event = field(default_factory=_idle_event, repr=False)
     _tasks: set = field(default_factory=set, repr=False)
 
-    def use(self, task: asyncio.Task | None = None) -> "_InUse":
-        """The state one request runs on, from start to finish: ``with holder.use() as state``. ``task``: the
-        task running the request, when the caller knows it (else the current task is looked up)."""
+    def use(self, task=None) -> "_InUse":
+        """The state one request runs on, from start to finish: ``with holder.use() as state``. ``task``: what
+        a drain deadline cancels — the task running the request, or an object with ``done()`` and
+        ``cancel()`` (returning the task to wait for, or None) for one answered in callbacks
+        (``pipeline.Exchange``); by default the current task."""
         return _InUse(self, task)
 
     async def wait_idle(self) -> None:
@@ -76,9 +78,15 @@ class StateHolder:
 
     def cancel_in_flight(self) -> list[asyncio.Task]:
         """Cancel every request still running (the drain deadline passed); returns their tasks."""
-        tasks = [t for t in self._tasks if t is not None and not t.done()]
-        for task in tasks:
-            task.cancel()
+        tasks = []
+        for running in [t for t in self._tasks if t is not None and not t.done()]:
+            if isinstance(running, asyncio.Task):
+                running.cancel()
+                tasks.append(running)
+            else:
+                task = running.cancel()
+                if task is not None:
+                    tasks.append(task)
         return tasks
 
 

@@ -136,11 +136,9 @@ class HTTPConnection(asyncio.Protocol):
         # serving
         self._queue: deque[Request | ProxyError] = deque()
         self._active: Request | None = None
-        # The serving task lives from the first request to the connection's end, waiting on ``_next`` between
-        # requests: a task per request would cost its creation and registration every time.
-        self._task: asyncio.Task | None = None
-        self._next: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None  # the request's own task, when its handler needed one
         self._writer: ResponseWriter | None = None
+        self._starting = False
         # One timer serves the head deadline and the idle limit: moving a deadline later only records it (the
         # timer, when it fires early, re-arms itself), so a busy keep-alive connection costs no timer per request.
         self._timer: asyncio.TimerHandle | None = None
@@ -219,11 +217,8 @@ class HTTPConnection(asyncio.Protocol):
                         self._arm(self.ctx.header_timeout, head=True)
             break
         self._flow()
-        if self._queue:
-            if self._task is None:
-                self._task = self._loop.create_task(self._serve())
-            else:
-                self._rouse()
+        if self._queue and self._active is None:
+            self._start()
 
     def eof_received(self) -> bool:
         body = self._parsing.body if self._parsing is not None else None
@@ -236,7 +231,6 @@ class HTTPConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._dead = True
-        self._rouse()
         self._cancel_timer()
         if self._release is not None:
             self._release, release = None, self._release
@@ -373,52 +367,77 @@ class HTTPConnection(asyncio.Protocol):
 
     # --- serving -----------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    def _start(self) -> None:
+        """Serve the queued requests in order, one at a time. The handler returns None for a request it answers
+        in callbacks (it calls ``ResponseWriter.complete``, which comes back here through ``handled``), or an
+        awaitable, which gets a task; so the usual request costs no task, and one that waits for I/O of its own
+        (a body, a token, a slow answer) costs one."""
+        self._starting = True
         try:
-            while not self._dead:
-                if not self._queue:
-                    if self._stopped:
-                        return
-                    self._between_requests()
-                    self._next = waiter = self._loop.create_future()
-                    await waiter  # _rouse: a request, or the connection's end
-                    continue
+            while self._queue and self._active is None and not self._dead and self._transport is not None:
                 item = self._queue.popleft()
                 if isinstance(item, ProxyError):
                     self._refuse(item)
                     return
                 self._active = item
-                item.task = self._task  # this serving task: what a drain deadline cancels (StateHolder.use)
                 if self._read_paused:  # paused for this request's turn (reading pauses only in _flow)
                     self._flow()
-                # The handler is awaited here, not through a helper coroutine: every resumption of the request
-                # passes through each coroutine frame on the way down.
                 writer = self._writer = ResponseWriter(self, item.method, item.version,
                                                        item.keep_alive and not self.closing)
                 try:
-                    await self.ctx.handler(item, writer)
-                except asyncio.CancelledError:
-                    self.abort()
-                    raise
+                    run = self.ctx.handler(item, writer)
                 except Exception as exc:  # noqa: BLE001 - see _failed
-                    await self._failed(exc, writer)
-                else:
-                    if not writer.finished and self._transport is not None and not self._dead:
-                        if not writer.started:
-                            log.error("request handler returned without answering")
-                        self.abort()  # an answer left unfinished must never look whole
-                self._active = None
-                if self._dead or self._transport is None:
-                    return
-                incomplete = item.body is not None and not item.body.complete
-                if writer.close or self.closing or incomplete or item.upgrade:
-                    self._close(linger=incomplete or item.upgrade)
+                    run = self._failed(exc, writer)
+                if run is not None:
+                    self._task = self._loop.create_task(self._run(item, writer, run))
                     return
         finally:
-            self._task = self._next = None
-            self._active = None
-            if not self._dead and not self._stopped:
-                self._between_requests()
+            self._starting = False
+
+    async def _run(self, item: Request, writer: ResponseWriter, run: Awaitable[None]) -> None:
+        try:
+            await run
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _failed
+            await self._failed(exc, writer)
+        finally:
+            self._task = None
+        self._ended(item, writer)
+
+    def adopt(self, writer: ResponseWriter, run: Awaitable[None]) -> None:
+        """``ResponseWriter.resume``: the request answered in callbacks continues in a task."""
+        item = self._active
+        if item is None or writer is not self._writer or self._task is not None:
+            raise RuntimeError("no request of this connection is being answered in callbacks")
+        self._task = self._loop.create_task(self._run(item, writer, run))
+
+    def handled(self, writer: ResponseWriter) -> None:
+        """``ResponseWriter.complete``: the request being served was answered in callbacks."""
+        item = self._active
+        if item is None or writer is not self._writer:
+            return  # not this connection's request in progress (it ended already)
+        self._ended(item, writer)
+
+    def _ended(self, item: Request, writer: ResponseWriter) -> None:
+        """The handler is done with ``item``: close, or go on to the next request."""
+        if not writer.finished and self._transport is not None and not self._dead:
+            if not writer.started:
+                log.error("request handler returned without answering")
+            self.abort()  # an answer left unfinished must never look whole
+        self._active = None
+        self._writer = None
+        if self._dead or self._transport is None:
+            return
+        incomplete = item.body is not None and not item.body.complete
+        if writer.close or self.closing or incomplete or item.upgrade:
+            self._close(linger=incomplete or item.upgrade)
+        elif self._queue:
+            if not self._starting:  # else the loop in _start, which this was called from, goes on
+                self._start()
+        elif not self._stopped:
+            self._between_requests()
 
     def _between_requests(self) -> None:
         """Idle: reading resumes if it waited for the turn, and the timer is the head's (one begun) or idle's."""
@@ -427,14 +446,6 @@ class HTTPConnection(asyncio.Protocol):
             self._arm(self.ctx.header_timeout, head=True)
         else:
             self._arm(self.ctx.keepalive_timeout, head=False)
-
-    def _rouse(self) -> None:
-        """Wake the serving task waiting between requests (a request came, or the connection ends)."""
-        waiter = self._next
-        if waiter is not None:
-            self._next = None
-            if not waiter.done():
-                waiter.set_result(None)
 
     async def _failed(self, exc: Exception, writer: ResponseWriter) -> None:
         """The handler raised: the caller went away or stalled (cut), or a bug (``500``, or cut once answering)."""
@@ -494,7 +505,6 @@ class HTTPConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._stopped = True
-        self._rouse()
         if self._transport is not None:
             self._transport.abort()
 
@@ -515,7 +525,6 @@ class HTTPConnection(asyncio.Protocol):
             raise ConnectionResetError("caller went away")
         self._cancel_timer()
         self._dead = self._stopped = True
-        self._rouse()
         release, self._release = self._release, None
         if self.ctx.live is not None:
             self.ctx.live.discard(self)
@@ -545,7 +554,6 @@ class HTTPConnection(asyncio.Protocol):
         connection, which can destroy the answer before the caller reads it)."""
         self._stopped = True
         self._queue.clear()  # pipelined requests behind this answer are not served
-        self._rouse()
         self._cancel_timer()
         transport = self._transport
         if transport is None or transport.is_closing():

@@ -128,8 +128,7 @@ class Request:
     ``str`` decoded as UTF-8 with surrogate escapes (bytes that are not UTF-8 survive a round trip)."""
 
     __slots__ = ("method", "target", "version", "headers", "raw_headers", "peer_ip", "peercert", "content_length",
-                 "chunked", "body", "keep_alive", "expect_continue", "upgrade", "context", "_connection", "plain_head",
-                 "task")
+                 "chunked", "body", "keep_alive", "expect_continue", "upgrade", "context", "_connection", "plain_head")
 
     def __init__(self, method: str, target: str, version: tuple[int, int], raw_headers: list[tuple[bytes, bytes]],
                  headers: CIMultiDict[str], *, peer_ip, peercert: dict | None, context, connection,
@@ -151,7 +150,6 @@ class Request:
         self.upgrade = upgrade  # CONNECT: parsing stopped after its head (a tunnel may follow)
         # Set by the connection when request_shape.plain_head vouched for the head: its header checks are skipped.
         self.plain_head = False
-        self.task: asyncio.Task | None = None  # the task serving it (set by the connection as it starts on it)
 
     def take_over(self):
         """For an upgrade request (CONNECT) whose answer has been sent: the connection gives up its transport.

@@ -158,25 +158,53 @@ class ResponseWriter:
     async def send_pieces(self, status: int, headers, pieces, reason: str | None = None) -> None:
         """A whole answer held as pieces (``pieces``: a sequence of bytes-like objects): its length is theirs,
         and the head and every piece go out in one write (one system call for a small answer, not one each)."""
+        if self._conn.closing:
+            # The caller half-closed (or this is the connection's last answer): the head goes first, so a caller
+            # that is gone altogether answers it with a reset the writes after it find (audited as disconnected).
+            conn = self._conn
+            conn.send(self._head(status, headers, reason, sum(map(len, pieces))))
+            if not self._head_only:
+                for piece in pieces:
+                    if piece:
+                        conn.send(piece)
+                        await conn.drain()
+            self.finished = True
+        elif self.send_now(status, headers, pieces, reason):  # the usual small answer: no drain coroutine
+            await self._conn.drain()
+
+    def send_now(self, status: int, headers, pieces, reason: str | None = None) -> bool:
+        """``send_pieces`` without waiting: the answer is written (buffered by the transport), and True says the
+        caller is not keeping up — ``drain()`` before writing more (it applies ``write_timeout``). On a
+        connection that closes after this answer, the head goes first and then each piece."""
         conn = self._conn
         head = self._head(status, headers, reason, sum(map(len, pieces)))
         if self._head_only:
             conn.send(head)
         elif conn.closing:
-            # The caller half-closed (or this is the connection's last answer): the head goes first, so a caller
-            # that is gone altogether answers it with a reset the writes after it find (audited as disconnected).
             conn.send(head)
             for piece in pieces:
                 if piece:
                     conn.send(piece)
-                    await conn.drain()
         elif len(pieces) == 1 and len(pieces[0]) < 16384:
             conn.send(head + pieces[0])  # a copy of a small body is cheaper than a scatter write
         else:
             conn.send_parts([head, *(p for p in pieces if p)])
         self.finished = True
-        if conn.must_drain:  # the usual small answer: no drain coroutine made just to return
-            await conn.drain()
+        return conn.must_drain
+
+    def complete(self) -> None:
+        """The handler answered without a coroutine (``HTTPConnection``: its handler returned None): the
+        connection may serve its next request."""
+        self._conn.handled(self)
+
+    def resume(self, run) -> None:
+        """A handler that returned None goes on in a task after all: ``run``, an awaitable that ends the answer
+        (the connection serves its next request once it returns)."""
+        self._conn.adopt(self, run)
+
+    async def drain(self) -> None:
+        """Until the caller has taken what was written (``write_timeout``: ``CallerStalled``)."""
+        await self._conn.drain()
 
     async def answer(self, answer: Answer) -> None:
         """An answer credproxy made itself; cuts the connection instead when another answer already began."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -96,15 +97,24 @@ class UpstreamResponse:
     _error: BaseException | None = None
     _waiter: asyncio.Future[None] | None = None
     _head_timer: asyncio.TimerHandle | None = None
+    _settled = False  # the head arrived, or never will (failure says why)
+    failure: BaseException | None = None  # with ``on_head``: why there is no head (BadAnswer, HeadTimeout)
 
-    def __init__(self, conn: AnswerConnection, method: str, read_timeout: float) -> None:
+    def __init__(self, conn: AnswerConnection, method: str, read_timeout: float,
+                 on_head: Callable[[UpstreamResponse], None] | None = None) -> None:
+        """``on_head``: called once, from the connection's callbacks, when the head has arrived (with the bytes
+        that came with it parsed) or has failed (``failure``), instead of settling the future ``wait_head``
+        hands out; its head timer starts at once."""
         self._conn = conn
         self._loop = conn.loop
         self._read_timeout = read_timeout
         self._head_only = method == "HEAD"
         self._parser = httptools.HttpResponseParser(self)
-        self._head: asyncio.Future[None] = self._loop.create_future()
+        self._on_head = on_head
+        self._head: asyncio.Future[None] | None = self._loop.create_future() if on_head is None else None
         self._chunks: deque[bytes] = deque()
+        if on_head is not None:
+            self._head_timer = self._loop.call_later(read_timeout, self._head_timed_out)
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -137,10 +147,27 @@ class UpstreamResponse:
                 self._fail(BadAnswer("answer head over the limit"))
         # The head is handed on only once the bytes that came with it are parsed: a fault found in them
         # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
-        if not self._in_head and not self._head.done():
+        if not self._in_head and not self._settled:
+            self._settle(None)
+
+    def _settle(self, failure: BaseException | None) -> None:
+        """The head is in (``failure`` None) or never will be: the one place its waiter is told."""
+        self._settled = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        on_head = self._on_head
+        if on_head is not None:
+            self._on_head = None
+            self.failure = failure
+            on_head(self)
+        elif self._head.done():
+            pass  # its waiter stopped waiting (cancelled): nobody to tell
+        elif failure is None:
             self._head.set_result(None)
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+        else:
+            self._head.set_exception(failure)
+            self._head.exception()  # retrieved here: a failed head nobody awaits any more is not an error
 
     def connection_lost(self) -> None:
         if self._in_head:
@@ -158,18 +185,15 @@ class UpstreamResponse:
 
     def _fail(self, exc: BaseException) -> None:
         self.keep_alive = False
-        if self._head_timer is not None:
-            self._head_timer.cancel()  # the head is settled below (or already was: its waiter was cancelled)
         if self.done:
             self._dirty = True  # garbage after a complete answer: that answer stands, the connection does not
             return
-        if not self._head.done():
-            self._head.set_exception(exc)
-            self._head.exception()  # retrieved here: a failed head nobody awaits any more is not an error
+        self._conn.abort()  # first: whoever learns of the failure below finds the connection given up
+        if not self._settled:
+            self._settle(exc)
         elif self._error is None:
             self._error = exc if isinstance(exc, BodyFailed) else BodyFailed(str(exc))
             self._wake()
-        self._conn.abort()
 
     # -- llhttp callbacks --------------------------------------------------------------------------------
 
@@ -287,16 +311,15 @@ class UpstreamResponse:
         this call). A future, not a coroutine (one frame fewer per request): the timer is cancelled where the head
         completes (``feed``, ``_fail``), and a caller that stops waiting aborts the connection (``_fail`` too)."""
         head = self._head
-        if not head.done() and self._head_timer is None:
+        if not self._settled and self._head_timer is None:
             self._head_timer = self._loop.call_later(self._read_timeout, self._head_timed_out)
         return head
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._head.done():
-            self._head.set_exception(HeadTimeout("no answer head within the read timeout"))
-            self._head.exception()
+        if not self._settled:
             self._conn.abort()
+            self._settle(HeadTimeout("no answer head within the read timeout"))
 
     async def read_chunk(self) -> bytes:
         """The next piece of the body; ``b""`` at its end. Raises ``BodyFailed`` (``BodyTimeout``)."""
@@ -317,13 +340,17 @@ class UpstreamResponse:
         while chunk := await self.read_chunk():
             yield chunk
 
+    def take_whole(self) -> bytes:
+        """The whole body of an answer that has arrived whole (``done``, no error): no waiting."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read(self) -> bytes:
         """The whole body (the caller knows it is small)."""
         if self.done and self._error is None:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            return data
+            return self.take_whole()
         parts = [chunk async for chunk in self.iter_chunks()]
         return b"".join(parts)
 

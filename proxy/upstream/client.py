@@ -24,8 +24,10 @@ import re
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from multidict import CIMultiDict
+from yarl import URL
 
 from proxy.errors import AddressDenied, BadAnswer, HeadTimeout, UpstreamError, UpstreamTimeout
 from proxy.upstream.address_policy import AddressPolicy
@@ -109,6 +111,13 @@ def request_head(out: Outbound, host: str) -> tuple[bytes, int | None]:
     return text.encode("utf-8", "surrogateescape"), length
 
 
+def head_failure(exc: BadAnswer | HeadTimeout) -> UpstreamError:
+    """What the caller is told when the answer's head never came: 504 after the read timeout, else 502."""
+    if isinstance(exc, HeadTimeout):
+        return UpstreamTimeout("upstream sent no answer within the read timeout")
+    return UpstreamError(exc.why, reason=exc.reason)
+
+
 class _Pool:
     """Idle connections per key, and the count of open ones, bounded by ``limit`` across keys."""
 
@@ -174,6 +183,17 @@ class _Pool:
         self.idle.clear()
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request to one upstream base goes, worked out once per base: the pool key, the ``Host`` value and
+    the path prefix (``request_head`` derives the same from an ``Outbound``)."""
+
+    key: tuple
+    host: str
+    prefix: str
+    host_line: bytes  # b"Host: <host>\r\n"
+
+
 class UpstreamClient:
     def __init__(self, *, connect_timeout: float, read_timeout: float, ssl_ctx: ssl.SSLContext | None = None,
                  limit: int = 256, ssl_provider: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
@@ -186,9 +206,40 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._pool = _Pool(limit)
+        self._targets: dict[URL, Target] = {}
         self.closed = False
 
-    async def send(self, out: Outbound) -> UpstreamResponse:
+    def target(self, base: URL) -> Target | None:
+        """The fixed ``Target`` of ``base``; None while the SSL context is asked for per request (a client
+        certificate that rotates)."""
+        found = self._targets.get(base)
+        if found is None:
+            if self._ssl_provider is not None:
+                return None
+            tls = base.scheme == "https"
+            host = base.host or ""
+            host_header = base.host_port_subcomponent or host
+            found = Target((tls, host, base.port or (443 if tls else 80), self._ssl if tls else None),
+                           host_header, base.raw_path.rstrip("/"), f"Host: {host_header}\r\n".encode())
+            if len(self._targets) < 64:  # a token's own instance URL is a base too: bounded
+                self._targets[base] = found
+        return found
+
+    def send_now(self, target: Target, method: str, head: bytes,
+                 on_head: Callable[[UpstreamResponse], None]) -> UpstreamResponse | None:
+        """Send a body-less request on an idle pooled connection, without a coroutine: ``on_head`` is called
+        back with the answer once its head is in, or has failed (``UpstreamResponse.failure``). None when no
+        idle connection is at hand (``send`` makes one)."""
+        if self.closed:
+            return None
+        conn = self._pool.take(target.key, asyncio.get_running_loop().time())
+        if conn is None:
+            return None
+        answer = UpstreamResponse(conn, method, self._read_timeout, on_head)
+        conn.send(answer, head, None, None, self._read_timeout)
+        return answer
+
+    async def send(self, out: Outbound, *, stale_retry: bool = True) -> UpstreamResponse:
         base = out.base
         tls = base.scheme == "https"
         ssl_ctx = (await self._ssl_provider() if self._ssl_provider else self._ssl) if tls else None
@@ -198,7 +249,7 @@ class UpstreamClient:
         except (ValueError, UnicodeError):
             raise UpstreamError("request head refused", reason="upstream_failed") from None
         key = (tls, host, port, ssl_ctx)
-        retry = out.method in IDEMPOTENT and out.replayable
+        retry = stale_retry and out.method in IDEMPOTENT and out.replayable
         while True:
             # An idle pooled connection (the usual case) is taken here, without awaiting a coroutine for it.
             conn = None if self.closed else self._pool.take(key, asyncio.get_running_loop().time())
@@ -213,9 +264,9 @@ class UpstreamClient:
                 if exc.stale and conn.reused and retry:
                     retry = False  # once: a second stale connection is the upstream's answer
                     continue
-                raise UpstreamError(exc.why, reason=exc.reason) from None
-            except HeadTimeout:
-                raise UpstreamTimeout("upstream sent no answer within the read timeout") from None
+                raise head_failure(exc) from None
+            except HeadTimeout as exc:
+                raise head_failure(exc) from None
             except BaseException:
                 conn.abort()
                 raise

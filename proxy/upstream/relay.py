@@ -105,10 +105,37 @@ def _guard_headers(headers: CIMultiDict[str], guard: LeakGuard) -> tuple[CIMulti
     return out, found
 
 
+class Prepared:
+    """The answer's head as it will go to the caller, and how its body is to be relayed (``prepare``)."""
+
+    __slots__ = ("headers", "reason", "body", "whole", "has_body", "length", "redactor", "decoder", "scan_body")
+
+    def __init__(self, headers, reason, body, whole, has_body, length, decoder, scan_body) -> None:
+        self.headers: CIMultiDict[str] = headers
+        self.reason: str | None = reason
+        self.body: bytes | None = body  # a small answer that arrived whole: all of its body, read already
+        self.whole, self.has_body, self.length = whole, has_body, length
+        self.decoder: encoding.Decoder | None = decoder
+        self.scan_body = scan_body
+
+    @property
+    def at_hand(self) -> bool:
+        """Whether ``relay_now`` can send it: small, unencoded, arrived whole (the usual JSON answer)."""
+        return self.body is not None and self.decoder is None
+
+
 async def relay(request: Request, response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
                 guard: LeakGuard, mode: str, trace, leak_counter, *, budget: AnswerBudget | None = None) -> None:
     """Check and redact the head, then hand the answer to one of the three strategies. ``head``: body bytes
     already read (the expired-answer peek), sent first."""
+    ready = prepare(request, upstream, head, guard, mode, trace, leak_counter)
+    await deliver(response, upstream, head, ready, guard, mode, trace, leak_counter, budget=budget)
+
+
+def prepare(request: Request, upstream: UpstreamResponse, head: bytes, guard: LeakGuard, mode: str, trace,
+            leak_counter) -> Prepared:
+    """The head checked and redacted (``LeakBlocked`` under ``block``), and the body read when it is small and
+    has arrived whole. Waits for nothing. Releases ``upstream`` when it raises."""
     try:
         headers = upstream.forward_headers  # this answer's own copy, without the hop-by-hop fields
         scanning = mode != "off" and guard.active
@@ -125,8 +152,7 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
         if whole and not compressed and upstream.done:
             # A small answer that has arrived whole (the usual one) is read now: one quick check covers its head
             # and body together, and relay_whole neither waits nor scans again when nothing can match.
-            with BODY_READ:
-                body = head + await upstream.read()
+            body = head + upstream.take_whole()
         clean = False
         if scanning:
             text = _head_text(reason, headers)
@@ -150,15 +176,24 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
     except BaseException:
         upstream.release()
         raise
-    if decoder is not None:  # held whole, decoded (bounded), scanned, sent decoded
-        headers.popall("Content-Encoding", None)
+    if decoder is not None:
+        headers.popall("Content-Encoding", None)  # sent decoded
+    return Prepared(headers, reason, body, whole, has_body, length, decoder, scan_body)
+
+
+async def deliver(response: ResponseWriter, upstream: UpstreamResponse, head: bytes, ready: Prepared,
+                  guard: LeakGuard, mode: str, trace, leak_counter, *, budget: AnswerBudget | None = None) -> None:
+    """Relay the body of a ``prepare``d answer by one of the three strategies."""
+    headers, reason = ready.headers, ready.reason
+    if ready.decoder is not None:  # held whole, decoded (bounded), scanned, sent decoded
         return await relay_whole(response, upstream, head, headers, reason, guard, mode, leak_counter, trace,
-                                 decoder)
-    if whole:
-        return await relay_whole(response, upstream, head, headers, reason, guard if scan_body else None, mode,
-                                 leak_counter, trace, body=body)
-    redactor = guard.stream() if scan_body else None
-    if has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
+                                 ready.decoder)
+    if ready.whole:
+        return await relay_whole(response, upstream, head, headers, reason, guard if ready.scan_body else None,
+                                 mode, leak_counter, trace, body=ready.body)
+    redactor = guard.stream() if ready.scan_body else None
+    length = ready.length
+    if ready.has_body and length is not None and length <= WHOLE_ANSWER_MAX and budget is not None \
             and budget.take(length):
         try:
             return await relay_held(response, upstream, head, headers, reason, redactor, mode, leak_counter,
@@ -166,7 +201,24 @@ async def relay(request: Request, response: ResponseWriter, upstream: UpstreamRe
         finally:
             budget.give(length)
     return await relay_streamed(response, upstream, head, headers, reason, redactor, mode, leak_counter,
-                                trace, has_body=has_body)
+                                trace, has_body=ready.has_body)
+
+
+def relay_now(response: ResponseWriter, upstream: UpstreamResponse, ready: Prepared, guard: LeakGuard, mode: str,
+              trace, leak_counter) -> bool:
+    """Send an answer that is ``ready.at_hand``, waiting for nothing: what ``relay_whole`` does with it. True
+    when the caller's connection is not keeping up (the writes are buffered: wait for ``drain`` before the
+    next). ``LeakBlocked`` (``block``) before anything is sent; a caller gone is aborted and recorded."""
+    upstream.release()
+    data = ready.body
+    if ready.scan_body:
+        data, found = guard.redact(data)
+        _count_body_leaks(found, leak_counter, mode)
+    try:
+        return response.send_now(upstream.status, ready.headers, (data,), ready.reason)
+    except ConnectionError as exc:
+        _abort(response, trace, exc)
+        return False
 
 
 async def relay_streamed(response: ResponseWriter, upstream: UpstreamResponse, head: bytes,
@@ -267,6 +319,14 @@ async def relay_held(response: ResponseWriter, upstream: UpstreamResponse, head:
         for piece in pieces:
             await response.write(piece)
         await response.end()
+    except (ConnectionError, CallerStalled) as exc:
+        _abort(response, trace, exc)
+
+
+async def drained(response: ResponseWriter, trace) -> None:
+    """After ``relay_now`` said the caller is behind: wait until it has taken the answer (``write_timeout``)."""
+    try:
+        await response.drain()
     except (ConnectionError, CallerStalled) as exc:
         _abort(response, trace, exc)
 
