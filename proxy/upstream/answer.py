@@ -77,7 +77,9 @@ class UpstreamResponse:
     # Starting values shared by every answer (class attributes, set per answer only when they change): most of
     # an answer's state, made per request, would otherwise be two dozen stores before a byte arrives.
     status, reason, content_length = 0, "", None
-    forward_headers: CIMultiDict[str] | None = None
+    forward_raw: list[tuple[bytes, bytes]] | tuple = ()  # the fields the caller's answer carries, as received
+    raw_reason = b""
+    _forward: CIMultiDict[str] | None = None
     encoded = False
     _full: CIMultiDict[str] | None = None
     _fields: list[tuple[bytes, bytes]] | tuple = ()  # on_message_begin gives each head its list
@@ -115,6 +117,15 @@ class UpstreamResponse:
         self._chunks: deque[bytes] = deque()
         if on_head is not None:
             self._head_timer = self._loop.call_later(read_timeout, self._head_timed_out)
+
+    @property
+    def forward_headers(self) -> CIMultiDict[str]:
+        """The fields the caller's answer carries (without the hop-by-hop ones), decoded: this answer's own copy,
+        for the relay to change (made when first asked for: ``forward_raw`` serves an answer relayed as bytes)."""
+        if self._forward is None:
+            self._forward = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                                         for n, v in self.forward_raw])
+        return self._forward
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -250,30 +261,31 @@ class UpstreamResponse:
         te: list[bytes] = []
         connection: list[bytes] = []
         length = None
-        for name, value in fields:
-            kind = _ANSWER_FIELDS.get(name.lower())  # llhttp (strict) let only token characters into a name
+        for field in fields:
+            kind = _ANSWER_FIELDS.get(field[0].lower())  # llhttp (strict) let only token characters into a name
             if kind is not None:
                 if kind is _LENGTH:
                     if length is None:
-                        length = value
+                        length = field[1]
                 elif kind is _ENCODING:
                     self.encoded = True
                 else:
                     if kind is _CODING:
-                        te.append(value)
+                        te.append(field[1])
                     elif kind is _CONNECTION:
-                        connection.append(value)
+                        connection.append(field[1])
                     continue
-            forward.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+            forward.append(field)
         if te and (len(te) > 1 or te[0].decode("utf-8", "surrogateescape").strip().lower() != "chunked"):
             raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
         # Names Connection lists are hop-by-hop too; a lone "keep-alive" (the usual one) names none else.
         if connection and (len(connection) > 1 or connection[0].lower() != b"keep-alive"):
             named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
             if not named <= HOP_BY_HOP:
-                forward = [(k, v) for k, v in forward if k.lower() not in named]
-        self.forward_headers = CIMultiDict(forward)
+                forward = [(k, v) for k, v in forward if k.decode("utf-8", "surrogateescape").lower() not in named]
+        self.forward_raw = forward
         self.status = status
+        self.raw_reason = self._reason
         self.reason = self._reason.decode("utf-8", "surrogateescape")
         self.content_length = int(length) if length is not None and not te else None  # llhttp checked the digits
         self.keep_alive = self._parser.should_keep_alive()
