@@ -34,7 +34,7 @@ from proxy.credential import Credential
 from proxy.grant import Grant
 from proxy.errors import BadAnswer, CredentialUnavailable, Forbidden, ProxyError
 from proxy.upstream.outbound import Outbound
-from proxy.upstream.relay import Prepared, deliver, drained, prepare, read_upto, relay_now
+from proxy.upstream.relay import Prepared, deliver, drained, prepare, read_upto, relay_now, relay_raw
 from proxy.routing import Route, Via, route_forward
 from proxy.host_map import pick as pick_credential
 from proxy.lifecycle.state import State, StateHolder
@@ -225,17 +225,19 @@ def _arrived(ex: Exchange, answer: UpstreamResponse) -> None:
     if answer.status in cred.expired_statuses:
         response.resume(_run(ex, cred, ex.caller, sent=sent))
         return
-    grant = ex.grant
-    try:
-        ready = prepare(ex.request, answer, b"", grant.guard, cred.leak_guard, trace, bound.leaks)
-        trace.status, trace.outcome = answer.status, "allowed"  # relay_now downgrades to error if it aborts
-        if not ready.at_hand:
-            response.resume(_run(ex, cred, ex.caller, sent=sent, ready=ready))
+    guard = ex.grant.guard
+    trace.status, trace.outcome = answer.status, "allowed"  # relay downgrades to error if it aborts
+    behind = relay_raw(ex.request, response, answer, guard, cred.leak_guard, trace)
+    if behind is None:  # not the usual answer: through the exact path, as relay does
+        try:
+            ready = prepare(ex.request, answer, b"", guard, cred.leak_guard, trace, bound.leaks)
+            if not ready.at_hand:
+                response.resume(_run(ex, cred, ex.caller, sent=sent, ready=ready))
+                return
+            behind = relay_now(response, answer, ready, guard, cred.leak_guard, trace, bound.leaks)
+        except ProxyError as exc:  # the leak guard's block, before anything was sent
+            response.resume(_run(ex, refusal=exc))
             return
-        behind = relay_now(response, answer, ready, grant.guard, cred.leak_guard, trace, bound.leaks)
-    except ProxyError as exc:  # the leak guard's block, before anything was sent
-        response.resume(_run(ex, refusal=exc))
-        return
     if behind:  # the caller is not keeping up: the next request waits until it has taken this answer
         response.resume(_drained(ex))
         return

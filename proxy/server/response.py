@@ -112,24 +112,32 @@ class ResponseWriter:
         if text:
             parts.append(text)
             parts.append("\r\n")
+        parts.append(self._framing(status, length))
+        return "".join(parts).encode("utf-8", "surrogateescape")
+
+    def _framing(self, status: int, length: int | None) -> str:
+        """The head's last lines — its framing and connection fields, and the blank line — and the state they
+        set (chunked, close, length)."""
         bodiless = status < 200 or status in (204, 304) or (status < 300 and self._connect)
         if length is not None and not bodiless:
-            parts.append(f"Content-Length: {length}\r\n")
             self._length = length
+            framing = f"Content-Length: {length}\r\n"
         elif not (bodiless or self._head_only):
             if self._version >= (1, 1):
                 self._chunked = True
-                parts.append("Transfer-Encoding: chunked\r\n")
+                framing = "Transfer-Encoding: chunked\r\n"
             else:
+                framing = ""
                 self.close = True  # the end of the body is the end of the connection
-        if self.close:
-            parts.append("Connection: close\r\n")
-        elif self._version < (1, 1):
-            parts.append("Connection: keep-alive\r\n")
+        else:
+            framing = ""
         if self._head_only or bodiless:
             self._chunked = False
-        parts.append("\r\n")
-        return "".join(parts).encode("utf-8", "surrogateescape")
+        if self.close:
+            return framing + "Connection: close\r\n\r\n"
+        if self._version < (1, 1):
+            return framing + "Connection: keep-alive\r\n\r\n"
+        return framing + "\r\n"
 
     async def write(self, data: bytes) -> None:
         if not data or self._head_only:
@@ -189,6 +197,29 @@ class ResponseWriter:
             conn.send(head + pieces[0])  # a copy of a small body is cheaper than a scatter write
         else:
             conn.send_parts([head, *(p for p in pieces if p)])
+        self.finished = True
+        return conn.must_drain
+
+    def send_raw(self, status: int, lines: bytes, body: bytes) -> bool:
+        """``send_now`` of an answer whose head is rendered already: ``lines``, its status line and fields as
+        bytes, none of them framing or connection fields (``relay.relay_raw`` makes them); this adds those and
+        the body. True: the caller is not keeping up (see ``send_now``)."""
+        if self.started:
+            raise RuntimeError("answer already started")
+        self.started = True
+        self.status = status
+        conn = self._conn
+        if conn.closing:
+            self.close = True
+        head = lines + self._framing(status, len(body)).encode()
+        if conn.closing or self._head_only:
+            conn.send(head)
+            if body and not self._head_only:
+                conn.send(body)
+        elif len(body) < 16384:
+            conn.send(head + body)
+        else:
+            conn.send_parts((head, body))
         self.finished = True
         return conn.must_drain
 

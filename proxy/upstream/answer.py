@@ -352,6 +352,16 @@ class UpstreamResponse:
         while chunk := await self.read_chunk():
             yield chunk
 
+    def peek_whole(self) -> bytes:
+        """The whole body of an answer that has arrived whole, left in place (``take_whole`` still gives it)."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            return chunks[0]
+        data = b"".join(chunks)
+        chunks.clear()
+        chunks.append(data)
+        return data
+
     def take_whole(self) -> bytes:
         """The whole body of an answer that has arrived whole (``done``, no error): no waiting."""
         data = b"".join(self._chunks)

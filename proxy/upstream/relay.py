@@ -31,6 +31,7 @@ no further than the caller takes.
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from functools import partial
 
 from multidict import CIMultiDict
@@ -49,6 +50,8 @@ WHOLE_BODY_MAX = 64 * 1024
 WHOLE_ANSWER_MAX = 1 << 20
 ANSWER_BUDGET = 8 << 20  # 8 x 1 MiB answers at once; more stream, so memory stays bounded under any load
 _NO_BODY = {204, 304}
+_FRAMING_RAW = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 class AnswerBudget:
@@ -202,6 +205,52 @@ async def deliver(response: ResponseWriter, upstream: UpstreamResponse, head: by
             budget.give(length)
     return await relay_streamed(response, upstream, head, headers, reason, redactor, mode, leak_counter,
                                 trace, has_body=ready.has_body)
+
+
+def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResponse, guard: LeakGuard,
+              mode: str, trace) -> bool | None:
+    """The usual answer — small, unencoded, arrived whole, nothing in it the leak guard could match — sent on
+    as the bytes it came in, with no decoding: what ``prepare`` and ``relay_now`` make of it, byte for byte
+    (a property test holds them to it). True: the caller is behind (see ``relay_now``). None: not such an
+    answer, and nothing was done (``prepare`` takes it)."""
+    length = upstream.content_length
+    status = upstream.status
+    if length is None or length > WHOLE_BODY_MAX or not upstream.done or upstream.encoded \
+            or request.method == "HEAD" or status in _NO_BODY:
+        return None
+    reason = upstream.raw_reason  # sent if it is plain printable text, else the standard phrase
+    if not (reason and reason.isascii() and reason.decode("ascii").isprintable()):
+        reason = b""
+    fields = upstream.forward_raw
+    body = upstream.peek_whole()
+    if mode != "off" and guard.active and guard.may_match(b"\n".join([reason, *map(b"\n".join, fields), body])):
+        return None  # the same text _head_text makes, and the body after it
+    rid = b"X-Request-Id: %s\r\n" % trace.request_id.encode()
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason) if reason else
+             _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+    add = lines.append
+    for field in fields:
+        low = field[0].lower()
+        if low in _FRAMING_RAW:
+            continue  # the writer frames the answer itself
+        if low == b"x-request-id":  # the upstream's own is replaced in its place, as the multidict would
+            if rid:
+                add(rid)
+                rid = b""
+            continue
+        add(b"%s: %s\r\n" % field)
+    if rid:
+        add(rid)
+    head = b"".join(lines)
+    if head.count(b"\n") != len(lines) or head.count(b"\r") != len(lines):
+        return None  # never split an answer (llhttp let no CR or LF into a field: the exact path refuses it)
+    body = upstream.take_whole()  # before release(), which drops what was not taken
+    upstream.release()
+    try:
+        return response.send_raw(status, head, body)
+    except ConnectionError as exc:
+        _abort(response, trace, exc)
+        return False
 
 
 def relay_now(response: ResponseWriter, upstream: UpstreamResponse, ready: Prepared, guard: LeakGuard, mode: str,
