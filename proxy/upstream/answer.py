@@ -43,6 +43,7 @@ class AnswerConnection(Protocol):
     imports this module)."""
 
     loop: asyncio.AbstractEventLoop
+    head_clock: HeadClock
 
     def abort(self) -> None: ...
     def abort_for(self, answer: UpstreamResponse) -> None: ...
@@ -64,6 +65,53 @@ _ANSWER_FIELDS = {name.encode(): _HOP for name in HOP_BY_HOP} | {
     b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"transfer-encoding": _CODING,
     b"connection": _CONNECTION}
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
+
+
+class HeadClock:
+    """The head deadline of the answers on one connection, on one timer that outlives them: an answer's deadline,
+    later than the one before it, is only recorded, and the timer, when it fires early, re-arms for the deadline
+    then recorded (``proxy/server/connection.py`` does the same for the caller's side). A ``call_later`` and its
+    ``cancel`` per answer cost more than the rest of setting an answer up; this timer fires about once per read
+    timeout on a busy connection. An answer that has its head is not told when its deadline passes."""
+
+    __slots__ = ("_loop", "_timer", "_timer_at", "_answer", "_deadline")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._answer: UpstreamResponse | None = None
+        self._deadline = 0.0
+
+    def start(self, answer: UpstreamResponse, timeout: float) -> None:
+        """``answer``'s head is due within ``timeout`` from now (the one answer awaited on the connection)."""
+        deadline = self._loop.time() + timeout
+        self._answer, self._deadline = answer, deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._expired)
+
+    def stop(self) -> None:
+        """The connection is gone: no timer, no answer kept."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._answer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        answer = self._answer
+        if answer is None:
+            return
+        deadline = self._deadline
+        if self._loop.time() + 0.001 < deadline:  # a later answer's deadline (1 ms: the loop's timer granularity)
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._expired)
+            return
+        self._answer = None
+        answer._head_timed_out()  # nothing, if it has its head
 
 
 class UpstreamResponse:
@@ -98,7 +146,7 @@ class UpstreamResponse:
     _paused = False
     _error: BaseException | None = None
     _waiter: asyncio.Future[None] | None = None
-    _head_timer: asyncio.TimerHandle | None = None
+    _timed = False  # ``wait_head`` put its deadline on the connection's HeadClock
     _settled = False  # the head arrived, or never will (failure says why)
     failure: BaseException | None = None  # with ``on_head``: why there is no head (BadAnswer, HeadTimeout)
 
@@ -106,7 +154,7 @@ class UpstreamResponse:
                  on_head: Callable[[UpstreamResponse], None] | None = None) -> None:
         """``on_head``: called once, from the connection's callbacks, when the head has arrived (with the bytes
         that came with it parsed) or has failed (``failure``), instead of settling the future ``wait_head``
-        hands out; its head timer starts at once."""
+        hands out; its head deadline starts at once."""
         self._conn = conn
         self._loop = conn.loop
         self._read_timeout = read_timeout
@@ -116,7 +164,7 @@ class UpstreamResponse:
         self._head: asyncio.Future[None] | None = self._loop.create_future() if on_head is None else None
         self._chunks: deque[bytes] = deque()
         if on_head is not None:
-            self._head_timer = self._loop.call_later(read_timeout, self._head_timed_out)
+            conn.head_clock.start(self, read_timeout)
 
     @property
     def forward_headers(self) -> CIMultiDict[str]:
@@ -163,10 +211,7 @@ class UpstreamResponse:
 
     def _settle(self, failure: BaseException | None) -> None:
         """The head is in (``failure`` None) or never will be: the one place its waiter is told."""
-        self._settled = True
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._settled = True  # the head clock, when it fires, finds nothing to do
         on_head = self._on_head
         if on_head is not None:
             self._on_head = None
@@ -320,15 +365,16 @@ class UpstreamResponse:
 
     def wait_head(self) -> asyncio.Future[None]:
         """The head, to await: fails with ``BadAnswer``, or ``HeadTimeout`` past the read timeout (counted from
-        this call). A future, not a coroutine (one frame fewer per request): the timer is cancelled where the head
-        completes (``feed``, ``_fail``), and a caller that stops waiting aborts the connection (``_fail`` too)."""
+        this call). A future, not a coroutine (one frame fewer per request): the deadline is on the connection's
+        ``HeadClock``, which ignores an answer that has its head, and a caller that stops waiting aborts the connection
+        (``_fail`` settles the head)."""
         head = self._head
-        if not self._settled and self._head_timer is None:
-            self._head_timer = self._loop.call_later(self._read_timeout, self._head_timed_out)
+        if not self._settled and not self._timed:
+            self._timed = True
+            self._conn.head_clock.start(self, self._read_timeout)
         return head
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if not self._settled:
             self._conn.abort()
             self._settle(HeadTimeout("no answer head within the read timeout"))

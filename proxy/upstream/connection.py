@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 from proxy.errors import BadAnswer
-from proxy.upstream.answer import UpstreamResponse
+from proxy.upstream.answer import HeadClock, UpstreamResponse
 
 
 class UploadFailed(Exception):
@@ -31,6 +31,7 @@ class Connection(asyncio.Protocol):
         self._on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.answer: UpstreamResponse | None = None
+        self.head_clock = HeadClock(loop)
         self.lost = False
         self.reused = False
         self.idle_since = 0.0
@@ -61,6 +62,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.head_clock.stop()
         self._wake_writer()
         answer, self.answer = self.answer, None
         if answer is not None:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.errors import BodyFailed
-from proxy.upstream.answer import HIGH_WATER, UpstreamResponse
+from proxy.upstream.answer import HIGH_WATER, HeadClock, UpstreamResponse
 
 from .scripted_upstream import CLOSE, OK, SILENT, ScriptedUpstream, always, client, fetch, outbound
 
@@ -372,6 +372,7 @@ class _Wire:
     def __init__(self, loop) -> None:
         self.loop = loop
         self.aborted = False
+        self.head_clock = HeadClock(loop)  # the real one: the head deadline is the answer module's rule
 
     def abort(self) -> None:
         self.aborted = True
