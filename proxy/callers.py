@@ -90,13 +90,14 @@ class Authenticator:
 
     def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
                      peercert: dict | None = None) -> Caller:
-        """Identify the caller from the request's own headers (read only; the pipeline
+        """Identify the caller from the request's own headers (``presented``: looked up by lower-case name, as
+        a case-insensitive multidict or ``Request.first`` is; read only; the pipeline
         removes ``CALLER_HEADERS`` from what it forwards, whatever the outcome)."""
         if self.anonymous:
             return _ANONYMOUS
-        proxy_auth = presented.get("Proxy-Authorization")
+        proxy_auth = presented.get("proxy-authorization")
         token = _bearer(proxy_auth) if proxy_auth else None
-        caller = self._by_token(token or _bearer(presented.get("Authorization")))
+        caller = self._by_token(token or _bearer(presented.get("authorization")))
         if caller is None and peercert:
             caller = self._by_cert(cert_attributes(peercert))
         if caller is None:

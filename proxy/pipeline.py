@@ -164,7 +164,7 @@ def _admit(ex: Exchange) -> tuple[Credential, Caller]:
     else:
         route = ex.route = request.context.route(request.target)
         trace.credential = route.credential
-        caller = state.authenticator.authenticate(request.headers, ip, request.peercert)
+        caller = state.authenticator.authenticate(request.lookup, ip, request.peercert)
     trace.caller = caller.name
     state.authenticator.check_source(caller, ip)
     cred = state.credentials.get(route.credential)

@@ -296,11 +296,19 @@ class HTTPConnection(asyncio.Protocol):
         # One decode of the whole head, NUL-joined (llhttp accepts no NUL in a field), instead of two per field;
         # the same bytes tell request_shape whether its header checks can be skipped.
         joined = b"\x00".join(chain.from_iterable(raw))
-        fields = joined.decode("utf-8", "surrogateescape").split("\x00") if raw else []
+        text = joined.decode("utf-8", "surrogateescape")
+        fields = text.split("\x00") if raw else []
+        first = None
         if len(fields) == 2 * len(raw):
-            names = fields[0::2]
-            headers = CIMultiDict(zip(names, fields[1::2]))
-            plain = plain_head(joined, len(fields), list(map(str.lower, names)))
+            lowered = text.lower().split("\x00") if raw else []  # names lower-cased (and values: not used)
+            names = lowered[0::2]
+            plain = plain_head(joined, len(fields), names)
+            if plain:  # the multidict is made only if something asks for it; lookups go to ``first``
+                headers = None
+                values = fields[1::2]
+                first = dict(zip(reversed(names), reversed(values))) if len(raw) > 1 else dict(zip(names, values))
+            else:
+                headers = CIMultiDict(zip(fields[0::2], fields[1::2]))
         else:  # a NUL inside a field after all: decoded field by field (and refused by request_shape)
             headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                                    for n, v in raw])
@@ -317,7 +325,7 @@ class HTTPConnection(asyncio.Protocol):
         req = Request(method, self._url.decode("utf-8", "surrogateescape"), version,
                       raw, headers, peer_ip=self._peer_ip, peercert=self._peercert, context=self.ctx,
                       connection=self, content_length=content_length, chunked=chunked,
-                      keep_alive=parser.should_keep_alive(), upgrade=method == "CONNECT")
+                      keep_alive=parser.should_keep_alive(), upgrade=method == "CONNECT", fields=fields, first=first)
         req.plain_head = plain
         if chunked or content_length:
             expect = version >= (1, 1) and headers.get("Expect", "").lower() == "100-continue"

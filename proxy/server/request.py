@@ -127,17 +127,23 @@ class Request:
     """One parsed request. ``target`` is the raw request target; header names and values are
     ``str`` decoded as UTF-8 with surrogate escapes (bytes that are not UTF-8 survive a round trip)."""
 
-    __slots__ = ("method", "target", "version", "headers", "raw_headers", "peer_ip", "peercert", "content_length",
-                 "chunked", "body", "keep_alive", "expect_continue", "upgrade", "context", "_connection", "plain_head")
+    __slots__ = ("method", "target", "version", "_headers", "_fields", "first", "raw_headers", "peer_ip", "peercert",
+                 "content_length", "chunked", "body", "keep_alive", "expect_continue", "upgrade", "context",
+                 "_connection", "plain_head")
 
     def __init__(self, method: str, target: str, version: tuple[int, int], raw_headers: list[tuple[bytes, bytes]],
-                 headers: CIMultiDict[str], *, peer_ip, peercert: dict | None, context, connection,
-                 content_length: int | None, chunked: bool, keep_alive: bool, upgrade: bool) -> None:
+                 headers: CIMultiDict[str] | None, *, peer_ip, peercert: dict | None, context, connection,
+                 content_length: int | None, chunked: bool, keep_alive: bool, upgrade: bool,
+                 fields: list[str] | None = None, first: dict[str, str] | None = None) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.raw_headers = raw_headers  # (name, value) bytes as parsed, for byte-level checks
-        self.headers = headers
+        self._headers = headers
+        self._fields = fields  # without ``headers``: names and values, alternating, to make them from
+        # Lower-case name -> its first value, when the connection made it (plain heads): what the request path
+        # looks up without the multidict (``lookup``).
+        self.first = first
         self.peer_ip = peer_ip  # ipaddress object (IPv4-mapped IPv6 unwrapped), or None on a unix socket
         self.peercert = peercert  # the verified client certificate (ssl's dict), or None
         self.context = context  # the listener's ConnectionContext (proxy.server.connection)
@@ -150,6 +156,20 @@ class Request:
         self.upgrade = upgrade  # CONNECT: parsing stopped after its head (a tunnel may follow)
         # Set by the connection when request_shape.plain_head vouched for the head: its header checks are skipped.
         self.plain_head = False
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """All header fields (made when first asked for, when the connection gave ``fields``)."""
+        if self._headers is None:
+            fields = self._fields or ()
+            self._headers = CIMultiDict(zip(fields[0::2], fields[1::2]))
+        return self._headers
+
+    @property
+    def lookup(self):
+        """Something to ``.get(lower-case name)`` the first value of a header from: ``first`` when there is one,
+        else ``headers``."""
+        return self.first if self.first is not None else self.headers
 
     def take_over(self):
         """For an upgrade request (CONNECT) whose answer has been sent: the connection gives up its transport.
