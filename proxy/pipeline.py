@@ -71,23 +71,25 @@ class Trace:
     token_refreshed: bool = False
 
 
-class Exchange:
-    """One request in flight: its ``trace``, and its place among the requests in flight on its state
-    (``StateHolder.use``), which it leaves when its audit line is written. A drain deadline ``cancel``s it:
-    its task, or (answered in callbacks) its connections."""
+class Exchange(Trace):
+    """One request in flight: its trace (what the audit line will say), and its place among the requests in
+    flight on its state (``StateHolder.enter``), which it leaves when its audit line is written. A drain
+    deadline ``cancel``s it: its task, or (answered in callbacks) its connections."""
 
-    __slots__ = ("request", "response", "trace", "state", "task", "route", "cred", "caller", "grant", "answer",
-                 "started", "_use", "_done")
+    __slots__ = ("request", "response", "holder", "state", "task", "route", "cred", "who", "grant", "answer",
+                 "sent_at", "_done")
 
     def __init__(self, request: Request, response: ResponseWriter, holder: StateHolder) -> None:
-        self.request, self.response = request, response
-        self.trace = Trace(new_request_id(), time.monotonic())
+        Trace.__init__(self, new_request_id(), time.monotonic())
+        self.request, self.response, self.holder = request, response, holder
         self.task: asyncio.Task | None = None
         self.route: Route | None = None
         self.answer: UpstreamResponse | None = None
         self._done = False
-        self._use = holder.use(self)
-        self.state: State = self._use.__enter__()
+        self.state: State = holder.enter(self)
+
+    __hash__ = object.__hash__  # one request is one request (a set of those in flight holds it)
+    __eq__ = object.__eq__
 
     def done(self) -> bool:
         return self._done
@@ -108,9 +110,9 @@ class Exchange:
             return
         self._done = True
         try:
-            _record(self.state, self.request, self.route, self.trace, self.request.peer_ip, self.request.context.via)
+            _record(self.state, self.request, self.route, self, self.request.peer_ip, self.request.context.via)
         finally:
-            self._use.__exit__(None, None, None)
+            self.holder.leave(self.state, self)
 
     def arrived(self, answer: UpstreamResponse) -> None:
         """The answer's head to a request sent by ``_send_now`` is in, or failed: called back by the upstream
@@ -121,7 +123,7 @@ class Exchange:
             _arrived(self, answer)
         except Exception as exc:  # noqa: BLE001 - a bug: the caller's answer is cut, never left hanging
             log.error("unhandled error in the request path", exc_info=exc,
-                      extra={"request_id": self.trace.request_id})
+                      extra={"request_id": self.request_id})
             self.response.abort()
             self.finish()
             self.response.complete()
@@ -153,7 +155,7 @@ def handle(request: Request, response: ResponseWriter, holder: StateHolder) -> A
 def _admit(ex: Exchange) -> tuple[Credential, Caller]:
     """The checks before any material is touched: audit, request shape, route, caller, source address,
     policy, the credential's state, the rate limit. Raises ``ProxyError``."""
-    request, state, trace = ex.request, ex.state, ex.trace
+    request, state, trace = ex.request, ex.state, ex
     ip = request.peer_ip
     via: Via | None = request.context.via
     state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
@@ -200,30 +202,30 @@ def _send_now(ex: Exchange, cred: Credential, caller: Caller) -> bool:
     request, route = ex.request, ex.route
     head = plain_request.render(request.method, target, route.path, route.query, request.raw_headers,
                                 plain_request.as_bytes(_never_forwarded(cred.injector.removes)),
-                                ex.trace.request_id, cred.leak_guard != "off", injected)
+                                ex.request_id, cred.leak_guard != "off", injected)
     if head is None:
         return False
-    ex.cred, ex.caller, ex.grant, ex.started = cred, caller, grant, time.monotonic()
+    ex.cred, ex.who, ex.grant, ex.sent_at = cred, caller, grant, time.monotonic()
     ex.answer = cred.client.send_now(target, request.method, head, ex.arrived)
     return ex.answer is not None
 
 
 def _arrived(ex: Exchange, answer: UpstreamResponse) -> None:
     """``Exchange.arrived``: what ``forward`` and ``relay`` do with an answer, for the one that needs no waiting."""
-    response, cred, trace = ex.response, ex.cred, ex.trace
+    response, cred, trace = ex.response, ex.cred, ex
     failure = answer.failure
     if failure is not None:
         if isinstance(failure, BadAnswer) and failure.stale and ex.request.method in IDEMPOTENT:
             # The pooled connection had been closed by the upstream: once more, on another (as client.send does).
-            response.resume(_run(ex, cred, ex.caller, stale_retry=False))
+            response.resume(_run(ex, cred, ex.who, stale_retry=False))
         else:
             response.resume(_run(ex, refusal=head_failure(failure)))
         return
     bound = cred.metrics or CredentialMetrics(ex.state.metrics, cred.name)
-    bound.upstream_duration.observe(time.monotonic() - ex.started)
+    bound.upstream_duration.observe(time.monotonic() - ex.sent_at)
     sent = (ex.grant, answer)
     if answer.status in cred.expired_statuses:
-        response.resume(_run(ex, cred, ex.caller, sent=sent))
+        response.resume(_run(ex, cred, ex.who, sent=sent))
         return
     guard = ex.grant.guard
     trace.status, trace.outcome = answer.status, "allowed"  # relay downgrades to error if it aborts
@@ -232,7 +234,7 @@ def _arrived(ex: Exchange, answer: UpstreamResponse) -> None:
         try:
             ready = prepare(ex.request, answer, b"", guard, cred.leak_guard, trace, bound.leaks)
             if not ready.at_hand:
-                response.resume(_run(ex, cred, ex.caller, sent=sent, ready=ready))
+                response.resume(_run(ex, cred, ex.who, sent=sent, ready=ready))
                 return
             behind = relay_now(response, answer, ready, guard, cred.leak_guard, trace, bound.leaks)
         except ProxyError as exc:  # the leak guard's block, before anything was sent
@@ -248,7 +250,7 @@ def _arrived(ex: Exchange, answer: UpstreamResponse) -> None:
 async def _drained(ex: Exchange) -> None:
     ex.task = asyncio.current_task()
     try:
-        await drained(ex.response, ex.trace)
+        await drained(ex.response, ex)
     finally:
         ex.finish()
 
@@ -260,7 +262,7 @@ async def _run(ex: Exchange, cred: Credential | None = None, caller: Caller | No
     ``_send_now`` sent, and its grant; ``ready``: that answer ``prepare``d), and answer any ``ProxyError``
     (``refusal``: one raised before) with its status. The audit line is written however it ends."""
     ex.task = asyncio.current_task()
-    request, response, state, trace = ex.request, ex.response, ex.state, ex.trace
+    request, response, state, trace = ex.request, ex.response, ex.state, ex
     body: RequestBody | None = None
     try:
         if refusal is not None:

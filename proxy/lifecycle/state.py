@@ -72,6 +72,29 @@ class StateHolder:
         (``pipeline.Exchange``); by default the current task."""
         return _InUse(self, task)
 
+    def enter(self, running) -> State:
+        """``use`` without the context manager: ``running`` (what a drain deadline cancels, as for ``use``) is
+        in flight on the state returned, until ``leave(state, running)``."""
+        state = self.current
+        state.in_flight += 1
+        self.in_flight += 1
+        self._tasks.add(running)
+        # An idle event is set exactly while its count is 0: only the first request in flight clears it.
+        if state.in_flight == 1:
+            state._idle.clear()
+        if self.in_flight == 1:
+            self._idle.clear()
+        return state
+
+    def leave(self, state: State, running) -> None:
+        self._tasks.discard(running)
+        state.in_flight -= 1
+        self.in_flight -= 1
+        if not state.in_flight:
+            state._idle.set()
+        if not self.in_flight:
+            self._idle.set()
+
     async def wait_idle(self) -> None:
         """Until no request is in flight on any state (current or retired)."""
         await self._idle.wait()
@@ -101,27 +124,10 @@ class _InUse:
         self._task = task
 
     def __enter__(self) -> State:
-        holder = self._holder
-        state = self._state = holder.current
-        task = self._task
-        if task is None:  # asyncio.current_task is Python code in 3.11: skipped when the caller knows its task
-            task = self._task = asyncio.current_task()
-        state.in_flight += 1
-        holder.in_flight += 1
-        holder._tasks.add(task)
-        # An idle event is set exactly while its count is 0: only the first request in flight clears it.
-        if state.in_flight == 1:
-            state._idle.clear()
-        if holder.in_flight == 1:
-            holder._idle.clear()
+        if self._task is None:  # asyncio.current_task is Python code in 3.11: skipped when the caller knows its task
+            self._task = asyncio.current_task()
+        state = self._state = self._holder.enter(self._task)
         return state
 
     def __exit__(self, *exc) -> None:
-        holder, state = self._holder, self._state
-        holder._tasks.discard(self._task)
-        state.in_flight -= 1
-        holder.in_flight -= 1
-        if not state.in_flight:
-            state._idle.set()
-        if not holder.in_flight:
-            holder._idle.set()
+        self._holder.leave(self._state, self._task)
