@@ -99,9 +99,17 @@ class Exchange(Trace):
         if self.task is not None:
             self.task.cancel()
             return self.task
+        # Waiting in callbacks for its answer's head: both connections are cut and the request ends here, as a
+        # cancelled task's does (its audit line as it stands). The head's failure the cut brings is not answered
+        # (``arrived``): taken for a stale pooled connection, it would send the request again.
         self.response.abort()
         if self.answer is not None:
             self.answer.close()
+        try:
+            self.finish()
+        except Exception as exc:  # noqa: BLE001 - the drain goes on to cancel the other requests
+            log.error("unhandled error in the request path", exc_info=exc,
+                      extra={"request_id": self.request_id})
         return None
 
     def finish(self) -> None:
@@ -119,6 +127,8 @@ class Exchange(Trace):
         connection. Continues in callbacks to the end of a small answer that arrived whole; anything else
         continues in a task, as ``forward`` (a failed head as the error it is, a stale pooled connection
         retried once, an expired credential refreshed, a large or encoded answer streamed)."""
+        if self._done:
+            return  # cancelled (``cancel``): the request has ended
         try:
             _arrived(self, answer)
         except Exception as exc:  # noqa: BLE001 - a bug: the caller's answer is cut, never left hanging
