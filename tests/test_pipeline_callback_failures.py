@@ -239,6 +239,33 @@ async def test_the_caller_going_away_while_the_answer_is_pending(tmp_path, path)
         200, "error", "caller_disconnected")
 
 
+async def test_the_caller_closing_while_the_answer_is_pending(tmp_path, path):
+    """A caller that closes (FIN) rather than resets: the proxy reads end of input while the request waits,
+    answers once the upstream does (into a socket the caller no longer reads: whether the write meets the
+    caller's reset first is timing), and then closes its side."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def script(n):
+        if n == 1:
+            asked.set()
+            await release.wait()
+        return OK
+
+    async with Upstream(script) as up, Caller(tmp_path, up) as c:
+        assert (await c.get())[0] == 200
+        c.writer.write(_request("GET", "/example/v1/x"))
+        await asyncio.wait_for(asked.wait(), 5)
+        c.writer.close()
+        await asyncio.sleep(0.1)
+        assert c.in_flight == 1
+        release.set()
+        await _until(lambda: c.in_flight == 0 and c.connections == 0)
+        lines = c.audit()
+    _went_out_in_callbacks(path, 1)
+    assert [(line["status"], line["outcome"], line["reason"]) for line in lines][1] in (
+        (200, "allowed", "allowed"), (200, "error", "caller_disconnected"))
+
+
 async def test_a_drain_deadline_ends_a_request_waiting_for_its_upstream(tmp_path, path):
     """``StateHolder.cancel_in_flight`` at the drain deadline: the request (``Exchange.cancel`` when it is
     answered in callbacks, its task otherwise) ends, without being sent again, and nothing stays in flight."""
