@@ -392,25 +392,26 @@ def _record(state: State, request: Request, route: Route | None, trace: Trace, i
         path, credential = path[:512], None
     if query:
         path += "?" + strip_query_values(query)
-    kind, extra = (AuditEvent, {}) if via is None else (
-        ForwardEvent, {"listener": via.listener, "connect_host": _host_port(via.connect)})
-    event = kind(
-        request_id=trace.request_id, caller=trace.caller, client_ip=str(ip) if ip else None, credential=credential,
-        method=request.method, path=path, status=trace.status, outcome=trace.outcome,
-        reason=trace.reason or trace.outcome, duration_ms=round(duration * 1000, 3),
-        token_refreshed=trace.token_refreshed, **extra,
-    )
-    state.audit.write(event)
-    if via is not None:
-        state.metrics.forward_requests.labels(credential if route else "-", str(trace.status)).inc()
-    if state.alerts is not None:
-        state.alerts.observe(event)
-    cred = state.credentials.get(credential) if credential else None
-    caller_label = trace.caller or "-"
-    if cred is not None and cred.metrics is not None:
-        cred.metrics.record(caller_label, trace.status, duration)
+    request_id, caller, status, outcome, method = trace.request_id, trace.caller, trace.status, trace.outcome, \
+        request.method
+    client_ip = str(ip) if ip else None
+    if via is None:
+        state.audit.write_request(request_id, caller, client_ip, credential, method, path, status, outcome,
+                                  trace.reason or outcome, duration * 1000, trace.token_refreshed)
     else:
-        state.metrics.child(state.metrics.requests, "-", caller_label, str(trace.status)).inc()
+        state.audit.write(ForwardEvent(
+            request_id, caller, client_ip, credential, method, path, status, outcome, trace.reason or outcome,
+            round(duration * 1000, 3), trace.token_refreshed, listener=via.listener,
+            connect_host=_host_port(via.connect)))
+        state.metrics.forward_requests.labels(credential if route else "-", str(status)).inc()
+    if state.alerts is not None:
+        state.alerts.observe_request(request_id, caller, client_ip, credential, method, path, status, outcome)
+    cred = state.credentials.get(credential) if credential else None
+    caller_label = caller or "-"
+    if cred is not None and cred.metrics is not None:
+        cred.metrics.record(caller_label, status, duration)
+    else:
+        state.metrics.child(state.metrics.requests, "-", caller_label, str(status)).inc()
         state.metrics.child(state.metrics.duration, "-").observe(duration)
 
 

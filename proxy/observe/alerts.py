@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
@@ -45,6 +46,18 @@ class Alert:
     addresses: tuple[str, ...] = ()  # multi_ip: every address seen in the window, the new one last
     count: int = 0  # denied_burst: denied requests in the window
     window_s: float = 0.0
+
+
+class _Source(NamedTuple):
+    """What an alert's audit line repeats of the request that raised it."""
+
+    request_id: str
+    caller: str | None
+    client_ip: str | None
+    credential: str | None
+    method: str
+    path: str
+    status: int
 
 
 class WebhookSender:
@@ -122,22 +135,27 @@ class AlertMonitor:
         return new
 
     def observe(self, event: AuditEvent) -> None:
+        self.observe_request(event.request_id, event.caller, event.client_ip, event.credential, event.method,
+                             event.path, event.status, event.outcome)
+
+    def observe_request(self, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
+                        method: str, path: str, status: int, outcome: str) -> None:
+        """``observe`` from a finished request's audit values (the request path has no event object)."""
         now = self._clock()
-        caller, ip = event.caller, event.client_ip
-        if caller and ip and caller != "anonymous":
+        if caller and client_ip and caller != "anonymous":
             seen = self._addresses.get(caller)
-            last = seen.get(ip) if seen is not None else None
+            last = seen.get(client_ip) if seen is not None else None
             if last is not None and now - last <= self._cfg.multi_ip_window:
                 # The usual request: an address seen within the window raises nothing. Older addresses
                 # ahead of it are expired when a new one comes, which leaves the same ones as expiring now.
-                seen[ip] = now
-                seen.move_to_end(ip)
+                seen[client_ip] = now
+                seen.move_to_end(client_ip)
             else:
-                self._check_addresses(event, now)
-        if event.outcome == "denied":
-            self._check_denied(event, now)
+                self._check_addresses(_Source(request_id, caller, client_ip, credential, method, path, status), now)
+        if outcome == "denied":
+            self._check_denied(_Source(request_id, caller, client_ip, credential, method, path, status), now)
 
-    def _check_addresses(self, event: AuditEvent, now: float) -> None:
+    def _check_addresses(self, event: _Source, now: float) -> None:
         window = self.cfg.multi_ip_window
         seen = self._addresses.get(event.caller)
         if seen is None:
@@ -152,7 +170,7 @@ class AlertMonitor:
         if new and len(seen) > 1:
             self._raise(event, Alert("multi_ip", addresses=tuple(seen), window_s=window))
 
-    def _check_denied(self, event: AuditEvent, now: float) -> None:
+    def _check_denied(self, event: _Source, now: float) -> None:
         key = f"caller:{event.caller}" if event.caller else f"ip:{event.client_ip}"
         times = self._denied.pop(key, None) or deque()
         self._denied[key] = times  # most recent last: the oldest source is evicted first
@@ -166,7 +184,7 @@ class AlertMonitor:
             times.clear()
             self._raise(event, Alert("denied_burst", count=count, window_s=self.cfg.denied_window))
 
-    def _raise(self, event: AuditEvent, alert: Alert) -> None:
+    def _raise(self, event: _Source, alert: Alert) -> None:
         line = AlertEvent(request_id=event.request_id, caller=event.caller, client_ip=event.client_ip,
                           credential=event.credential, method=event.method, path=event.path, status=event.status,
                           outcome="alert", reason=alert.kind, duration_ms=0.0, addresses=alert.addresses,

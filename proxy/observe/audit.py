@@ -4,9 +4,10 @@
 hash as ``prev_hash`` (64 zeros for the first line of a file).
 
 ``AuditLog.write`` is the one way anything writes an audit line, and it takes typed events only
-(``AuditEvent``, ``AlertEvent``), so no field can carry a secret by accident. The request path only
-encodes the line once (without its ``prev_hash``) and buffers it; lines are chained onto the
-file's real tail when their batch is written (``proxy.observe.audit_sink``), which costs a
+(``AuditEvent``, ``AlertEvent``), so no field can carry a secret by accident (``write_request`` is
+the request path's ``write(AuditEvent(...))``: the same typed fields, without the event object). The
+request path only encodes the line once (without its ``prev_hash``) and buffers it; lines are chained
+onto the file's real tail when their batch is written (``proxy.observe.audit_sink``), which costs a
 concatenation and a hash per line: at least every ``audit.flush_interval``, as soon as a batch
 is full, and at shutdown. A retried or re-chained line is never encoded again.
 
@@ -153,6 +154,38 @@ def _values(values) -> list[str]:
     return out
 
 
+# The per-request line (an ``AuditEvent``) is written from the request's values as they are, without an event
+# object or the general loop's look at each value's type: its types are fixed (texts str or None, status int,
+# times float). The key order is the plan's: checked here at import.
+_REQUEST = _PLANS[AuditEvent]
+assert (_REQUEST.head_fields, _REQUEST.tail_fields, _REQUEST.ts_at) == (
+    ("caller", "client_ip", "credential", "duration_ms", "method", "outcome", "path"),
+    ("reason", "request_id", "status", "token_refreshed"), 4)
+
+
+def _round3(x: float) -> str:
+    """``float.__repr__(round(x, 3))``, at about half its cost: ``round`` converts the same correctly rounded
+    3-decimal text back to a float, whose shortest repr (|x| < 2**42: floats are closer than 0.001 there) is
+    that text without its trailing zeros."""
+    if -1e12 < x < 1e12:
+        text = ("%.3f" % x).rstrip("0")
+        return text + "0" if text[-1] == "." else text
+    return _values((round(x, 3),))[0]
+
+
+def request_line(ts: float, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
+                 method: str, path: str, status: int, outcome: str, reason: str, duration_ms: float,
+                 token_refreshed: bool) -> tuple[bytes, bytes]:
+    """``encode(round(ts, 3), AuditEvent(..., duration_ms=round(duration_ms, 3), ...))``, byte for byte."""
+    return (_REQUEST.head % ("null" if caller is None else encode_basestring(caller),
+                             "null" if client_ip is None else encode_basestring(client_ip),
+                             "null" if credential is None else encode_basestring(credential),
+                             _round3(duration_ms), encode_basestring(method), encode_basestring(outcome),
+                             encode_basestring(path))).encode(), \
+        (_REQUEST.tail % (encode_basestring(reason), encode_basestring(request_id), int.__repr__(status),
+                          "true" if token_refreshed else "false", _round3(ts))).encode()
+
+
 def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
     """The line's canonical JSON in two parts, before and after the ``prev_hash`` value: the one encoding
     of a line (byte for byte what ``_canonical`` makes of it: ``verify`` checks it so). Chaining it onto
@@ -224,15 +257,26 @@ class AuditLog:
 
     def write(self, event: AuditEvent) -> None:
         """Encode the line for ``event`` and buffer it (it is chained when its batch is written)."""
-        if len(self._pending) >= self._max:
+        self._buffer(encode(round(self._clock(), 3), event))
+
+    def write_request(self, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
+                      method: str, path: str, status: int, outcome: str, reason: str, duration_ms: float,
+                      token_refreshed: bool) -> None:
+        """``write(AuditEvent(...))`` from a request's values (``duration_ms`` not yet rounded): ``request_line``."""
+        self._buffer(request_line(self._clock(), request_id, caller, client_ip, credential, method, path, status,
+                                  outcome, reason, duration_ms, token_refreshed))
+
+    def _buffer(self, line: tuple[bytes, bytes]) -> None:
+        pending = self._pending
+        if len(pending) >= self._max:
             self._lines_dropped.inc()
             if not self._dropping:
                 self._dropping = True
                 log.error("audit buffer full: lines are dropped (counted in credproxy_audit_lines_dropped_total)",
-                          extra={"buffered": len(self._pending), "error": self.failure})
+                          extra={"buffered": len(pending), "error": self.failure})
             return
-        self._pending.append(encode(round(self._clock(), 3), event))
-        if len(self._pending) >= FLUSH_LINES and self.failure is None:
+        pending.append(line)
+        if len(pending) >= FLUSH_LINES and self.failure is None:
             self._wake.set()
 
     def admit(self) -> None:

@@ -313,3 +313,23 @@ def test_a_line_is_the_canonical_json_of_its_event(text, number, count, maybe, f
     record = {"ts": ts, "prev_hash": GENESIS, **{f.name: getattr(ev, f.name) for f in fields(ev)}}
     head, tail = encode(ts, ev)
     assert head + GENESIS.encode() + tail == _canonical(record)
+
+
+TIMES = st.one_of(st.floats(0, 1e7), st.floats(1e9, 4e9), st.floats(allow_nan=True, allow_infinity=True),
+                  st.floats(-2e12, 2e12), st.integers(0, 10**9).map(lambda n: n / 2000))  # n/2000: the ties of round(., 3)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(), tricky=st.sampled_from(['","prev_hash":"' + "0" * 64 + '"', '\\"', "\\", '"', "\u2028", "é"]),
+       maybe=st.one_of(st.none(), st.text()), status=st.integers(-2**70, 2**70), flag=st.booleans(), ts=TIMES,
+       duration=TIMES)
+def test_a_request_line_is_the_line_of_its_event(tmp_path_factory, text, tricky, maybe, status, flag, ts, duration):
+    """``write_request`` (the request path's line, written from its values with its own rounding) buffers byte
+    for byte what ``write`` of the same ``AuditEvent`` does, for any values of the event's types."""
+    log = AuditLog(str(tmp_path_factory.mktemp("req") / "audit.log"), clock=lambda: ts)
+    value = text + tricky
+    log.write_request(value, maybe, maybe, value, value, value, status, value, text, duration, flag)
+    log.write(AuditEvent(request_id=value, caller=maybe, client_ip=maybe, credential=value, method=value, path=value,
+                         status=status, outcome=value, reason=text, duration_ms=round(duration, 3),
+                         token_refreshed=flag))
+    assert log._pending[0] == log._pending[1]
