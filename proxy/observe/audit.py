@@ -163,27 +163,28 @@ assert (_REQUEST.head_fields, _REQUEST.tail_fields, _REQUEST.ts_at) == (
     ("reason", "request_id", "status", "token_refreshed"), 4)
 
 
-def _round3(x: float) -> str:
-    """``float.__repr__(round(x, 3))``, at about half its cost: ``round`` converts the same correctly rounded
-    3-decimal text back to a float, whose shortest repr (|x| < 2**42: floats are closer than 0.001 there) is
-    that text without its trailing zeros."""
-    if -1e12 < x < 1e12:
-        text = ("%.3f" % x).rstrip("0")
-        return text + "0" if text[-1] == "." else text
-    return _values((round(x, 3),))[0]
-
-
 def request_line(ts: float, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
                  method: str, path: str, status: int, outcome: str, reason: str, duration_ms: float,
                  token_refreshed: bool) -> tuple[bytes, bytes]:
     """``encode(round(ts, 3), AuditEvent(..., duration_ms=round(duration_ms, 3), ...))``, byte for byte."""
+    if -1e12 < ts < 1e12 and -1e12 < duration_ms < 1e12:
+        # ``float.__repr__(round(x, 3))`` at about half its cost: ``round`` turns the same correctly rounded
+        # 3-decimal text back into a float, whose shortest repr is that text without its trailing zeros
+        # (below 2**42 floats are closer together than 0.001).
+        duration, now = ("%.3f" % duration_ms).rstrip("0"), ("%.3f" % ts).rstrip("0")
+        if duration[-1] == ".":
+            duration += "0"
+        if now[-1] == ".":
+            now += "0"
+    else:
+        duration, now = _values((round(duration_ms, 3), round(ts, 3)))
     return (_REQUEST.head % ("null" if caller is None else encode_basestring(caller),
                              "null" if client_ip is None else encode_basestring(client_ip),
                              "null" if credential is None else encode_basestring(credential),
-                             _round3(duration_ms), encode_basestring(method), encode_basestring(outcome),
+                             duration, encode_basestring(method), encode_basestring(outcome),
                              encode_basestring(path))).encode(), \
         (_REQUEST.tail % (encode_basestring(reason), encode_basestring(request_id), int.__repr__(status),
-                          "true" if token_refreshed else "false", _round3(ts))).encode()
+                          "true" if token_refreshed else "false", now)).encode()
 
 
 def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
