@@ -47,6 +47,7 @@ class AnswerConnection(Protocol):
 
     def abort(self) -> None: ...
     def abort_for(self, answer: UpstreamResponse) -> None: ...
+    def answered(self, answer: UpstreamResponse) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
@@ -207,6 +208,8 @@ class UpstreamResponse:
         # The head is handed on only once the bytes that came with it are parsed: a fault found in them
         # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
         if not self._in_head and not self._settled:
+            if self.done:  # free again before anyone hears of it: a request the news starts can have it
+                self._conn.answered(self)
             self._settle(None)
 
     def _settle(self, failure: BaseException | None) -> None:

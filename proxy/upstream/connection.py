@@ -57,6 +57,11 @@ class Connection(asyncio.Protocol):
         if answer.done and self.answer is answer:
             self._answered(answer)
 
+    def answered(self, answer: UpstreamResponse) -> None:
+        """``answer`` has arrived whole (its reader may not have read it yet): the connection is free."""
+        if self.answer is answer:
+            self._answered(answer)
+
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost tells the answer
 

@@ -380,6 +380,9 @@ class _Wire:
     def abort_for(self, answer) -> None:
         self.aborted = True
 
+    def answered(self, answer) -> None:
+        pass  # the answer is whole: a connection would go back to its pool
+
     def pause_reading(self) -> None:
         pass
 
