@@ -61,10 +61,11 @@ LOW_WATER = 128 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 # Lower-case names of the fields ``on_headers_complete`` looks at; those not kept (hop-by-hop) have a kind
 # other than _LENGTH and _ENCODING. Header names are tokens, so bytes.lower() is str.lower() here.
-_LENGTH, _ENCODING, _CODING, _CONNECTION, _HOP = "length", "encoding", "coding", "connection", "hop"
+_LENGTH, _ENCODING, _CODING, _CONNECTION, _HOP, _REQUEST_ID = ("length", "encoding", "coding", "connection", "hop",
+                                                               "request_id")
 _ANSWER_FIELDS = {name.encode(): _HOP for name in HOP_BY_HOP} | {
     b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"transfer-encoding": _CODING,
-    b"connection": _CONNECTION}
+    b"connection": _CONNECTION, b"x-request-id": _REQUEST_ID}
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
 
 
@@ -127,6 +128,8 @@ class UpstreamResponse:
     # an answer's state, made per request, would otherwise be two dozen stores before a byte arrives.
     status, reason, content_length = 0, "", None
     forward_raw: list[tuple[bytes, bytes]] | tuple = ()  # the fields the caller's answer carries, as received
+    length_at = -1  # the index of its Content-Length among them (-1: none; -2: not known)
+    own_request_id = False  # the upstream sent an X-Request-Id (the caller's answer carries credproxy's instead)
     raw_reason = b""
     _forward: CIMultiDict[str] | None = None
     encoded = False
@@ -315,8 +318,11 @@ class UpstreamResponse:
                 if kind is _LENGTH:
                     if length is None:
                         length = field[1]
+                        self.length_at = len(forward)
                 elif kind is _ENCODING:
                     self.encoded = True
+                elif kind is _REQUEST_ID:
+                    self.own_request_id = True
                 else:
                     if kind is _CODING:
                         te.append(field[1])
@@ -331,6 +337,7 @@ class UpstreamResponse:
             named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
             if not named <= HOP_BY_HOP:
                 forward = [(k, v) for k, v in forward if k.decode("utf-8", "surrogateescape").lower() not in named]
+                self.length_at = -2  # where it was is not known any more
         self.forward_raw = forward
         self.status = status
         self.raw_reason = self._reason
