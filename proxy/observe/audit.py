@@ -156,11 +156,14 @@ def _values(values) -> list[str]:
 
 # The per-request line (an ``AuditEvent``) is written from the request's values as they are, without an event
 # object or the general loop's look at each value's type: its types are fixed (texts str or None, status int,
-# times float). The key order is the plan's: checked here at import.
+# times float). The key order is the plan's (checked here at import), and so is the text between the values:
+# the plan's templates cut at each value, joined around the values (a join costs half a %-format here).
 _REQUEST = _PLANS[AuditEvent]
 assert (_REQUEST.head_fields, _REQUEST.tail_fields, _REQUEST.ts_at) == (
     ("caller", "client_ip", "credential", "duration_ms", "method", "outcome", "path"),
     ("reason", "request_id", "status", "token_refreshed"), 4)
+_H0, _H1, _H2, _H3, _H4, _H5, _H6, _H7 = _REQUEST.head.split("%s")
+_T0, _T1, _T2, _T3, _T4, _T5 = _REQUEST.tail.split("%s")
 
 
 def request_line(ts: float, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
@@ -178,13 +181,13 @@ def request_line(ts: float, request_id: str, caller: str | None, client_ip: str 
             now += "0"
     else:
         duration, now = _values((round(duration_ms, 3), round(ts, 3)))
-    return (_REQUEST.head % ("null" if caller is None else encode_basestring(caller),
-                             "null" if client_ip is None else encode_basestring(client_ip),
-                             "null" if credential is None else encode_basestring(credential),
-                             duration, encode_basestring(method), encode_basestring(outcome),
-                             encode_basestring(path))).encode(), \
-        (_REQUEST.tail % (encode_basestring(reason), encode_basestring(request_id), int.__repr__(status),
-                          "true" if token_refreshed else "false", now)).encode()
+    return "".join((_H0, "null" if caller is None else encode_basestring(caller),
+                    _H1, "null" if client_ip is None else encode_basestring(client_ip),
+                    _H2, "null" if credential is None else encode_basestring(credential),
+                    _H3, duration, _H4, encode_basestring(method), _H5, encode_basestring(outcome),
+                    _H6, encode_basestring(path), _H7)).encode(), \
+        "".join((_T0, encode_basestring(reason), _T1, encode_basestring(request_id), _T2, int.__repr__(status),
+                 _T3, "true" if token_refreshed else "false", _T4, now, _T5)).encode()
 
 
 def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
