@@ -130,6 +130,7 @@ class UpstreamResponse:
     forward_raw: list[tuple[bytes, bytes]] | tuple = ()  # the fields the caller's answer carries, as received
     length_at = -1  # the index of its Content-Length among them (-1: none; -2: not known)
     own_request_id = False  # the upstream sent an X-Request-Id (the caller's answer carries credproxy's instead)
+    arrived_in = b""  # the bytes the whole answer came in, when it came in one read (all of it is in them)
     raw_reason = b""
     _forward: CIMultiDict[str] | None = None
     encoded = False
@@ -191,6 +192,7 @@ class UpstreamResponse:
     # -- fed by the connection ------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        first = not self._got_bytes
         self._got_bytes = True
         if self._in_head:
             self._head_bytes += len(data)
@@ -212,6 +214,8 @@ class UpstreamResponse:
         # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
         if not self._in_head and not self._settled:
             if self.done:  # free again before anyone hears of it: a request the news starts can have it
+                if first:
+                    self.arrived_in = data
                 self._conn.answered(self)
             self._settle(None)
 

@@ -222,8 +222,11 @@ def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResp
         reason = b""
     fields = upstream.forward_raw
     body = upstream.peek_whole()
-    if mode != "off" and guard.active and guard.may_match(b"\n".join([reason, *map(b"\n".join, fields), body])):
-        return None  # the same text _head_text makes, and the body after it
+    # The check covers what prepare's does (the reason, the fields and the body), or more: the bytes the whole
+    # answer came in hold each of them whole, and a needle absent from them is absent from every part.
+    if mode != "off" and guard.active and \
+            guard.may_match(upstream.arrived_in or b"\n".join([reason, *map(b"\n".join, fields), body])):
+        return None
     at = upstream.length_at
     if at < -1 or upstream.own_request_id:
         return None  # rare: the exact path replaces the upstream's X-Request-Id in its place
