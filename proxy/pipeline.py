@@ -6,7 +6,25 @@ request shape -> route -> authenticate -> source lock -> policy -> rate limit
 
 Every step that can refuse raises a ``ProxyError``; ``errors.to_response`` is the
 one place that turns it into a status and fixed message. The audit line is
-written in ``finally`` for allowed, denied and failed requests alike.
+written by ``Exchange.finish`` for allowed, denied and failed requests alike.
+
+Two ways through, one set of steps. ``handle`` runs the checks (``_admit``), then:
+
+- the usual request — a plain head without a body, its material at hand, an
+  injector that sets one header, an idle pooled upstream connection — is sent
+  at once (``_send_now``) and its answer handled in the upstream connection's
+  callback (``_arrived``): a small answer that arrived whole is relayed there
+  and then (``relay_raw``, or ``prepare`` + ``relay_now``), with no task or
+  coroutine for the request at all;
+- anything else, and anything the callback finds that needs waiting (a refusal
+  to answer, a stale pooled connection to retry, an expired credential, a
+  large, streamed or encoded answer, a caller that is behind), goes on in a
+  task: ``_run`` -> ``forward`` -> ``relay``'s strategies, from where the
+  callback left it.
+
+The fast steps are the exact ones' own functions or are held to them by
+property tests (``tests/upstream/test_plain_request.py``, ``test_relay_raw.py``)
+and end-to-end differential tests (``tests/test_pipeline_callbacks.py``).
 """
 
 from __future__ import annotations

@@ -7,12 +7,16 @@ The interface (what a listener — main, dedicated, forward — gives and gets):
                                        on_refused=..., connections=..., live=...)
     server = await loop.create_server(lambda: HTTPConnection(ctx), host, port, ssl=...)
 
-    async def handle(request: Request, response: ResponseWriter) -> None: ...
+    def handle(request: Request, response: ResponseWriter) -> Awaitable[None] | None: ...
 
 - ``handler(request, response)`` is called once per request, in order (pipelined
   requests wait for the answer before theirs). It must answer through ``response``
-  (``proxy.server.response``): ``start``/``write``/``end``, ``send``, ``answer``,
-  ``abort``. The protocol decides nothing about a request: policy is the handler's.
+  (``proxy.server.response``): ``start``/``write``/``end``, ``send``, ``send_now``,
+  ``answer``, ``abort``. It returns an awaitable, which the connection runs in a
+  task of the request's own, or None: the request goes on in callbacks and the
+  handler calls ``response.complete()`` when its answer is done (or
+  ``response.resume(awaitable)`` to go on in a task after all). The protocol
+  decides nothing about a request: policy is the handler's.
 - ``ctx.route`` (raw target -> ``Route``, main and dedicated listeners) or ``ctx.via``
   (the forward proxy's ``proxy.routing.Via``: the CONNECT target and the caller
   authenticated on it) reach the handler as ``request.context``; ``ctx.listener``
@@ -79,7 +83,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9), "2.0": (2, 0)}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT")}
 
-Handler = Callable[[Request, ResponseWriter], Awaitable[None]]
+Handler = Callable[[Request, ResponseWriter], "Awaitable[None] | None"]
 OnRefused = Callable[[object, ProxyError, str], None]  # (peer IP or None, the error, request ID)
 
 
