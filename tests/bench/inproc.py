@@ -7,7 +7,7 @@ stand-in transport answers each request with nginx's small answer. No system cal
 measured is the Python work per request, which the machine's noise hardly moves (min of several runs).
 ``--floor`` measures the llhttp floor's (tests/bench/llhttp_floor.py) the same way, for the ratio.
 
-    python tests/bench/inproc.py [--requests 20000] [--runs 5] [--floor] [--prof]
+    python tests/bench/inproc.py [--requests 20000] [--runs 5] [--floor] [--prof] [--big]
 """
 
 from __future__ import annotations
@@ -38,11 +38,20 @@ ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 03 Dec 2026 10
           % (len(BODY), BODY))
 
 
+def big_answer() -> list[bytes]:
+    """The benchmark's 1 MiB JSON answer, in the 256 KiB reads a socket gives."""
+    from run import body_1mib
+
+    body = body_1mib()
+    data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    return [data[i:i + 262144] for i in range(0, len(data), 262144)]
+
+
 class Wire:
     """A stand-in transport: keeps what is written; the upstream one answers each request it is sent."""
 
-    def __init__(self, answer: bytes | None = None) -> None:
-        self.answer = answer
+    def __init__(self, answer: bytes | list[bytes] | None = None) -> None:
+        self.answer = [answer] if isinstance(answer, bytes) else answer
         self.protocol = None
         self.pending = 0
         self.written = 0
@@ -59,7 +68,8 @@ class Wire:
     def deliver(self) -> None:
         while self.pending:
             self.pending -= 1
-            self.protocol.data_received(self.answer)
+            for piece in self.answer:
+                self.protocol.data_received(piece)
 
     def get_extra_info(self, name, default=None):
         return {"peername": ("127.0.0.1", 40000)}.get(name, default)
@@ -75,7 +85,7 @@ class Wire:
         return False
 
 
-async def credproxy(requests: int, runs: int, prof: bool) -> list[float]:
+async def credproxy(requests: int, runs: int, prof: bool, big: bool = False) -> list[float]:
     from proxy.config import models as config_mod
     from proxy.app import Proxy
     from proxy.routing import route_prefixed
@@ -95,7 +105,8 @@ async def credproxy(requests: int, runs: int, prof: bool) -> list[float]:
         target = client.target(cred.base)
         loop = asyncio.get_running_loop()
         pool = client._pool
-        upstream = Wire(ANSWER)
+        upstream = Wire(big_answer() if big else ANSWER)
+        size = sum(map(len, upstream.answer)) - 100
         conn = Connection(loop, pool.put, pool.lost)
         conn.connection_made(upstream)
         upstream.protocol = conn
@@ -113,14 +124,17 @@ async def credproxy(requests: int, runs: int, prof: bool) -> list[float]:
             if profile:
                 profile.enable()
             for i in range(requests):
+                before = caller.written
                 http.data_received(REQUEST)
                 upstream.deliver()
+                while big and caller.written - before < size:
+                    await asyncio.sleep(0)  # a large answer is relayed by a task
                 if i % 256 == 255:
                     await asyncio.sleep(0)
             if profile:
                 profile.disable()
             times.append((time.perf_counter() - start) / requests)
-        if caller.written < requests * len(BODY):
+        if caller.written < requests * (size if big else len(BODY)):
             raise SystemExit(f"answers did not reach the caller ({caller.written} bytes written)")
         if profile:
             pstats.Stats(profile).sort_stats("tottime").print_stats(40)
@@ -158,13 +172,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--floor", action="store_true")
     ap.add_argument("--prof", action="store_true")
+    ap.add_argument("--big", action="store_true", help="1 MiB answers (the leak guard scans each)")
     a = ap.parse_args()
     try:
         import uvloop
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    times = run(credproxy(a.requests, a.runs, a.prof))
+    times = run(credproxy(a.requests, a.runs, a.prof, a.big))
     print(f"credproxy: {min(times) * 1e6:.1f} us/request (min of {a.runs}; all: "
           + " ".join(f"{t * 1e6:.1f}" for t in times) + ")")
     if a.floor:
