@@ -410,8 +410,8 @@ def _record(state: State, request: Request, route: Route | None, trace: Trace, i
         path, credential = path[:512], None
     if query:
         path += "?" + strip_query_values(query)
-    request_id, caller, status, outcome, method = trace.request_id, trace.caller, trace.status, trace.outcome, \
-        request.method
+    request_id, caller, status, outcome = trace.request_id, trace.caller, trace.status, trace.outcome
+    method = request.method
     client_ip = str(ip) if ip else None
     if via is None:
         state.audit.write_request(request_id, caller, client_ip, credential, method, path, status, outcome,
