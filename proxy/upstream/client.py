@@ -131,7 +131,9 @@ class _Pool:
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been dropped by the upstream
-            if conn.usable() and now - conn.idle_since < KEEPALIVE_S:
+            # Not lost, not closing (aborted, or closed by the transport, before connection_lost took it out of
+            # the pool), not idle too long. An idle connection has a transport: it carried an answer.
+            if not conn.lost and not conn.transport.is_closing() and now - conn.idle_since < KEEPALIVE_S:
                 conn.reused = True
                 return conn
             conn.abort()

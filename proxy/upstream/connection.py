@@ -54,13 +54,23 @@ class Connection(asyncio.Protocol):
             self.abort()  # nothing was asked: an upstream that talks unprompted is not reused
             return
         answer.feed(data)
-        if answer.done and self.answer is answer:
-            self._answered(answer)
+        if answer.done and self.answer is answer:  # usually freed already, by the answer as its head came
+            self.answered(answer)
 
     def answered(self, answer: UpstreamResponse) -> None:
-        """``answer`` has arrived whole (its reader may not have read it yet): the connection is free."""
-        if self.answer is answer:
-            self._answered(answer)
+        """``answer`` has arrived whole (its reader may not have read it yet): the connection is free. Back to the
+        pool when it may carry another, else closed: answered before the request body was sent whole, not
+        keep-alive, or given up while the answer was read (closing)."""
+        if self.answer is not answer:
+            return
+        self.answer = None
+        pump = self._pump
+        if answer.reusable and (pump is None or pump.done()) and not self.transport.is_closing():
+            if pump is not None:
+                self._pump = None
+            self._on_idle(self)
+        else:
+            self.abort()
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost tells the answer
@@ -93,9 +103,6 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.lost:
             self.transport.resume_reading()
 
-    def usable(self) -> bool:
-        return not self.lost and self.transport is not None and not self.transport.is_closing()
-
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.abort()
@@ -104,14 +111,6 @@ class Connection(asyncio.Protocol):
         """Close the connection if it still carries ``answer`` (a finished one may serve another request)."""
         if self.answer is answer:
             self.abort()
-
-    def _answered(self, answer: UpstreamResponse) -> None:
-        self.answer = None
-        if answer.reusable and (self._pump is None or self._pump.done()) and self.usable():
-            self._pump = None
-            self._on_idle(self)
-        else:
-            self.abort()  # answered before the request body was sent whole, or not keep-alive
 
     # -- sending -------------------------------------------------------------------------------------------
 
