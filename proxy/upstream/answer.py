@@ -137,12 +137,11 @@ class UpstreamResponse:
     _full: CIMultiDict[str] | None = None
     _fields: list[tuple[bytes, bytes]] | tuple = ()  # on_message_begin gives each head its list
     _reason = b""
-    _head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends)
+    _head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends); none: a stale connection
     _field_bytes = 0
     _refusal: BadAnswer | None = None
     _interim = 0
     _in_head = True
-    _got_bytes = False
     _until_close = False
     keep_alive = False
     done = False  # the whole answer was received (not necessarily read)
@@ -153,6 +152,9 @@ class UpstreamResponse:
     _waiter: asyncio.Future[None] | None = None
     _timed = False  # ``wait_head`` put its deadline on the connection's HeadClock
     _settled = False  # the head arrived, or never will (failure says why)
+    _head_only = False  # a HEAD answer: no body, whatever it declares
+    _on_head: Callable[[UpstreamResponse], None] | None = None
+    _head: asyncio.Future[None] | None = None  # without ``on_head``: what ``wait_head`` hands out
     failure: BaseException | None = None  # with ``on_head``: why there is no head (BadAnswer, HeadTimeout)
 
     def __init__(self, conn: AnswerConnection, method: str, read_timeout: float,
@@ -161,14 +163,15 @@ class UpstreamResponse:
         that came with it parsed) or has failed (``failure``), instead of settling the future ``wait_head``
         hands out; its head deadline starts at once."""
         self._conn = conn
-        self._loop = conn.loop
         self._read_timeout = read_timeout
-        self._head_only = method == "HEAD"
+        if method == "HEAD":
+            self._head_only = True
         self._parser = httptools.HttpResponseParser(self)
-        self._on_head = on_head
-        self._head: asyncio.Future[None] | None = self._loop.create_future() if on_head is None else None
         self._chunks: deque[bytes] = deque()
-        if on_head is not None:
+        if on_head is None:
+            self._head = conn.loop.create_future()
+        else:
+            self._on_head = on_head
             conn.head_clock.start(self, read_timeout)
 
     @property
@@ -192,8 +195,7 @@ class UpstreamResponse:
     # -- fed by the connection ------------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        first = not self._got_bytes
-        self._got_bytes = True
+        first = not self._head_bytes  # no byte yet (every byte fed before the end of the head is counted there)
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -225,7 +227,8 @@ class UpstreamResponse:
         on_head = self._on_head
         if on_head is not None:
             self._on_head = None
-            self.failure = failure
+            if failure is not None:
+                self.failure = failure
             on_head(self)
         elif self._head.done():
             pass  # its waiter stopped waiting (cancelled): nobody to tell
@@ -237,7 +240,7 @@ class UpstreamResponse:
 
     def connection_lost(self) -> None:
         if self._in_head:
-            self._fail(BadAnswer("connection closed before the answer", stale=not self._got_bytes))
+            self._fail(BadAnswer("connection closed before the answer", stale=not self._head_bytes))
         elif not self.done:
             if self._until_close and self._error is None:
                 self.done = True  # this answer's end is the end of the connection
@@ -437,8 +440,9 @@ class UpstreamResponse:
         return b"".join(parts)
 
     async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._read_timeout, self._body_timed_out, waiter)
+        loop = self._conn.loop
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(self._read_timeout, self._body_timed_out, waiter)
         try:
             await waiter
         finally:
