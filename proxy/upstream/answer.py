@@ -69,6 +69,17 @@ _ANSWER_FIELDS = {name.encode(): _HOP for name in HOP_BY_HOP} | {
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
 
 
+class _Finished:
+    """The parser of an answer received whole (``feed``): bytes fed to it are bytes after the answer's end."""
+
+    @staticmethod
+    def feed_data(data: bytes) -> None:
+        raise httptools.HttpParserError("bytes after the answer's end")
+
+
+_FINISHED = _Finished()
+
+
 class HeadClock:
     """The head deadline of the answers on one connection, on one timer that outlives them: an answer's deadline,
     later than the one before it, is only recorded, and the timer, when it fires early, re-arms for the deadline
@@ -220,6 +231,11 @@ class UpstreamResponse:
                     self.arrived_in = data
                 self._conn.answered(self)
             self._settle(None)
+        if self.done:
+            # The connection lets go of an answer received whole: no byte comes after this. The parser's callbacks
+            # refer back to this answer: without the parser, the answer is freed as soon as its reader drops it,
+            # not left to the cyclic GC (whose work grows with each request's garbage).
+            self._parser = _FINISHED
 
     def _settle(self, failure: BaseException | None) -> None:
         """The head is in (``failure`` None) or never will be: the one place its waiter is told."""
@@ -239,6 +255,7 @@ class UpstreamResponse:
             self._head.exception()  # retrieved here: a failed head nobody awaits any more is not an error
 
     def connection_lost(self) -> None:
+        self._parser = _FINISHED  # nothing more to parse (and no cycle through the parser's callbacks)
         if self._in_head:
             self._fail(BadAnswer("connection closed before the answer", stale=not self._head_bytes))
         elif not self.done:
