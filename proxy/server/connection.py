@@ -67,6 +67,7 @@ import httptools
 from multidict import CIMultiDict
 
 from proxy import errors
+from proxy.deadline import Deadline
 from proxy.errors import BadRequest, HeadersTooLarge, ProxyError
 from proxy.observe.request_id import new_request_id
 from proxy.server.connlimit import ConnectionLimit
@@ -145,10 +146,9 @@ class HTTPConnection(asyncio.Protocol):
         self._starting = False
         # One timer serves the head deadline and the idle limit: moving a deadline later only records it (the
         # timer, when it fires early, re-arms itself), so a busy keep-alive connection costs no timer per request.
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._deadline: float | None = None
+        self._deadline: Deadline | None = None  # made with the loop, in _attach
         self._timing_head = False
+        self._linger: asyncio.TimerHandle | None = None
         self._read_paused = False
         self._write_paused = False
         self._drain_waiter: asyncio.Future | None = None
@@ -174,6 +174,7 @@ class HTTPConnection(asyncio.Protocol):
     def _attach(self, transport) -> None:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
+        self._deadline = Deadline(self._loop, self._expired)
         self._peer_ip = transport_ip(transport)
         self._peercert = transport.get_extra_info("peercert")
         if self.ctx.live is not None:
@@ -293,7 +294,8 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._deadline = None  # the head is in: no deadline while the request is served (the timer lapses)
+        if self._deadline is not None:  # the head is in: no deadline while the request is served (the timer lapses)
+            self._deadline.clear()
         self._timing_head = False
         parser = self._parser
         raw = self._raw
@@ -575,41 +577,28 @@ class HTTPConnection(asyncio.Protocol):
             if self._read_paused:
                 self._read_paused = False
                 transport.resume_reading()
-            self._timer = self._loop.call_later(LINGER, transport.abort)
+            self._linger = self._loop.call_later(LINGER, transport.abort)
         else:
             transport.close()
 
     def _arm(self, delay: float, *, head: bool) -> None:
         if delay <= 0:
-            self._deadline = None
+            self._deadline.clear()
             self._timing_head = False
             return
-        deadline = self._loop.time() + delay
-        self._deadline = deadline
+        self._deadline.set(delay)
         self._timing_head = head
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._expired)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._deadline = None
+        if self._deadline is not None:
+            self._deadline.stop()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         self._timing_head = False
 
     def _expired(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None:
-            return
-        if self._loop.time() + 0.001 < deadline:  # moved later since the timer was set (1 ms: timer granularity)
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._expired)
-            return
-        head, self._timing_head, self._deadline = self._timing_head, False, None
+        head, self._timing_head = self._timing_head, False
         if self._active is not None or self._queue or self._dead:
             return  # busy: the deadline was for an idle connection
         if head:

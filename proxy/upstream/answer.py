@@ -34,6 +34,7 @@ from typing import Protocol
 import httptools
 from multidict import CIMultiDict
 
+from proxy.deadline import Deadline
 from proxy.errors import BadAnswer, BodyFailed, BodyTimeout, HeadTimeout
 from proxy.upstream.hop_by_hop import HOP_BY_HOP
 
@@ -81,50 +82,30 @@ _FINISHED = _Finished()
 
 
 class HeadClock:
-    """The head deadline of the answers on one connection, on one timer that outlives them: an answer's deadline,
-    later than the one before it, is only recorded, and the timer, when it fires early, re-arms for the deadline
-    then recorded (``proxy/server/connection.py`` does the same for the caller's side). A ``call_later`` and its
-    ``cancel`` per answer cost more than the rest of setting an answer up; this timer fires about once per read
-    timeout on a busy connection. An answer that has its head is not told when its deadline passes."""
+    """The head deadline of the answers on one connection, on one ``Deadline`` that outlives them (a timer
+    about once per read timeout on a busy connection, not one per answer). An answer that has its head is not
+    told when its deadline passes."""
 
-    __slots__ = ("_loop", "_timer", "_timer_at", "_answer", "_deadline")
+    __slots__ = ("_deadline", "_answer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._deadline = Deadline(loop, self._expired)
         self._answer: UpstreamResponse | None = None
-        self._deadline = 0.0
 
     def start(self, answer: UpstreamResponse, timeout: float) -> None:
         """``answer``'s head is due within ``timeout`` from now (the one answer awaited on the connection)."""
-        deadline = self._loop.time() + timeout
-        self._answer, self._deadline = answer, deadline
-        if self._timer is None or self._timer_at > deadline:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._expired)
+        self._answer = answer
+        self._deadline.set(timeout)
 
     def stop(self) -> None:
         """The connection is gone: no timer, no answer kept."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.stop()
         self._answer = None
 
     def _expired(self) -> None:
-        self._timer = None
-        answer = self._answer
-        if answer is None:
-            return
-        deadline = self._deadline
-        if self._loop.time() + 0.001 < deadline:  # a later answer's deadline (1 ms: the loop's timer granularity)
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._expired)
-            return
-        self._answer = None
-        answer._head_timed_out()  # nothing, if it has its head
+        answer, self._answer = self._answer, None
+        if answer is not None:
+            answer._head_timed_out()  # nothing, if it has its head
 
 
 class UpstreamResponse:
