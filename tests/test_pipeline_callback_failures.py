@@ -20,52 +20,40 @@ import pytest
 from proxy import pipeline
 from tests.helpers import base_config, start_proxy, write_store
 from tests.ops_support import audit_lines
+from tests.security.scripted_upstream import CLOSE, ScriptedUpstream
 from tests.test_pipeline_callbacks import _answer, _request
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
 READ_TIMEOUT = 0.5
 
 
-class Upstream:
+class Upstream(ScriptedUpstream):
     """Answers request number N (counted across connections) with ``await script(N)``: bytes to send,
-    ``(bytes, "close")`` to hang up after them, or None to hang up without answering. Keeps the connection
-    count and every request head."""
+    ``(bytes, "close")`` to hang up after them, or None to hang up without answering."""
 
     def __init__(self, script: Callable[[int], Awaitable[bytes | tuple | None]]) -> None:
-        self.script = script
-        self.connections = 0
-        self.heads: list[bytes] = []
-        self._tasks: set[asyncio.Task] = set()
+        async def scripted(n: int, head: bytes):
+            answer = await script(n)
+            return CLOSE if answer is None else answer
 
-    async def __aenter__(self) -> "Upstream":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
-        return self
+        super().__init__(scripted)
 
-    async def __aexit__(self, *exc) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self._server.close()
-        await self._server.wait_closed()
+    @property
+    def heads(self) -> list[bytes]:
+        return [head for head, _ in self.requests]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self._tasks.add(asyncio.current_task())
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")  # the proxy's requests here have no body
-                self.heads.append(head)
-                answer = await self.script(len(self.heads) - 1)
-                if answer is None:
-                    break
-                writer.write(answer[0] if isinstance(answer, tuple) else answer)
-                await writer.drain()
-                if isinstance(answer, tuple):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
+
+def _second_answer_held():
+    """A script that holds its answer to the second request (``asked`` is set when it comes) until ``release``."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def script(n):
+        if n == 1:
+            asked.set()
+            await release.wait()
+        return OK
+
+    return asked, release, script
 
 
 async def ok(n: int) -> bytes:
@@ -209,14 +197,7 @@ async def _until(check, timeout: float = 5.0) -> None:
 
 
 async def test_the_caller_going_away_while_the_answer_is_pending(tmp_path, path):
-    asked, release = asyncio.Event(), asyncio.Event()
-
-    async def script(n):
-        if n == 1:
-            asked.set()
-            await release.wait()
-        return OK
-
+    asked, release, script = _second_answer_held()
     async with Upstream(script) as up, Caller(tmp_path, up) as c:
         assert (await c.get())[0] == 200
         c.writer.write(_request("GET", "/example/v1/x"))
@@ -243,14 +224,7 @@ async def test_the_caller_closing_while_the_answer_is_pending(tmp_path, path):
     """A caller that closes (FIN) rather than resets: the proxy reads end of input while the request waits,
     answers once the upstream does (into a socket the caller no longer reads: whether the write meets the
     caller's reset first is timing), and then closes its side."""
-    asked, release = asyncio.Event(), asyncio.Event()
-
-    async def script(n):
-        if n == 1:
-            asked.set()
-            await release.wait()
-        return OK
-
+    asked, release, script = _second_answer_held()
     async with Upstream(script) as up, Caller(tmp_path, up) as c:
         assert (await c.get())[0] == 200
         c.writer.write(_request("GET", "/example/v1/x"))

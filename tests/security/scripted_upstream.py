@@ -6,6 +6,7 @@ A fault-injecting fake on purpose: no real server misbehaves on demand.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
 
 from multidict import CIMultiDict
@@ -20,8 +21,9 @@ SILENT = "silent"  # read the request, never answer
 
 
 class ScriptedUpstream:
-    """Answers request number N with ``script(N, head)``: bytes, ``(bytes, "close")`` to hang up after them,
-    ``CLOSE`` or ``SILENT``. Counts connections and keeps each request's head and body."""
+    """Answers request number N with ``script(N, head)`` (or what it returns to await): bytes,
+    ``(bytes, "close")`` to hang up after them, ``CLOSE`` or ``SILENT``. Counts connections and keeps each
+    request's head and body."""
 
     def __init__(self, script: Callable[[int, bytes], object]) -> None:
         self.script = script
@@ -55,6 +57,8 @@ class ScriptedUpstream:
                 n = len(self.requests)
                 self.requests.append((head, body))
                 answer = self.script(n, head)
+                if inspect.isawaitable(answer):  # a script that holds its answer until the test lets it go
+                    answer = await answer
                 if answer == CLOSE:
                     break
                 if answer == SILENT:
