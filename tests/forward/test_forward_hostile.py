@@ -262,6 +262,36 @@ async def test_opaque_tunnel_relays_bytes_and_audits_their_counts(tmp_path, upst
         server.close()
 
 
+async def test_an_idle_opaque_tunnel_is_closed_and_audited_while_a_busy_one_stays_open(tmp_path, upstream):
+    """Bytes either way keep a tunnel open; one silent both ways for ``tunnel_idle_timeout`` is closed (both
+    sides) and gets its audit line. (The timeout is shortened here; the margins are wide: what is asserted is
+    that activity keeps it and silence ends it, not how fast.)"""
+    async def echo_server(reader, writer):
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo_server, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    running = await start(tmp_path, upstream, tunnel_hosts=[f"localhost:{port}"])
+    running.proxy.forward_context.tunnel_idle_timeout = 1.0
+    try:
+        status, _, _, reader, writer = await connect(running, f"localhost:{port}", basic())
+        assert status == 200
+        for _ in range(12):  # 2.4 s of traffic, each gap a fifth of the idle timeout
+            writer.write(b"x")
+            assert await asyncio.wait_for(reader.readexactly(1), 5) == b"x"
+            await asyncio.sleep(0.2)
+        assert not reader.at_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # silent now: the proxy closes the tunnel
+        lines = [entry for entry in running.audit_lines(tmp_path) if entry.get("reason") == "tunnel"]
+        assert len(lines) == 1 and lines[0]["bytes_up"] == 12 and lines[0]["bytes_down"] == 12
+        writer.close()
+    finally:
+        await running.proxy.stop()
+        server.close()
+
+
 async def test_absolute_form_http_only_for_insecure_credentials_that_name_the_port(tmp_path, upstream):
     recorder = Recorder()
     runner = web.AppRunner(recorder.app())

@@ -8,7 +8,9 @@ One ``ForwardConnection`` per caller connection reads the first request line:
     the connection handed to the HTTP protocol (``inner``) with a ``Via`` naming the CONNECT target
     and the caller; each request inside then runs the pipeline like any other;
   - a host in ``tunnel_hosts``: ``200`` and an opaque byte relay to that host (the address policy
-    applies to what its name resolves to), audited with its byte counts when it ends;
+    applies to what its name resolves to), audited with its byte counts when it ends; one that carries
+    no byte either way for ``tunnel_idle_timeout`` is closed (it holds a place under
+    ``max_connections`` and a socket to the host);
   - anything else (unlisted, IP literal, another port): ``403``.
 - anything else: an absolute-form request; the connection goes to ``inner`` as it is, with a
   ``Via`` that has no CONNECT target (each request authenticates itself).
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from proxy import errors
+from proxy.deadline import Deadline
 from proxy.errors import AddressDenied, BadRequest, Forbidden, HeadersTooLarge, ProxyAuthRequired, ProxyError, UpstreamError
 from proxy.observe.audit import ForwardEvent
 from proxy.routing import Via
@@ -42,6 +45,9 @@ log = logging.getLogger("credproxy.forward")
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 TUNNEL_HIGH_WATER = 256 * 1024
+# An opaque tunnel silent both ways this long is closed: Squid's read_timeout for CONNECT tunnels (a forward
+# proxy's usual bound); long enough for a client's idle keep-alive connection or a quiet stream with pings.
+TUNNEL_IDLE_TIMEOUT = 15 * 60.0
 
 
 @dataclass(eq=False)
@@ -54,6 +60,7 @@ class ForwardContext:
     connections: ConnectionLimit | None = None
     open: set = field(default_factory=set)  # connections not (yet) handed to ``inner``: closed at shutdown
     resolver: Resolver = resolve  # how tunnel hosts are resolved (tests put a fault-injecting one here)
+    tunnel_idle_timeout: float = TUNNEL_IDLE_TIMEOUT  # seconds; 0: none
 
 
 class ForwardConnection(asyncio.Protocol):
@@ -67,6 +74,7 @@ class ForwardConnection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._tunnel: _TunnelUpstream | None = None
         self._audit: _ConnectAudit | None = None  # an opaque tunnel's line, written when it closes
+        self._idle: Deadline | None = None  # an opaque tunnel's: moved on by every byte either way
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -85,6 +93,8 @@ class ForwardConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self._disarm()
+        if self._idle is not None:
+            self._idle.stop()
         self.ctx.open.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -118,6 +128,7 @@ class ForwardConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._tunnel is not None:
             self.bytes_up += len(data)
+            self._active()
             self._tunnel.write(data)
             return
         if self._task is not None:  # bytes before our answer to the CONNECT: nothing a client may send yet
@@ -245,6 +256,9 @@ class ForwardConnection(asyncio.Protocol):
         state.metrics.forward_connects.labels("tunnelled").inc()
         audit.tunnel = True
         self._audit = audit
+        if self.ctx.tunnel_idle_timeout > 0:
+            self._idle = Deadline(asyncio.get_running_loop(), self._tunnel_idle)
+            self._active()
         self.transport.write(ESTABLISHED)
         if self._buffer:  # reading was paused; nothing should be here, but never drop a byte of a tunnel
             self.data_received(bytes(self._buffer))
@@ -260,7 +274,20 @@ class ForwardConnection(asyncio.Protocol):
 
     def tunnel_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
+        self._active()
         self.transport.write(data)
+
+    def _active(self) -> None:
+        if self._idle is not None:
+            self._idle.set(self.ctx.tunnel_idle_timeout)  # only recorded: the timer re-arms when it fires early
+
+    def _tunnel_idle(self) -> None:
+        audit = self._audit
+        log.info("opaque tunnel idle; closed", extra={
+            "request_id": audit.request_id if audit else None, "connect_host": audit.connect_host if audit else None,
+            "idle_timeout_s": self.ctx.tunnel_idle_timeout})
+        if self._tunnel is not None:
+            self._tunnel.close()  # closes both sides and writes the tunnel's audit line
 
     def tunnel_closed(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
