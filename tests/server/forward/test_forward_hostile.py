@@ -15,7 +15,7 @@ from aiohttp import web
 
 from proxy.store.file import FileStore, load_key
 from proxy.config import models as config_mod
-from tests.forward.support import HOST, SECRET, SHARED_HOST, start, tls_upstream
+from tests.server.forward.support import HOST, SECRET, SHARED_HOST, start, tls_upstream
 from tests.helpers import CALLER_TOKENS, Recorder, assert_no_canary
 
 
@@ -110,7 +110,7 @@ async def test_unlisted_hosts_ip_literals_and_other_ports_are_403(proxy, tmp_pat
 
 
 async def test_allow_ips_lock_applies_to_the_connect(tmp_path, upstream):
-    from tests.forward.support import forward_config
+    from tests.server.forward.support import forward_config
     from tests.helpers import sha, start_proxy
 
     cfg = forward_config(tmp_path, upstream)
@@ -385,7 +385,7 @@ async def test_ten_thousand_distinct_hosts_leave_the_cache_bounded_and_memory_fl
 
 
 async def test_refused_connects_raise_the_denied_attempts_alert(tmp_path, upstream):
-    from tests.forward.support import forward_config
+    from tests.server.forward.support import forward_config
     from tests.helpers import start_proxy
 
     cfg = forward_config(tmp_path, upstream)
@@ -409,7 +409,7 @@ async def test_a_reload_changes_which_hosts_are_intercepted_without_a_restart(tm
 
     from proxy.app import Proxy
     from proxy.config import models as config_mod
-    from tests.forward.support import forward_config
+    from tests.server.forward.support import forward_config
     from tests.helpers import RunningProxy
 
     cfg = forward_config(tmp_path, upstream)
@@ -459,7 +459,7 @@ async def test_http2_is_not_offered_inside_the_tunnel(proxy, tmp_path):
 
 
 async def test_forward_connections_count_under_max_connections(tmp_path, upstream):
-    from tests.forward.support import forward_config
+    from tests.server.forward.support import forward_config
     from tests.helpers import start_proxy
 
     cfg = forward_config(tmp_path, upstream)

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 from aiohttp import web
 
-from tests.forward.support import HOST, SECRET, client_env, forward_config, tls_upstream
+from tests.server.forward.support import HOST, SECRET, client_env, forward_config, tls_upstream
 from tests.helpers import Recorder, assert_no_canary, start_proxy
 
 AKID = "AKIACREDPROXYCANARY1"
