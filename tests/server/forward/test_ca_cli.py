@@ -19,7 +19,7 @@ from proxy.store.file import FileStore, load_key
 from proxy.store.secret import Secret
 from tests.vault_fixture import bao  # noqa: F401 - fixture
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
