@@ -83,6 +83,8 @@ LINGER = 2.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9), "2.0": (2, 0)}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT")}
+_new = object.__new__
+_init_request = Request.__init__  # on _new(Request): see Request.__init__
 
 Handler = Callable[[Request, ResponseWriter], "Awaitable[None] | None"]
 OnRefused = Callable[[object, ProxyError, str], None]  # (peer IP or None, the error, request ID)
@@ -328,11 +330,10 @@ class HTTPConnection(asyncio.Protocol):
             chunked = "Transfer-Encoding" in headers
         method = parser.get_method()
         method = self._last_method = _METHODS.get(method) or method.decode("ascii")
-        req = Request(method, self._url.decode("utf-8", "surrogateescape"), version,
-                      raw, headers, peer_ip=self._peer_ip, peercert=self._peercert, context=self.ctx,
-                      connection=self, content_length=content_length, chunked=chunked,
-                      keep_alive=parser.should_keep_alive(), upgrade=method == "CONNECT", fields=fields, first=first)
-        req.plain_head = plain
+        req = _new(Request)
+        _init_request(req, method, self._url.decode("utf-8", "surrogateescape"), version, raw, headers, self._peer_ip,
+                      self._peercert, self.ctx, self, content_length, chunked, parser.should_keep_alive(),
+                      method == "CONNECT", fields, first, plain)
         if chunked or content_length:
             expect = version >= (1, 1) and headers.get("Expect", "").lower() == "100-continue"
             req.expect_continue = expect

@@ -132,9 +132,11 @@ class Request:
                  "_connection", "plain_head")
 
     def __init__(self, method: str, target: str, version: tuple[int, int], raw_headers: list[tuple[bytes, bytes]],
-                 headers: CIMultiDict[str] | None, *, peer_ip, peercert: dict | None, context, connection,
+                 headers: CIMultiDict[str] | None, peer_ip, peercert: dict | None, context, connection,
                  content_length: int | None, chunked: bool, keep_alive: bool, upgrade: bool,
-                 fields: list[str] | None = None, first: dict[str, str] | None = None) -> None:
+                 fields: list[str] | None = None, first: dict[str, str] | None = None, plain_head: bool = False) -> None:
+        # Positional: the connection runs this on ``object.__new__(Request)`` for each request (a call of the class
+        # goes through its type's call and init slots, and keywords through a dict: twice the cost).
         self.method = method
         self.target = target
         self.version = version
@@ -154,8 +156,9 @@ class Request:
         self.keep_alive = keep_alive
         self.expect_continue = False
         self.upgrade = upgrade  # CONNECT: parsing stopped after its head (a tunnel may follow)
-        # Set by the connection when request_shape.plain_head vouched for the head: its header checks are skipped.
-        self.plain_head = False
+        # True when request_shape.plain_head vouched for the head (the connection asked): its header checks are
+        # skipped.
+        self.plain_head = plain_head
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -176,3 +179,4 @@ class Request:
         Returns ``(transport, leftover bytes, release)`` — ``release`` (or None) must be called when the
         tunnel ends, as it gives back the connection's place under ``max_connections``."""
         return self._connection.take_over()
+
