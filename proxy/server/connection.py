@@ -181,7 +181,7 @@ class HTTPConnection(asyncio.Protocol):
         self._peercert = transport.get_extra_info("peercert")
         if self.ctx.live is not None:
             self.ctx.live.add(self)
-        self._arm(self.ctx.header_timeout, head=True)
+        self._arm(self.ctx.header_timeout, True)
         if self._early is not None:
             data, self._early = self._early, None
             self.data_received(data)
@@ -221,11 +221,15 @@ class HTTPConnection(asyncio.Protocol):
                     elif not self._timing_head and self._active is None and not self._queue:
                         # A head begun, not finished, on an idle connection: it must now be quick. (Armed here
                         # rather than at its first byte: a head that arrives whole needs no timer.)
-                        self._arm(self.ctx.header_timeout, head=True)
+                        self._arm(self.ctx.header_timeout, True)
             break
-        self._flow()
-        if self._queue and self._active is None:
-            self._start()
+        queue = self._queue
+        if self._active is None and len(queue) == 1 and self._parsing is None and not self._read_paused:
+            self._start()  # the usual: one whole request in, served now (_flow would change nothing)
+        else:
+            self._flow()
+            if queue and self._active is None:
+                self._start()
 
     def eof_received(self) -> bool:
         body = self._parsing.body if self._parsing is not None else None
@@ -296,8 +300,9 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        if self._deadline is not None:  # the head is in: no deadline while the request is served (the timer lapses)
-            self._deadline.clear()
+        # The head is in. Its deadline is left as it stands, not cleared: while a request is queued or served the
+        # connection is busy, which the deadline, should it fall due, finds (_expired); once the answer is done it
+        # is set anew (_ended).
         self._timing_head = False
         parser = self._parser
         raw = self._raw
@@ -430,37 +435,38 @@ class HTTPConnection(asyncio.Protocol):
 
     def handled(self, writer: ResponseWriter) -> None:
         """``ResponseWriter.complete``: the request being served was answered in callbacks."""
-        item = self._active
-        if item is None or writer is not self._writer:
-            return  # not this connection's request in progress (it ended already)
-        self._ended(item, writer)
+        if writer is self._writer:  # else not this connection's request in progress (it ended already)
+            self._ended(self._active, writer)  # (_writer is set only while _active is)
 
     def _ended(self, item: Request, writer: ResponseWriter) -> None:
         """The handler is done with ``item``: close, or go on to the next request."""
-        if not writer.finished and self._transport is not None and not self._dead:
+        self._active = self._writer = None
+        if self._dead or self._transport is None:
+            return
+        if not writer.finished:
             if not writer.started:
                 log.error("request handler returned without answering")
             self.abort()  # an answer left unfinished must never look whole
-        self._active = None
-        self._writer = None
-        if self._dead or self._transport is None:
-            return
-        incomplete = item.body is not None and not item.body.complete
+        body = item.body
+        incomplete = body is not None and not body.complete
         if writer.close or self.closing or incomplete or item.upgrade:
             self._close(linger=incomplete or item.upgrade)
         elif self._queue:
             if not self._starting:  # else the loop in _start, which this was called from, goes on
                 self._start()
         elif not self._stopped:
-            self._between_requests()
-
-    def _between_requests(self) -> None:
-        """Idle: reading resumes if it waited for the turn, and the timer is the head's (one begun) or idle's."""
-        self._flow()
-        if self._in_head:
-            self._arm(self.ctx.header_timeout, head=True)
-        else:
-            self._arm(self.ctx.keepalive_timeout, head=False)
+            # Idle: reading resumes if it waited for this turn (nothing else is waiting to be read: the queue is
+            # empty, and no body is being parsed, or it would be incomplete), and the timer is the head's (one
+            # begun) or the idle one's.
+            if self._read_paused:
+                self._flow()
+            head = self._in_head
+            delay = self.ctx.header_timeout if head else self.ctx.keepalive_timeout
+            if delay > 0:  # _arm, one call less
+                self._deadline.set(delay)
+                self._timing_head = head
+            else:
+                self._arm(delay, head)
 
     async def _failed(self, exc: Exception, writer: ResponseWriter) -> None:
         """The handler raised: the caller went away or stalled (cut), or a bug (``500``, or cut once answering)."""
@@ -582,13 +588,13 @@ class HTTPConnection(asyncio.Protocol):
         else:
             transport.close()
 
-    def _arm(self, delay: float, *, head: bool) -> None:
-        if delay <= 0:
+    def _arm(self, delay: float, head: bool) -> None:
+        if delay > 0:
+            self._deadline.set(delay)
+            self._timing_head = head
+        else:
             self._deadline.clear()
             self._timing_head = False
-            return
-        self._deadline.set(delay)
-        self._timing_head = head
 
     def _cancel_timer(self) -> None:
         if self._deadline is not None:
