@@ -85,6 +85,7 @@ _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0), "0.9": (0, 9), "2.0": (2, 0)}
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT")}
 _new = object.__new__
 _init_request = Request.__init__  # on _new(Request): see Request.__init__
+_init_writer = ResponseWriter.__init__  # likewise
 
 Handler = Callable[[Request, ResponseWriter], "Awaitable[None] | None"]
 OnRefused = Callable[[object, ProxyError, str], None]  # (peer IP or None, the error, request ID)
@@ -156,6 +157,9 @@ class HTTPConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self.closing = False  # close after the answer in progress (draining; the caller sent EOF)
         self._dead = False
+        # Whether ``drain()`` would do anything (wait, or raise): a caller that keeps up skips the coroutine. Kept
+        # as ``_dead or _write_paused`` where either changes (a plain attribute: read once per answer).
+        self.must_drain = False
 
     # --- transport events --------------------------------------------------------------
 
@@ -163,7 +167,7 @@ class HTTPConnection(asyncio.Protocol):
         connections = self.ctx.connections
         if connections is not None:
             if not connections.admit(transport):
-                self._dead = True
+                self._dead = self.must_drain = True
                 return  # over max_connections: the transport now belongs to a connlimit.Refusal
             self._release = connections.release
         self._attach(transport)
@@ -241,7 +245,7 @@ class HTTPConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._dead = True
+        self._dead = self.must_drain = True
         self._cancel_timer()
         if self._release is not None:
             self._release, release = None, self._release
@@ -257,10 +261,11 @@ class HTTPConnection(asyncio.Protocol):
             waiter.set_exception(gone)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._write_paused = self.must_drain = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self.must_drain = self._dead
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
@@ -402,8 +407,8 @@ class HTTPConnection(asyncio.Protocol):
                 self._active = item
                 if self._read_paused:  # paused for this request's turn (reading pauses only in _flow)
                     self._flow()
-                writer = self._writer = ResponseWriter(self, item.method, item.version,
-                                                       item.keep_alive and not self.closing)
+                writer = self._writer = _new(ResponseWriter)
+                _init_writer(writer, self, item.method, item.version, item.keep_alive and not self.closing)
                 try:
                     run = self.ctx.handler(item, writer)
                 except Exception as exc:  # noqa: BLE001 - see _failed
@@ -503,11 +508,6 @@ class HTTPConnection(asyncio.Protocol):
             raise ConnectionResetError("caller went away")
         transport.writelines(parts)
 
-    @property
-    def must_drain(self) -> bool:
-        """Whether ``drain()`` would do anything (wait, or raise): a caller that keeps up skips the coroutine."""
-        return self._dead or self._write_paused
-
     async def drain(self) -> None:
         if self._dead:
             raise ConnectionResetError("caller went away")
@@ -545,7 +545,7 @@ class HTTPConnection(asyncio.Protocol):
         if self._transport is None or self._dead:
             raise ConnectionResetError("caller went away")
         self._cancel_timer()
-        self._dead = self._stopped = True
+        self._dead = self._stopped = self.must_drain = True
         release, self._release = self._release, None
         if self.ctx.live is not None:
             self.ctx.live.discard(self)

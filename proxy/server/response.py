@@ -112,32 +112,30 @@ class ResponseWriter:
         if text:
             parts.append(text)
             parts.append("\r\n")
-        parts.append(self._framing(status, length))
-        return "".join(parts).encode("utf-8", "surrogateescape")
+        framing = self._framing(status, length)
+        return "".join(parts).encode("utf-8", "surrogateescape") + framing
 
-    def _framing(self, status: int, length: int | None) -> str:
+    def _framing(self, status: int, length: int | None) -> bytes:
         """The head's last lines — its framing and connection fields, and the blank line — and the state they
-        set (chunked, close, length)."""
-        bodiless = status < 200 or status in (204, 304) or (status < 300 and self._connect)
-        if length is not None and not bodiless:
+        set (chunked, close, length). Called once per answer (``started`` guards it)."""
+        if status < 200 or status in (204, 304) or (status < 300 and self._connect):
+            framing = b""  # no body (a 2xx to CONNECT: the tunnel follows)
+        elif length is not None:
             self._length = length
-            framing = f"Content-Length: {length}\r\n"
-        elif not (bodiless or self._head_only):
-            if self._version >= (1, 1):
-                self._chunked = True
-                framing = "Transfer-Encoding: chunked\r\n"
-            else:
-                framing = ""
-                self.close = True  # the end of the body is the end of the connection
+            framing = b"Content-Length: %d\r\n" % length
+        elif self._head_only:
+            framing = b""
+        elif self._version >= (1, 1):
+            self._chunked = True
+            framing = b"Transfer-Encoding: chunked\r\n"
         else:
-            framing = ""
-        if self._head_only or bodiless:
-            self._chunked = False
+            framing = b""
+            self.close = True  # the end of the body is the end of the connection
         if self.close:
-            return framing + "Connection: close\r\n\r\n"
+            return framing + b"Connection: close\r\n\r\n"
         if self._version < (1, 1):
-            return framing + "Connection: keep-alive\r\n\r\n"
-        return framing + "\r\n"
+            return framing + b"Connection: keep-alive\r\n\r\n"
+        return framing + CRLF
 
     async def write(self, data: bytes) -> None:
         if not data or self._head_only:
@@ -209,17 +207,16 @@ class ResponseWriter:
         self.started = True
         self.status = status
         conn = self._conn
-        if conn.closing:
-            self.close = True
-        head = lines + self._framing(status, len(body)).encode()
         if conn.closing or self._head_only:
-            conn.send(head)
+            if conn.closing:
+                self.close = True
+            conn.send(lines + self._framing(status, len(body)))
             if body and not self._head_only:
                 conn.send(body)
         elif len(body) < 16384:
-            conn.send(head + body)
+            conn.send(b"".join((lines, self._framing(status, len(body)), body)))
         else:
-            conn.send_parts((head, body))
+            conn.send_parts((lines + self._framing(status, len(body)), body))
         self.finished = True
         return conn.must_drain
 
