@@ -1,7 +1,7 @@
 """One upstream answer as llhttp parses it: the head, then the body as a stream of chunks.
 
-The parser (``httptools.HttpResponseParser``, llhttp in strict mode) calls this
-object back as bytes arrive on the connection. What it refuses, and what is
+The parser (``httptools.HttpResponseParser``, llhttp in strict mode; one per
+connection, ``Reader``) calls back as bytes arrive, filling in the answer read. What it refuses, and what is
 refused here on top of it, becomes a ``BadAnswer`` before the head is handed on
 (the caller then gets 502), or a ``BodyFailed`` from the body reader after it:
 
@@ -79,6 +79,158 @@ class _Finished:
 
 
 _FINISHED = _Finished()
+_TRAILERS = deque(maxlen=0)  # where the fields after a head go (trailers; a later message's): appended, kept nowhere
+
+
+class Reader:
+    """The llhttp parser of the answers on one connection, and the callbacks it calls, which fill in the answer
+    being read (``answer``). One parser serves one answer after another: making one costs more than feeding it a
+    small answer. It is renewed only when it may not stand at the start of a message: after an answer whose end
+    llhttp did not see (a HEAD answer that declared a body). A connection is reused only after an answer that
+    arrived whole, with no byte after it and no fault, so nothing else can be left in it.
+
+    No reference cycle through an answer: ``answer`` is let go once the answer is received whole or its
+    connection is gone (the answer refers to its connection, which refers to its reader)."""
+
+    __slots__ = ("parser", "answer", "fields", "at_start", "own")
+
+    def __init__(self, own: bool = False) -> None:
+        self.answer: UpstreamResponse | None = None
+        self.fields: list[tuple[bytes, bytes]] | deque = _TRAILERS  # the head being parsed: its fields
+        self.at_start = True  # the parser stands at the start of a message
+        self.own = own  # one answer's own (no connection reader): the parser goes with the answer
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+
+    def bind(self, answer: UpstreamResponse) -> httptools.HttpResponseParser:
+        """``answer`` is the one the next bytes belong to: the parser to feed them to."""
+        if not self.at_start:
+            self.parser = httptools.HttpResponseParser(self)
+            self.at_start = True
+        self.answer = answer
+        return self.parser
+
+    def close(self) -> None:
+        """The connection is gone: no parser kept (its callbacks refer back to this reader)."""
+        self.answer = None
+        self.parser = None
+
+    # -- llhttp callbacks --------------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.at_start = False
+        answer = self.answer
+        if answer.done:
+            answer._dirty = True  # the final answer's fields stay (``headers`` decodes them when asked)
+        else:
+            self.fields = []
+
+    def on_status(self, reason: bytes) -> None:
+        answer = self.answer
+        answer._reason += reason
+        if len(answer._reason) > MAX_FIELD:
+            raise answer._refuse("status line over the limit")
+        if reason.translate(None, _TEXT):
+            raise answer._refuse("control character in the reason phrase")  # llhttp lets NUL through there
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))  # checked once the head is complete: this runs per field
+
+    def on_headers_complete(self) -> None:
+        answer = self.answer
+        if answer.done:
+            answer._dirty = True
+            return
+        fields, self.fields = self.fields, _TRAILERS  # after the head: trailer fields, not forwarded
+        if len(fields) > MAX_HEADERS:
+            raise answer._refuse("too many header fields")
+        status = self.parser.get_status_code()
+        # Every field is among the bytes fed so far: within MAX_FIELD of them (the usual small answer) no limit
+        # can be reached, so the sizes are summed only past that, and for 1xx answers (whose fields count too).
+        if fields and (answer._head_bytes > MAX_FIELD or status < 200 or answer._interim):
+            sizes = [len(n) + len(v) for n, v in fields]
+            answer._field_bytes += sum(sizes)
+            if max(sizes) > MAX_FIELD:
+                raise answer._refuse("header field over the limit")
+            if answer._field_bytes > MAX_HEAD:  # the fields of 1xx answers count too
+                raise answer._refuse("answer head over the limit")
+        if status < 200:
+            if status == 101:
+                raise answer._refuse("unrequested 101 answer", "upstream_bad_framing")
+            answer._interim += 1
+            if answer._interim > MAX_INTERIM:
+                raise answer._refuse("too many 1xx answers", "upstream_bad_framing")
+            answer._reason = b""
+            return
+        # One pass over the fields: the framing facts, and the fields the caller's answer carries (decoded, without
+        # the hop-by-hop ones), so neither the relay nor anyone else copies or searches a header set for them.
+        forward = []
+        te: list[bytes] = []
+        connection: list[bytes] = []
+        length = None
+        for field in fields:
+            kind = _ANSWER_FIELDS.get(field[0].lower())  # llhttp (strict) let only token characters into a name
+            if kind is not None:
+                if kind is _LENGTH:
+                    if length is None:
+                        length = field[1]
+                        answer.length_at = len(forward)
+                elif kind is _ENCODING:
+                    answer.encoded = True
+                elif kind is _REQUEST_ID:
+                    answer.own_request_id = True
+                else:
+                    if kind is _CODING:
+                        te.append(field[1])
+                    elif kind is _CONNECTION:
+                        connection.append(field[1])
+                    continue
+            forward.append(field)
+        if te and (len(te) > 1 or te[0].decode("utf-8", "surrogateescape").strip().lower() != "chunked"):
+            raise answer._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
+        # Names Connection lists are hop-by-hop too; a lone "keep-alive" (the usual one) names none else.
+        if connection and (len(connection) > 1 or connection[0].lower() != b"keep-alive"):
+            named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
+            if not named <= HOP_BY_HOP:
+                forward = [(k, v) for k, v in forward if k.decode("utf-8", "surrogateescape").lower() not in named]
+                answer.length_at = -2  # where it was is not known any more
+        answer._fields = fields
+        answer.forward_raw = forward
+        answer.status = status
+        answer.raw_reason = answer._reason
+        answer.keep_alive = self.parser.should_keep_alive()
+        if answer._head_only or status in _NO_BODY_STATUS:
+            answer.content_length = None if answer._head_only else 0
+            answer.done = True  # llhttp would wait for a HEAD answer's declared body: it ends here
+        elif te:
+            pass  # chunked: no length, read to the last chunk
+        elif length is not None:
+            answer.content_length = int(length)  # llhttp checked the digits
+        else:
+            answer._until_close = True  # neither length nor chunked: the answer ends with the connection
+            answer.keep_alive = False
+        answer._in_head = False
+
+    def on_body(self, chunk: bytes) -> None:
+        answer = self.answer
+        if answer.done:
+            answer._dirty = True
+            return
+        answer._chunks.append(chunk)
+        answer._buffered += len(chunk)
+        if answer._buffered > HIGH_WATER and not answer._paused:
+            answer._paused = True
+            answer._conn.pause_reading()
+        if answer._waiter is not None:
+            answer._wake()
+
+    def on_message_complete(self) -> None:
+        self.at_start = True
+        answer = self.answer
+        if answer._in_head or answer.done:
+            return  # a 1xx answer ended (the final one follows), or the end of a HEAD answer's body
+        answer.done = True
+        if answer._waiter is not None:
+            answer._wake()
 
 
 class HeadClock:
@@ -114,11 +266,10 @@ class UpstreamResponse:
     end goes back to its pool by itself; one that was not is closed) or ``close()``."""
 
     status: int
-    reason: str
     content_length: int | None
     # Starting values shared by every answer (class attributes, set per answer only when they change): most of
     # an answer's state, made per request, would otherwise be two dozen stores before a byte arrives.
-    status, reason, content_length = 0, "", None
+    status, content_length = 0, None
     forward_raw: list[tuple[bytes, bytes]] | tuple = ()  # the fields the caller's answer carries, as received
     length_at = -1  # the index of its Content-Length among them (-1: none; -2: not known)
     own_request_id = False  # the upstream sent an X-Request-Id (the caller's answer carries credproxy's instead)
@@ -150,15 +301,18 @@ class UpstreamResponse:
     failure: BaseException | None = None  # with ``on_head``: why there is no head (BadAnswer, HeadTimeout)
 
     def __init__(self, conn: AnswerConnection, method: str, read_timeout: float,
-                 on_head: Callable[[UpstreamResponse], None] | None = None) -> None:
+                 on_head: Callable[[UpstreamResponse], None] | None = None, reader: Reader | None = None) -> None:
         """``on_head``: called once, from the connection's callbacks, when the head has arrived (with the bytes
         that came with it parsed) or has failed (``failure``), instead of settling the future ``wait_head``
-        hands out; its head deadline starts at once."""
+        hands out; its head deadline starts at once. ``reader``: the connection's (else the answer has its own)."""
         self._conn = conn
         self._read_timeout = read_timeout
         if method == "HEAD":
             self._head_only = True
-        self._parser = httptools.HttpResponseParser(self)
+        if reader is None:
+            reader = Reader(own=True)
+        self._reader = reader
+        self._parser = reader.bind(self)
         self._chunks: deque[bytes] = deque()
         if on_head is None:
             self._head = conn.loop.create_future()
@@ -174,6 +328,11 @@ class UpstreamResponse:
             self._forward = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                                          for n, v in self.forward_raw])
         return self._forward
+
+    @property
+    def reason(self) -> str:
+        """The reason phrase, decoded (``raw_reason``: as received)."""
+        return self.raw_reason.decode("utf-8", "surrogateescape")
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -204,6 +363,12 @@ class UpstreamResponse:
         else:
             if self._in_head and self._head_bytes > MAX_HEAD:
                 self._fail(BadAnswer("answer head over the limit"))
+        if self.done and self._parser is not _FINISHED:
+            # Received whole: no byte comes after this. Its reader lets go of it first (a request the news below
+            # starts may take the connection, and its reader, at once), so no cycle runs through it: it is freed
+            # as soon as its reader drops it, not left to the cyclic GC (whose work grows with each request's
+            # garbage).
+            self._let_go()
         # The head is handed on only once the bytes that came with it are parsed: a fault found in them
         # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
         if not self._in_head and not self._settled:
@@ -212,11 +377,15 @@ class UpstreamResponse:
                     self.arrived_in = data
                 self._conn.answered(self)
             self._settle(None)
-        if self.done:
-            # The connection lets go of an answer received whole: no byte comes after this. The parser's callbacks
-            # refer back to this answer: without the parser, the answer is freed as soon as its reader drops it,
-            # not left to the cyclic GC (whose work grows with each request's garbage).
-            self._parser = _FINISHED
+
+    def _let_go(self) -> None:
+        """Nothing more to parse: the reader is free for the connection's next answer (its own one goes)."""
+        self._parser = _FINISHED
+        reader = self._reader
+        if reader.answer is self:
+            reader.answer = None
+        if reader.own:
+            reader.parser = None  # its callbacks refer back to the reader: no cycle left
 
     def _settle(self, failure: BaseException | None) -> None:
         """The head is in (``failure`` None) or never will be: the one place its waiter is told."""
@@ -236,7 +405,8 @@ class UpstreamResponse:
             self._head.exception()  # retrieved here: a failed head nobody awaits any more is not an error
 
     def connection_lost(self) -> None:
-        self._parser = _FINISHED  # nothing more to parse (and no cycle through the parser's callbacks)
+        if self._parser is not _FINISHED:
+            self._let_go()
         if self._in_head:
             self._fail(BadAnswer("connection closed before the answer", stale=not self._head_bytes))
         elif not self.done:
@@ -262,119 +432,10 @@ class UpstreamResponse:
             self._error = exc if isinstance(exc, BodyFailed) else BodyFailed(str(exc))
             self._wake()
 
-    # -- llhttp callbacks --------------------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self.done:
-            self._dirty = True  # the final answer's fields stay (``headers`` decodes them when asked)
-        else:
-            self._fields = []
-
     def _refuse(self, why: str, reason: str = "upstream_failed") -> BadAnswer:
         # httptools wraps what a callback raises in HttpParserCallbackError: ``feed`` reports this one
         self._refusal = BadAnswer(why, reason)
         return self._refusal
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-        if len(self._reason) > MAX_FIELD:
-            raise self._refuse("status line over the limit")
-        if reason.translate(None, _TEXT):
-            raise self._refuse("control character in the reason phrase")  # llhttp lets NUL through there
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:  # after the head: trailer fields, not forwarded (the caller's answer carries none)
-            self._fields.append((name, value))  # checked once the head is complete: this runs per field
-
-    def on_headers_complete(self) -> None:
-        if self.done:
-            self._dirty = True
-            return
-        fields = self._fields
-        if len(fields) > MAX_HEADERS:
-            raise self._refuse("too many header fields")
-        status = self._parser.get_status_code()
-        # Every field is among the bytes fed so far: within MAX_FIELD of them (the usual small answer) no limit
-        # can be reached, so the sizes are summed only past that, and for 1xx answers (whose fields count too).
-        if fields and (self._head_bytes > MAX_FIELD or status < 200 or self._interim):
-            sizes = [len(n) + len(v) for n, v in fields]
-            self._field_bytes += sum(sizes)
-            if max(sizes) > MAX_FIELD:
-                raise self._refuse("header field over the limit")
-            if self._field_bytes > MAX_HEAD:  # the fields of 1xx answers count too
-                raise self._refuse("answer head over the limit")
-        if status < 200:
-            if status == 101:
-                raise self._refuse("unrequested 101 answer", "upstream_bad_framing")
-            self._interim += 1
-            if self._interim > MAX_INTERIM:
-                raise self._refuse("too many 1xx answers", "upstream_bad_framing")
-            self._reason = b""
-            return
-        # One pass over the fields: the framing facts, and the fields the caller's answer carries (decoded, without
-        # the hop-by-hop ones), so neither the relay nor anyone else copies or searches a header set for them.
-        forward = []
-        te: list[bytes] = []
-        connection: list[bytes] = []
-        length = None
-        for field in fields:
-            kind = _ANSWER_FIELDS.get(field[0].lower())  # llhttp (strict) let only token characters into a name
-            if kind is not None:
-                if kind is _LENGTH:
-                    if length is None:
-                        length = field[1]
-                        self.length_at = len(forward)
-                elif kind is _ENCODING:
-                    self.encoded = True
-                elif kind is _REQUEST_ID:
-                    self.own_request_id = True
-                else:
-                    if kind is _CODING:
-                        te.append(field[1])
-                    elif kind is _CONNECTION:
-                        connection.append(field[1])
-                    continue
-            forward.append(field)
-        if te and (len(te) > 1 or te[0].decode("utf-8", "surrogateescape").strip().lower() != "chunked"):
-            raise self._refuse("transfer coding other than a single chunked", "upstream_bad_framing")
-        # Names Connection lists are hop-by-hop too; a lone "keep-alive" (the usual one) names none else.
-        if connection and (len(connection) > 1 or connection[0].lower() != b"keep-alive"):
-            named = {t.strip().lower() for v in connection for t in v.decode("utf-8", "surrogateescape").split(",")}
-            if not named <= HOP_BY_HOP:
-                forward = [(k, v) for k, v in forward if k.decode("utf-8", "surrogateescape").lower() not in named]
-                self.length_at = -2  # where it was is not known any more
-        self.forward_raw = forward
-        self.status = status
-        self.raw_reason = self._reason
-        self.reason = self._reason.decode("utf-8", "surrogateescape")
-        self.content_length = int(length) if length is not None and not te else None  # llhttp checked the digits
-        self.keep_alive = self._parser.should_keep_alive()
-        no_body = self._head_only or status in _NO_BODY_STATUS
-        if no_body:
-            self.content_length = None if self._head_only else 0
-        self._until_close = not no_body and not te and length is None
-        if self._until_close:
-            self.keep_alive = False
-        self._in_head = False
-        if no_body:
-            self.done = True  # llhttp would wait for a HEAD answer's declared body: it ends here
-
-    def on_body(self, chunk: bytes) -> None:
-        if self.done:
-            self._dirty = True
-            return
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > HIGH_WATER and not self._paused:
-            self._paused = True
-            self._conn.pause_reading()
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        if self._in_head or self.done:
-            return  # a 1xx answer ended (the final one follows), or the end of a HEAD answer's body
-        self.done = True
-        self._wake()
 
     # -- read by the relay ------------------------------------------------------------------------------
 

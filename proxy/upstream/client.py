@@ -241,7 +241,7 @@ class UpstreamClient:
         conn = self._pool.take(target.key, asyncio.get_running_loop().time())
         if conn is None:
             return None
-        answer = UpstreamResponse(conn, method, self._read_timeout, on_head)
+        answer = UpstreamResponse(conn, method, self._read_timeout, on_head, conn.reader)
         conn.send(answer, head, None, None, self._read_timeout)
         return answer
 
@@ -261,7 +261,7 @@ class UpstreamClient:
             conn = None if self.closed else self._pool.take(key, asyncio.get_running_loop().time())
             if conn is None:
                 conn = await self._connection(key, host, port, ssl_ctx)
-            answer = UpstreamResponse(conn, out.method, self._read_timeout)
+            answer = UpstreamResponse(conn, out.method, self._read_timeout, None, conn.reader)
             try:
                 conn.send(answer, head, out.body, length, self._read_timeout)
                 await answer.wait_head()

@@ -15,7 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 
 from proxy.errors import BadAnswer
-from proxy.upstream.answer import HeadClock, UpstreamResponse
+from proxy.upstream.answer import HeadClock, Reader, UpstreamResponse
 
 
 class UploadFailed(Exception):
@@ -32,6 +32,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.answer: UpstreamResponse | None = None
         self.head_clock = HeadClock(loop)
+        self.reader = Reader()  # one parser for the answers on this connection
         self.lost = False
         self.reused = False
         self.idle_since = 0.0
@@ -78,6 +79,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.head_clock.stop()
+        self.reader.close()
         self._wake_writer()
         answer, self.answer = self.answer, None
         if answer is not None:
