@@ -98,10 +98,15 @@ class Exchange(Trace):
                  "sent_at", "_done")
 
     def __init__(self, request: Request, response: ResponseWriter, holder: StateHolder) -> None:
-        Trace.__init__(self, new_request_id(), time.monotonic())
+        # ``Trace.__init__(self, new_request_id(), time.monotonic())``, its defaults stored here without the call
+        # (tests/test_pipeline_exchange.py holds the two to the same values).
+        self.request_id, self.started = new_request_id(), time.monotonic()
+        self.credential = self.caller = None
+        self.status, self.outcome, self.reason, self.token_refreshed = 0, "error", "", False
         self.request, self.response, self.holder = request, response, holder
         self.task: asyncio.Task | None = None
         self.route: Route | None = None
+        self.cred: Credential | None = None  # once looked up (``_admit``): the audit line's metrics go on it
         self.answer: UpstreamResponse | None = None
         self._done = False
         self.state: State = holder.enter(self)
@@ -136,7 +141,8 @@ class Exchange(Trace):
             return
         self._done = True
         try:
-            _record(self.state, self.request, self.route, self, self.request.peer_ip, self.request.context.via)
+            request = self.request
+            _record(self.state, request, self.route, self, request.peer_ip, request.context.via, self.cred)
         finally:
             self.holder.leave(self.state, self)
 
@@ -197,7 +203,7 @@ def _admit(ex: Exchange) -> tuple[Credential, Caller]:
         caller = state.authenticator.authenticate(request.lookup, ip, request.peercert)
     trace.caller = caller.name
     state.authenticator.check_source(caller, ip)
-    cred = state.credentials.get(route.credential)
+    cred = ex.cred = state.credentials.get(route.credential)
     if cred is None:
         raise Forbidden("unknown credential", reason="unknown_credential")
     if via is not None and via.connect is None and not cred.cfg.allow_insecure_upstream:
@@ -401,7 +407,8 @@ async def _peek(upstream: UpstreamResponse) -> bytes:
 
 
 def _record(state: State, request: Request, route: Route | None, trace: Trace, ip,
-            via: Via | None = None) -> None:
+            via: Via | None = None, cred: Credential | None = None) -> None:
+    """``cred``: the credential the trace names, when the caller has it at hand (else looked up by name)."""
     duration = time.monotonic() - trace.started
     if route is not None:
         path, query, credential = route.path, route.query, trace.credential
@@ -424,7 +431,8 @@ def _record(state: State, request: Request, route: Route | None, trace: Trace, i
         state.metrics.forward_requests.labels(credential if route else "-", str(status)).inc()
     if state.alerts is not None:
         state.alerts.observe_request(request_id, caller, client_ip, credential, method, path, status, outcome)
-    cred = state.credentials.get(credential) if credential else None
+    if cred is None and credential:
+        cred = state.credentials.get(credential)
     caller_label = caller or "-"
     if cred is not None and cred.metrics is not None:
         cred.metrics.record(caller_label, status, duration)

@@ -203,12 +203,15 @@ def encode(ts: float, event: AuditEvent) -> tuple[bytes, bytes]:
 def _chain(batch: list[tuple[bytes, bytes]], prev: str) -> list[tuple[bytes, str]]:
     """The batch as chained lines (each with its newline and its hash), the first chained onto ``prev``."""
     out = []
+    sha256 = hashlib.sha256
+    prev_bytes = prev.encode()
     for head, tail in batch:
-        canonical = b"%s%s%s" % (head, prev.encode(), tail)
-        prev = hashlib.sha256(canonical).hexdigest()
+        canonical = b"%s%s%s" % (head, prev_bytes, tail)
+        prev = sha256(canonical).hexdigest()
+        prev_bytes = prev.encode()
         # The line is the canonical text with "hash" appended (``verify`` parses the line, drops "hash" and
         # re-canonicalizes, so key order is free).
-        out.append((b'%s,"hash":"%s"}\n' % (canonical[:-1], prev.encode()), prev))
+        out.append((b'%s,"hash":"%s"}\n' % (canonical[:-1], prev_bytes), prev))
     return out
 
 
@@ -237,6 +240,7 @@ class AuditLog:
         self._interval = flush_interval
         self._refuse = on_failure == "refuse"
         self._max = max_buffered_lines
+        self._room = min(max_buffered_lines, FLUSH_LINES - 1)  # below it, a line is just appended (write_request)
         self._write_errors = write_errors
         self._lines_dropped = lines_dropped
         self._clock = clock
@@ -266,9 +270,15 @@ class AuditLog:
     def write_request(self, request_id: str, caller: str | None, client_ip: str | None, credential: str | None,
                       method: str, path: str, status: int, outcome: str, reason: str, duration_ms: float,
                       token_refreshed: bool) -> None:
-        """``write(AuditEvent(...))`` from a request's values (``duration_ms`` not yet rounded): ``request_line``."""
-        self._buffer(request_line(self._clock(), request_id, caller, client_ip, credential, method, path, status,
-                                  outcome, reason, duration_ms, token_refreshed))
+        """``write(AuditEvent(...))`` from a request's values (``duration_ms`` not yet rounded): ``request_line``.
+        Buffered as ``_buffer`` does, without the call for it when there is room (every request)."""
+        line = request_line(self._clock(), request_id, caller, client_ip, credential, method, path, status,
+                            outcome, reason, duration_ms, token_refreshed)
+        pending = self._pending
+        if len(pending) < self._room:
+            pending.append(line)
+        else:  # full, or the line completes a batch
+            self._buffer(line)
 
     def _buffer(self, line: tuple[bytes, bytes]) -> None:
         pending = self._pending

@@ -11,18 +11,22 @@ import itertools
 import os
 import secrets
 
-_prefix = secrets.token_hex(8)
-_counter = itertools.count()
+
+def _ids() -> itertools.count:
+    """The prefix in the upper 64 bits, the counter in the lower: an ID is one hex format of one number."""
+    return itertools.count(secrets.randbits(64) << 64)
+
+
+_counter = _ids()
 
 
 def new_request_id() -> str:
-    return f"{_prefix}{next(_counter):016x}"
+    return "%032x" % next(_counter)
 
 
 def _reseed() -> None:
-    global _prefix, _counter
-    _prefix = secrets.token_hex(8)
-    _counter = itertools.count()
+    global _counter
+    _counter = _ids()
 
 
 os.register_at_fork(after_in_child=_reseed)
