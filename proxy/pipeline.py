@@ -75,6 +75,12 @@ def _never_forwarded(removes: tuple[str, ...]) -> frozenset[str]:
     return HOP_BY_HOP | {n.lower() for n in (*CALLER_HEADERS, *_CALLER_DROP, *guards.SPOOFABLE, *removes)}
 
 
+@functools.lru_cache(maxsize=64)
+def _never_forwarded_raw(removes: tuple[str, ...]) -> frozenset[bytes]:
+    """``_never_forwarded`` as bytes, for ``plain_request.render`` (one cached call per request, not two)."""
+    return plain_request.as_bytes(_never_forwarded(removes))
+
+
 @dataclass(slots=True)
 class Trace:
     """What the audit line will say about this request; filled in as the steps run."""
@@ -192,7 +198,9 @@ def _admit(ex: Exchange) -> tuple[Credential, Caller]:
     request, state, trace = ex.request, ex.state, ex
     ip = request.peer_ip
     via: Via | None = request.context.via
-    state.audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
+    audit = state.audit
+    if audit.failure is not None:  # healthy, nothing to check (nearly always): ``admit`` is the rule
+        audit.admit()  # SPEC §11: with audit.on_failure refuse, nothing is served while its line cannot be written
     guards.check_request(request)
     if via is not None:
         caller, route = _forward_route(request, state, via, trace)
@@ -235,7 +243,7 @@ def _send_now(ex: Exchange, cred: Credential, caller: Caller) -> bool:
         return False
     request, route = ex.request, ex.route
     head = plain_request.render(request.method, target, route.path, route.query, request.raw_headers,
-                                plain_request.as_bytes(_never_forwarded(cred.injector.removes)),
+                                _never_forwarded_raw(cred.injector.removes),
                                 ex.request_id, cred.leak_guard != "off", injected)
     if head is None:
         return False

@@ -57,6 +57,9 @@ class Route(NamedTuple):  # immutable like a frozen dataclass, at half its const
     query: str  # raw, without "?"
 
 
+_new_route = tuple.__new__  # ``Route(a, b, c)`` is ``tuple.__new__(Route, (a, b, c))`` in a Python frame of its own
+
+
 def canonical_path(raw: str) -> str:
     if _PLAIN.fullmatch(raw) and "/." not in raw:
         return raw
@@ -108,7 +111,7 @@ def route_prefixed(raw_target: str) -> Route:
     if plain is not None and "/." not in path and not (query and _ODD_QUERY.search(query)):
         # Nearly every request: canonical already, so one match does what the steps below would
         # (tests/test_routing_fastpath.py holds the two to the same answer).
-        return Route(plain[1][:64], plain[2] or "/", query)
+        return _new_route(Route, (plain[1][:64], plain[2] or "/", query))
     path, query = split_target(raw_target)
     canon = canonical_path(path)
     name, _, rest = canon[1:].partition("/")
