@@ -12,8 +12,8 @@ under ``--workers``).
 
 from __future__ import annotations
 
-import bisect
 import time
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -68,17 +68,17 @@ class LoopCounter(_Collector):
 
 
 class HistogramChild:
-    __slots__ = ("_bounds", "counts", "sum", "created")
+    __slots__ = ("bounds", "counts", "sum", "created")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self._bounds = bounds
+        self.bounds = bounds
         self.counts = [0] * len(bounds)  # per bucket, not cumulative; the last bound is +Inf
         self.sum = 0.0
         self.created = time.time()
 
     def observe(self, amount: float) -> None:
         self.sum += amount
-        self.counts[bisect.bisect_left(self._bounds, amount)] += 1  # the first bucket whose bound >= amount
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket whose bound >= amount
 
 
 class LoopHistogram(_Collector):
