@@ -92,6 +92,7 @@ class Authenticator:
                                              for name, c in (callers or {}).items() if c.token_sha256}
         self._subjects = [(subject_attributes(c.cert_subject), name) for name, c in (callers or {}).items() if c.cert_subject]
         self._nets = {name: tuple(c.allow_ips) for name, c in (callers or {}).items() if c.allow_ips is not None}
+        self.sources_locked = bool(self._nets)  # False: ``check_source`` has nothing to check (not called)
 
     def authenticate(self, presented: Mapping[str, str], peer_ip: ipaddress._BaseAddress | None,
                      peercert: dict | None = None) -> Caller:

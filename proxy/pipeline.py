@@ -210,7 +210,8 @@ def _admit(ex: Exchange) -> tuple[Credential, Caller]:
         trace.credential = route.credential
         caller = state.authenticator.authenticate(request.lookup, ip, request.peercert)
     trace.caller = caller.name
-    state.authenticator.check_source(caller, ip)
+    if state.authenticator.sources_locked:
+        state.authenticator.check_source(caller, ip)
     cred = ex.cred = state.credentials.get(route.credential)
     if cred is None:
         raise Forbidden("unknown credential", reason="unknown_credential")

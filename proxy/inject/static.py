@@ -46,7 +46,9 @@ class HeaderInjector(Injector):
         self.sends = f"sends {header}: {template}"
         self._refs = tuple((ref, str(ref)) for ref in template.refs)  # the template's placeholders, found once
         self._rendered = _PerMaterial(self._render, self.RENDERED_MAX)
-        self._line = _PerMaterial(lambda secrets: header_line(header, self._rendered(secrets)), self.RENDERED_MAX)
+        # ``Injector.header_line``: the line rendered once per material, called as it is (no method frame around it)
+        self.header_line = _PerMaterial(lambda secrets: header_line(header, self._rendered(secrets)),
+                                        self.RENDERED_MAX)
 
     def _render(self, secrets: SecretValues) -> str:
         return self.template.render(secrets.get("secret"), {ref: secrets[key] for ref, key in self._refs})
@@ -54,9 +56,6 @@ class HeaderInjector(Injector):
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         out.headers.popall(self.header, None)
         out.headers[self.header] = self._rendered(secrets)
-
-    def header_line(self, secrets: SecretValues) -> bytes | None:
-        return self._line(secrets)
 
 
 class QueryInjector(Injector):
@@ -78,16 +77,13 @@ class BasicInjector(Injector):
 
     def __init__(self) -> None:
         self._value = _PerMaterial(_basic_value, HeaderInjector.RENDERED_MAX)
-        self._line = _PerMaterial(lambda secrets: header_line("Authorization", self._value(secrets)),
-                                  HeaderInjector.RENDERED_MAX)
+        self.header_line = _PerMaterial(lambda secrets: header_line("Authorization", self._value(secrets)),
+                                        HeaderInjector.RENDERED_MAX)  # as HeaderInjector's
 
     def inject(self, out: Outbound, secrets: SecretValues) -> None:
         value = self._value(secrets)
         out.headers.popall("Authorization", None)
         out.headers["Authorization"] = value
-
-    def header_line(self, secrets: SecretValues) -> bytes | None:
-        return self._line(secrets)
 
 
 def _basic_value(secrets: SecretValues) -> str:
