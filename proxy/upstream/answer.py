@@ -101,13 +101,11 @@ class Reader:
         self.own = own  # one answer's own (no connection reader): the parser goes with the answer
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
 
-    def bind(self, answer: UpstreamResponse) -> httptools.HttpResponseParser:
-        """``answer`` is the one the next bytes belong to: the parser to feed them to."""
-        if not self.at_start:
-            self.parser = httptools.HttpResponseParser(self)
-            self.at_start = True
-        self.answer = answer
-        return self.parser
+    def renew(self) -> None:
+        """A new parser: the old one may not stand at the start of a message (``UpstreamResponse`` binds an
+        answer to this reader, as ``answer``)."""
+        self.parser = httptools.HttpResponseParser(self)
+        self.at_start = True
 
     def close(self) -> None:
         """The connection is gone: no parser kept (its callbacks refer back to this reader)."""
@@ -120,14 +118,14 @@ class Reader:
         self.at_start = False
         answer = self.answer
         if answer.done:
-            answer._dirty = True  # the final answer's fields stay (``headers`` decodes them when asked)
+            answer.keep_alive = False  # bytes after its end; its fields stay (``headers`` decodes them)
         else:
             self.fields = []
 
     def on_status(self, reason: bytes) -> None:
         answer = self.answer
-        answer._reason += reason
-        if len(answer._reason) > MAX_FIELD:
+        answer.raw_reason += reason
+        if len(answer.raw_reason) > MAX_FIELD:
             raise answer._refuse("status line over the limit")
         if reason.translate(None, _TEXT):
             raise answer._refuse("control character in the reason phrase")  # llhttp lets NUL through there
@@ -138,7 +136,7 @@ class Reader:
     def on_headers_complete(self) -> None:
         answer = self.answer
         if answer.done:
-            answer._dirty = True
+            answer.keep_alive = False  # bytes after its end: the connection cannot be trusted again
             return
         fields, self.fields = self.fields, _TRAILERS  # after the head: trailer fields, not forwarded
         if len(fields) > MAX_HEADERS:
@@ -159,7 +157,7 @@ class Reader:
             answer._interim += 1
             if answer._interim > MAX_INTERIM:
                 raise answer._refuse("too many 1xx answers", "upstream_bad_framing")
-            answer._reason = b""
+            answer.raw_reason = b""  # the final answer's phrase follows
             return
         # One pass over the fields: the framing facts, and the fields the caller's answer carries (decoded, without
         # the hop-by-hop ones), so neither the relay nor anyone else copies or searches a header set for them.
@@ -196,7 +194,6 @@ class Reader:
         answer._fields = fields
         answer.forward_raw = forward
         answer.status = status
-        answer.raw_reason = answer._reason
         answer.keep_alive = self.parser.should_keep_alive()
         if answer._head_only or status in _NO_BODY_STATUS:
             answer.content_length = None if answer._head_only else 0
@@ -213,7 +210,7 @@ class Reader:
     def on_body(self, chunk: bytes) -> None:
         answer = self.answer
         if answer.done:
-            answer._dirty = True
+            answer.keep_alive = False  # bytes after its end: the connection cannot be trusted again
             return
         answer._chunks.append(chunk)
         answer._buffered += len(chunk)
@@ -274,21 +271,21 @@ class UpstreamResponse:
     length_at = -1  # the index of its Content-Length among them (-1: none; -2: not known)
     own_request_id = False  # the upstream sent an X-Request-Id (the caller's answer carries credproxy's instead)
     arrived_in = b""  # the bytes the whole answer came in, when it came in one read (all of it is in them)
-    raw_reason = b""
+    raw_reason = b""  # the final answer's reason phrase, as received (on_status fills it in)
     _forward: CIMultiDict[str] | None = None
     encoded = False
     _full: CIMultiDict[str] | None = None
     _fields: list[tuple[bytes, bytes]] | tuple = ()  # on_message_begin gives each head its list
-    _reason = b""
     _head_bytes = 0  # bytes fed while the head is incomplete (a line that never ends); none: a stale connection
     _field_bytes = 0
     _refusal: BadAnswer | None = None
     _interim = 0
     _in_head = True
     _until_close = False
+    # Both sides said keep-alive, and nothing since gave the connection up (a fault; bytes after the answer's end):
+    # once ``done``, its connection may carry another request.
     keep_alive = False
     done = False  # the whole answer was received (not necessarily read)
-    _dirty = False  # bytes after the end of the answer: the connection cannot be trusted again
     _buffered = 0
     _paused = False
     _error: BaseException | None = None
@@ -311,8 +308,11 @@ class UpstreamResponse:
             self._head_only = True
         if reader is None:
             reader = Reader(own=True)
+        elif not reader.at_start:
+            reader.renew()
+        reader.answer = self  # the one the next bytes belong to
         self._reader = reader
-        self._parser = reader.bind(self)
+        self._parser = reader.parser
         self._chunks: deque[bytes] = deque()
         if on_head is None:
             self._head = conn.loop.create_future()
@@ -361,21 +361,25 @@ class UpstreamResponse:
             # llhttp's messages are fixed texts (no bytes of the answer in them); the type names the fault
             self._fail(BadAnswer(f"unparseable answer: {type(exc).__name__}"))
         else:
-            if self._in_head and self._head_bytes > MAX_HEAD:
-                self._fail(BadAnswer("answer head over the limit"))
-        if self.done and self._parser is not _FINISHED:
-            # Received whole: no byte comes after this. Its reader lets go of it first (a request the news below
-            # starts may take the connection, and its reader, at once), so no cycle runs through it: it is freed
-            # as soon as its reader drops it, not left to the cyclic GC (whose work grows with each request's
-            # garbage).
-            self._let_go()
-        # The head is handed on only once the bytes that came with it are parsed: a fault found in them
-        # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
-        if not self._in_head and not self._settled:
-            if self.done:  # free again before anyone hears of it: a request the news starts can have it
+            if self._in_head:
+                if self._head_bytes > MAX_HEAD:
+                    self._fail(BadAnswer("answer head over the limit"))
+                return  # more of the head to come
+        if self.done:
+            if self._parser is not _FINISHED:
+                # Received whole: no byte comes after this. Its reader lets go of it first (a request the news
+                # below starts may take the connection, and its reader, at once), so no cycle runs through it: it is
+                # freed as soon as its reader drops it, not left to the cyclic GC (whose work grows with each
+                # request's garbage).
+                self._let_go()
+            if not self._settled:  # free again before anyone hears of it: a request the news starts can have it
                 if first:
                     self.arrived_in = data
                 self._conn.answered(self)
+                self._settle(None)
+        elif not self._in_head and not self._settled:
+            # The head is handed on only once the bytes that came with it are parsed: a fault found in them
+            # (a bad first chunk, say) is still a clean 502 rather than an answer cut off.
             self._settle(None)
 
     def _let_go(self) -> None:
@@ -416,15 +420,10 @@ class UpstreamResponse:
             else:
                 self._fail(BodyFailed("upstream closed the connection before the answer's end"))
 
-    @property
-    def reusable(self) -> bool:
-        return self.done and self.keep_alive and not self._dirty and self._error is None
-
     def _fail(self, exc: BaseException) -> None:
-        self.keep_alive = False
+        self.keep_alive = False  # the connection cannot be trusted again
         if self.done:
-            self._dirty = True  # garbage after a complete answer: that answer stands, the connection does not
-            return
+            return  # garbage after a complete answer: that answer stands, the connection does not
         self._conn.abort()  # first: whoever learns of the failure below finds the connection given up
         if not self._settled:
             self._settle(exc)

@@ -242,7 +242,7 @@ class UpstreamClient:
         if conn is None:
             return None
         answer = UpstreamResponse(conn, method, self._read_timeout, on_head, conn.reader)
-        conn.send(answer, head, None, None, self._read_timeout)
+        conn.send_head(answer, head)
         return answer
 
     async def send(self, out: Outbound, *, stale_retry: bool = True) -> UpstreamResponse:

@@ -66,7 +66,7 @@ class Connection(asyncio.Protocol):
             return
         self.answer = None
         pump = self._pump
-        if answer.reusable and (pump is None or pump.done()) and not self.transport.is_closing():
+        if answer.keep_alive and (pump is None or pump.done()) and not self.transport.is_closing():
             if pump is not None:
                 self._pump = None
             self._on_idle(self)
@@ -115,6 +115,11 @@ class Connection(asyncio.Protocol):
             self.abort()
 
     # -- sending -------------------------------------------------------------------------------------------
+
+    def send_head(self, answer: UpstreamResponse, head: bytes) -> None:
+        """Write a body-less request (``send`` with no body) and make ``answer`` the one the bytes go to."""
+        self.answer = answer
+        self.transport.write(head)
 
     def send(self, answer: UpstreamResponse, head: bytes, body: bytes | AsyncIterator[bytes] | None,
              length: int | None, write_timeout: float) -> None:

@@ -239,8 +239,7 @@ def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResp
     lines = len(kept) + 2
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         return None  # never split an answer (llhttp let no CR or LF into a field: the exact path refuses it)
-    body = upstream.take_whole()  # before release(), which drops what was not taken
-    upstream.release()
+    upstream.release()  # body holds it whole (peek_whole)
     try:
         return response.send_raw(status, head, body)
     except ConnectionError as exc:
