@@ -68,6 +68,11 @@ _ANSWER_FIELDS = {name.encode(): _HOP for name in HOP_BY_HOP} | {
     b"content-length": _LENGTH, b"content-encoding": _ENCODING, b"transfer-encoding": _CODING,
     b"connection": _CONNECTION, b"x-request-id": _REQUEST_ID}
 _TEXT = bytes(range(0x20, 0x7F)) + b"\t" + bytes(range(0x80, 0x100))  # what a reason phrase may hold
+# The kind of each header name as received (None: a field the answer simply carries), so that a name seen before
+# costs one lookup and no lower(). Whether a name is one of the above never changes, so this cannot go stale;
+# bounded, since upstreams choose their header names.
+_KINDS: dict[bytes, str | None] = {}
+_KINDS_MAX = 4096
 
 
 class _Finished:
@@ -165,8 +170,15 @@ class Reader:
         te: list[bytes] = []
         connection: list[bytes] = []
         length = None
+        kinds = _KINDS
         for field in fields:
-            kind = _ANSWER_FIELDS.get(field[0].lower())  # llhttp (strict) let only token characters into a name
+            name = field[0]
+            if name in kinds:
+                kind = kinds[name]
+            else:
+                kind = _ANSWER_FIELDS.get(name.lower())  # llhttp (strict) let only token characters into a name
+                if len(kinds) < _KINDS_MAX:
+                    kinds[name] = kind
             if kind is not None:
                 if kind is _LENGTH:
                     if length is None:

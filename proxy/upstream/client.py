@@ -209,14 +209,15 @@ class UpstreamClient:
         self._read_timeout = read_timeout
         self._pool = _Pool(limit)
         self._targets: dict[URL, Target] = {}
-        self._last: tuple[URL | None, Target | None] = (None, None)
+        self._last_base: URL | None = None  # the base last asked for, and its target
+        self._last: Target | None = None
         self.closed = False
 
     def target(self, base: URL) -> Target | None:
         """The fixed ``Target`` of ``base``; None while the SSL context is asked for per request (a client
         certificate that rotates)."""
-        if base is self._last[0]:
-            return self._last[1]  # nearly always the credential's own base: no URL hashed for the lookup
+        if base is self._last_base:
+            return self._last  # nearly always the credential's own base: no URL hashed for the lookup
         found = self._targets.get(base)
         if found is None:
             if self._ssl_provider is not None:
@@ -228,7 +229,7 @@ class UpstreamClient:
                            host_header, base.raw_path.rstrip("/"), f"Host: {host_header}\r\n".encode())
             if len(self._targets) < 64:  # a token's own instance URL is a base too: bounded
                 self._targets[base] = found
-        self._last = (base, found)
+        self._last_base, self._last = base, found
         return found
 
     def send_now(self, target: Target, method: str, head: bytes,

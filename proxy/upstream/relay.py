@@ -217,9 +217,10 @@ def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResp
     if length is None or length > WHOLE_BODY_MAX or not upstream.done or upstream.encoded \
             or request.method == "HEAD" or status in _NO_BODY:
         return None
-    reason = upstream.raw_reason  # sent if it is plain printable text, else the standard phrase
-    if not (reason and reason.isascii() and reason.decode("ascii").isprintable()):
-        reason = b""
+    reason = upstream.raw_reason
+    line = _RAW_LINES.get((status, reason))
+    if line is None:
+        line = _raw_line(status, reason)
     fields = upstream.forward_raw
     body = upstream.peek_whole()
     # The check covers what prepare's does (the reason, the fields and the body), or more: the bytes the whole
@@ -230,12 +231,12 @@ def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResp
     at = upstream.length_at
     if at < -1 or upstream.own_request_id:
         return None  # rare: the exact path replaces the upstream's X-Request-Id in its place
-    kept = fields if at < 0 else fields[:at] + fields[at + 1:]  # the writer frames the answer itself
+    kept = [*map(b": ".join, fields)]
+    if at >= 0:
+        del kept[at]  # the writer frames the answer itself
     # Joined at C speed (no hop-by-hop field is among them, and llhttp allows one Content-Length only).
-    head = b"".join((b"HTTP/1.1 %d %s\r\n" % (status, reason) if reason else
-                     _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
-                     b"\r\n".join(map(b": ".join, kept)), b"\r\n" if kept else b"",
-                     b"X-Request-Id: %s\r\n" % trace.request_id.encode()))
+    head = b"".join((line, b"\r\n".join(kept), b"\r\n" if kept else b"", b"X-Request-Id: ",
+                     trace.request_id.encode(), b"\r\n"))
     lines = len(kept) + 2
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         return None  # never split an answer (llhttp let no CR or LF into a field: the exact path refuses it)
@@ -245,6 +246,22 @@ def relay_raw(request: Request, response: ResponseWriter, upstream: UpstreamResp
     except ConnectionError as exc:
         _abort(response, trace, exc)
         return False
+
+
+_RAW_LINES: dict[tuple[int, bytes], bytes] = {}  # (status, reason as received) -> relay_raw's status line
+_RAW_LINES_MAX = 256
+
+
+def _raw_line(status: int, reason: bytes) -> bytes:
+    """The status line ``relay_raw`` sends: the reason as received if it is plain printable text, else the
+    standard phrase (as ``prepare`` chooses), kept for the next answer (bounded: upstreams choose their phrases)."""
+    if reason and reason.isascii() and reason.decode("ascii").isprintable():
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+    else:
+        line = _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status
+    if len(_RAW_LINES) < _RAW_LINES_MAX:
+        _RAW_LINES[(status, reason)] = line
+    return line
 
 
 def relay_now(response: ResponseWriter, upstream: UpstreamResponse, ready: Prepared, guard: LeakGuard, mode: str,
