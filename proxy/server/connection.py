@@ -133,6 +133,9 @@ class HTTPConnection(asyncio.Protocol):
         self._in_head = False
         self._url = b""
         self._raw: list[tuple[bytes, bytes]] = []
+        self._plain_raw: list[tuple[bytes, bytes]] | None = None  # the last plain head's fields (a copy) ...
+        self._plain_fields: list[str] = []  # ... decoded,
+        self._plain_first: dict[str, str] | None = None  # ... and looked up by name
         self._head_bytes = 0
         self._trailers = 0
         self._oversize = False
@@ -307,30 +310,18 @@ class HTTPConnection(asyncio.Protocol):
         self._in_head = False
         # The head is in. Its deadline is left as it stands, not cleared: while a request is queued or served the
         # connection is busy, which the deadline, should it fall due, finds (_expired); once the answer is done it
-        # is set anew (_ended).
+        # is set anew (handled).
         self._timing_head = False
         parser = self._parser
         raw = self._raw
-        # One decode of the whole head, NUL-joined (llhttp accepts no NUL in a field), instead of two per field;
-        # the same bytes tell request_shape whether its header checks can be skipped.
-        joined = b"\x00".join(chain.from_iterable(raw))
-        text = joined.decode("utf-8", "surrogateescape")
-        fields = text.split("\x00") if raw else []
-        first = None
-        if len(fields) == 2 * len(raw):
-            lowered = text.lower().split("\x00") if raw else []  # names lower-cased (and values: not used)
-            names = lowered[0::2]
-            plain = plain_head(joined, len(fields), names)
-            if plain:  # the multidict is made only if something asks for it; lookups go to ``first``
-                headers = None
-                values = fields[1::2]
-                first = dict(zip(reversed(names), reversed(values))) if len(raw) > 1 else dict(zip(names, values))
-            else:
-                headers = CIMultiDict(zip(fields[0::2], fields[1::2]))
-        else:  # a NUL inside a field after all: decoded field by field (and refused by request_shape)
-            headers = CIMultiDict([(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                                   for n, v in raw])
-            plain = False
+        if raw == self._plain_raw:
+            # The same header fields, byte for byte, as this connection's last plain head (a keep-alive client
+            # sends the same ones again): its decoding and its verdict are this one's, as both are functions of
+            # these bytes alone. The fields are shared (read only: a request makes its own multidict from them);
+            # each request has its own ``first``, so no change to one request's can reach the next.
+            fields, first, headers, plain = self._plain_fields, self._plain_first.copy(), None, True
+        else:
+            fields, first, headers, plain = self._decode(raw)
         version = _VERSIONS.get(parser.get_http_version(), (0, 0))
         if plain:  # neither Content-Length nor Transfer-Encoding
             content_length, chunked = None, False
@@ -350,6 +341,28 @@ class HTTPConnection(asyncio.Protocol):
             req.body = BodyStream(self._flow, (lambda: self._continue(req)) if expect else None)
         self._queue.append(req)
         self._parsing = self._unconfirmed = req
+
+    def _decode(self, raw: list[tuple[bytes, bytes]]) -> tuple[list[str], dict | None, CIMultiDict | None, bool]:
+        """A head's fields as ``str`` — ``(fields, first, headers, plain)``: names and values alternating, the
+        first value of each lower-case name and no multidict for a plain head (``request_shape.plain_head``),
+        the multidict otherwise. A plain one is kept for the connection's next head (on_headers_complete)."""
+        # One decode of the whole head, NUL-joined (llhttp accepts no NUL in a field), instead of two per field;
+        # the same bytes tell request_shape whether its header checks can be skipped.
+        joined = b"\x00".join(chain.from_iterable(raw))
+        text = joined.decode("utf-8", "surrogateescape")
+        fields = text.split("\x00") if raw else []
+        if len(fields) != 2 * len(raw):  # a NUL inside a field after all: decoded field by field (and refused)
+            return fields, None, CIMultiDict([(n.decode("utf-8", "surrogateescape"),
+                                               v.decode("utf-8", "surrogateescape")) for n, v in raw]), False
+        lowered = text.lower().split("\x00") if raw else []  # names lower-cased (and values: not used)
+        names = lowered[0::2]
+        if not plain_head(joined, len(fields), names):
+            return fields, None, CIMultiDict(zip(fields[0::2], fields[1::2])), False
+        # The multidict is made only if something asks for it; lookups go to ``first``.
+        values = fields[1::2]
+        first = dict(zip(reversed(names), reversed(values))) if len(raw) > 1 else dict(zip(names, values))
+        self._plain_raw, self._plain_fields, self._plain_first = raw[:], fields, first.copy()
+        return fields, first, None, True
 
     def on_body(self, body: bytes) -> None:
         self._unconfirmed = None
