@@ -132,6 +132,8 @@ class HTTPConnection(asyncio.Protocol):
         # parsing
         self._in_head = False
         self._url = b""
+        self._last_url = b""  # the last request's target, as bytes and decoded
+        self._last_target = ""
         self._raw: list[tuple[bytes, bytes]] = []
         self._plain_raw: list[tuple[bytes, bytes]] | None = None  # the last plain head's fields (a copy) ...
         self._plain_fields: list[str] = []  # ... decoded,
@@ -331,8 +333,11 @@ class HTTPConnection(asyncio.Protocol):
             chunked = "Transfer-Encoding" in headers
         method = parser.get_method()
         method = self._last_method = _METHODS.get(method) or method.decode("ascii")
+        url = self._url
+        if url != self._last_url:  # (a keep-alive client often asks for the same target again: decoded once)
+            self._last_url, self._last_target = url, url.decode("utf-8", "surrogateescape")
         req = _new(Request)
-        _init_request(req, method, self._url.decode("utf-8", "surrogateescape"), version, raw, headers, self._peer_ip,
+        _init_request(req, method, self._last_target, version, raw, headers, self._peer_ip,
                       self._peercert, self.ctx, self, content_length, chunked, parser.should_keep_alive(),
                       method == "CONNECT", fields, first, plain)
         if chunked or content_length:
@@ -427,12 +432,12 @@ class HTTPConnection(asyncio.Protocol):
                 except Exception as exc:  # noqa: BLE001 - see _failed
                     run = self._failed(exc, writer)
                 if run is not None:
-                    self._task = self._loop.create_task(self._run(item, writer, run))
+                    self._task = self._loop.create_task(self._run(writer, run))
                     return
         finally:
             self._starting = False
 
-    async def _run(self, item: Request, writer: ResponseWriter, run: Awaitable[None]) -> None:
+    async def _run(self, writer: ResponseWriter, run: Awaitable[None]) -> None:
         try:
             await run
         except asyncio.CancelledError:
@@ -442,22 +447,21 @@ class HTTPConnection(asyncio.Protocol):
             await self._failed(exc, writer)
         finally:
             self._task = None
-        self._ended(item, writer)
+        self.handled(writer)
 
     def adopt(self, writer: ResponseWriter, run: Awaitable[None]) -> None:
         """``ResponseWriter.resume``: the request answered in callbacks continues in a task."""
         item = self._active
         if item is None or writer is not self._writer or self._task is not None:
             raise RuntimeError("no request of this connection is being answered in callbacks")
-        self._task = self._loop.create_task(self._run(item, writer, run))
+        self._task = self._loop.create_task(self._run(writer, run))
 
     def handled(self, writer: ResponseWriter) -> None:
-        """``ResponseWriter.complete``: the request being served was answered in callbacks."""
-        if writer is self._writer:  # else not this connection's request in progress (it ended already)
-            self._ended(self._active, writer)  # (_writer is set only while _active is)
-
-    def _ended(self, item: Request, writer: ResponseWriter) -> None:
-        """The handler is done with ``item``: close, or go on to the next request."""
+        """The handler is done with the request being served (``ResponseWriter.complete``: it was answered in
+        callbacks; or its task ended): close, or go on to the next request."""
+        if writer is not self._writer:
+            return  # not this connection's request in progress (it ended already)
+        item = self._active  # (_writer is set only while _active is)
         self._active = self._writer = None
         if self._dead or self._transport is None:
             return
