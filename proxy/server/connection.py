@@ -37,7 +37,7 @@ What the protocol does on its own, per SPEC §2/§6 and ``server.limits``:
 
 - a deadline for each request head (``header_timeout``), from its first byte (or from
   the connection's start); a bounded idle time between requests (``KEEPALIVE_TIMEOUT``);
-- ``431 too_large`` for a header field over ``max_header_line`` or more than
+- ``431 too_large`` for a header line ("name: value") over ``max_header_line`` or more than
   ``max_headers`` fields (trailers count too), ``400 bad_request`` for anything
   llhttp refuses — JSON with a request ID, reported through ``ctx.on_refused`` (the
   audit line), never echoing the offending bytes — then the connection is half-closed
@@ -294,7 +294,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ctx = self.ctx
-        if len(name) > ctx.max_header_line or len(value) > ctx.max_header_line:
+        if len(name) + len(value) + 2 > ctx.max_header_line:  # the whole field line, "name: value"
             self._oversize = True
             raise _too_large()
         if not self._in_head:  # a trailer of a chunked body: within the limits, then dropped

@@ -85,6 +85,9 @@ REFUSED = [
     ("too-many-headers", req("GET /demo/anything/a HTTP/1.1", *[f"X-{i}: a" for i in range(120)]), 431, "too_large"),
     ("request-line-too-long", req("GET /demo/anything/" + "a" * 9000 + " HTTP/1.1"), 431, "too_large"),
     ("header-name-too-long", req("GET /demo/anything/a HTTP/1.1", "X-" + "a" * 9000 + ": b"), 431, "too_large"),
+    # name and value each under the 8 KiB line limit, the line they make over it
+    ("header-line-too-long-together", req("GET /demo/anything/a HTTP/1.1", "X-" + "n" * 5000 + ": " + "v" * 5000), 431,
+     "too_large"),
     ("content-length-over-max-body", req("POST /demo/anything/a HTTP/1.1", f"Content-Length: {BIG}", body=b"a" * 1000), 413, "too_large"),
     ("chunked-over-max-body", req("POST /demo/anything/a HTTP/1.1", "Transfer-Encoding: chunked",
                                   body=b"".join(b"2000\r\n" + b"a" * 0x2000 + b"\r\n" for _ in range(9)) + CHUNKED_0), 413, "too_large"),
