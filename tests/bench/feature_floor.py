@@ -15,29 +15,20 @@ import sys
 sys.path.pop(0)  # this folder holds a profile.py of its own: inproc's cProfile needs the standard library's
 import asyncio  # noqa: E402
 import cProfile  # noqa: E402,F401
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
-import credproxy_rig  # noqa: E402
 import inproc  # noqa: E402
 import llhttp_floor  # noqa: E402
-from rig import free_port  # noqa: E402
 
 async def run(requests, runs):
-    from proxy.config import models as config_mod
-    from proxy.app import Proxy
     from proxy.routing import route_prefixed
     from proxy.observe.request_id import new_request_id
-    workdir = Path(tempfile.mkdtemp(prefix="ff-"))
-    credproxy_rig.write_store(workdir)
-    cfg = credproxy_rig.config(workdir, "inproc", port=free_port(), admin_port=free_port(), upstream="http://127.0.0.1:9",
-                               aux="http://127.0.0.1:9", with_tokens=False)
-    proxy = Proxy(config_mod.load(cfg), str(cfg), watch_interval=None)
-    await proxy.start()
+
+    proxy = await inproc.started_proxy()
     holder = proxy.holder
     cred = holder.current.credentials["bench"]
     await cred.source.grant("")

@@ -85,12 +85,10 @@ class Wire:
         return False
 
 
-async def credproxy(requests: int, runs: int, prof: bool, big: bool = False) -> list[float]:
+async def started_proxy():
+    """A started ``Proxy`` on the benchmark's config (its upstream unreachable: the tests hand it connections)."""
     from proxy.config import models as config_mod
     from proxy.app import Proxy
-    from proxy.routing import route_prefixed
-    from proxy.server.connection import HTTPConnection
-    from proxy.upstream.connection import Connection
 
     workdir = Path(tempfile.mkdtemp(prefix="inproc-"))
     credproxy_rig.write_store(workdir)
@@ -98,6 +96,15 @@ async def credproxy(requests: int, runs: int, prof: bool, big: bool = False) -> 
                                aux="http://127.0.0.1:9", with_tokens=False)
     proxy = Proxy(config_mod.load(cfg), str(cfg), watch_interval=None)
     await proxy.start()
+    return proxy
+
+
+async def credproxy(requests: int, runs: int, prof: bool, big: bool = False) -> list[float]:
+    from proxy.routing import route_prefixed
+    from proxy.server.connection import HTTPConnection
+    from proxy.upstream.connection import Connection
+
+    proxy = await started_proxy()
     try:
         cred = proxy.holder.current.credentials["bench"]
         client = cred.client
