@@ -71,6 +71,31 @@ class Recorder:
         return app
 
 
+class StandInTransport:
+    """A stand-in for an asyncio transport that takes writes and flow control and does nothing with them: for
+    driving a protocol (``HTTPConnection``, an upstream ``Connection``) by hand, without a socket."""
+
+    def write(self, data) -> None: ...
+
+    def writelines(self, parts) -> None:
+        for part in parts:
+            self.write(part)
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
 def write_store(directory: Path, secrets: dict[str, str]) -> tuple[Path, Path]:
     """A real encrypted store: {"path#field": value}."""
     key_file = directory / "master.key"

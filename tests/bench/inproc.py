@@ -28,6 +28,7 @@ sys.path[:0] = [str(HERE.parents[1]), str(HERE)]
 
 import credproxy_rig  # noqa: E402
 from nginx import SMALL_JSON  # noqa: E402
+from tests.helpers import StandInTransport  # noqa: E402
 from rig import free_port  # noqa: E402
 
 REQUEST = (b"GET /bench/v1/small HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -47,8 +48,8 @@ def big_answer() -> list[bytes]:
     return [data[i:i + 262144] for i in range(0, len(data), 262144)]
 
 
-class Wire:
-    """A stand-in transport: keeps what is written; the upstream one answers each request it is sent."""
+class Wire(StandInTransport):
+    """A stand-in transport: counts what is written; the upstream one answers each request it is sent."""
 
     def __init__(self, answer: bytes | list[bytes] | None = None) -> None:
         self.answer = [answer] if isinstance(answer, bytes) else answer
@@ -61,28 +62,11 @@ class Wire:
         if self.answer is not None:
             self.pending += 1
 
-    def writelines(self, parts) -> None:
-        for part in parts:
-            self.write(part)
-
     def deliver(self) -> None:
         while self.pending:
             self.pending -= 1
             for piece in self.answer:
                 self.protocol.data_received(piece)
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    def can_write_eof(self) -> bool:
-        return False
 
 
 async def started_proxy():

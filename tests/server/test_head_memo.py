@@ -11,29 +11,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from proxy.server.connection import ConnectionContext, HTTPConnection
+from tests.helpers import StandInTransport
 
 _NAMES = st.sampled_from(["Host", "host", "HOST", "Authorization", "authorization", "Accept", "X-A", "x-a",
                           "Upgrade", "Connection", "Content-Length", "X-HTTP-Method-Override", "Caf\xe9"])
 _VALUES = st.sampled_from(["a", "A", "a ", "127.0.0.1:8080", "Bearer t0k", "Bearer t0K", "", "0", "3", "h2c",
                            "keep-alive", "close", "caf\xe9", "x" * 30])
 _HEADS = st.lists(st.tuples(_NAMES, _VALUES), max_size=5)
-
-
-class _Wire:
-    """A stand-in transport: the caller's side of the connection, keeping nothing."""
-
-    def write(self, data) -> None: ...
-    def writelines(self, parts) -> None: ...
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 40000)}.get(name, default)
-    def is_closing(self) -> bool:
-        return False
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    def can_write_eof(self) -> bool:
-        return False
 
 
 def _wire(head: list[tuple[str, str]]) -> bytes:
@@ -57,7 +41,7 @@ async def _served(*wires: bytes) -> list[tuple]:
         response.complete()
 
     conn = HTTPConnection(ConnectionContext("test", handler))
-    conn.connection_made(_Wire())
+    conn.connection_made(StandInTransport())
     for wire in wires:
         conn.data_received(wire)
     conn.connection_lost(None)
@@ -99,7 +83,7 @@ def test_a_change_to_one_requests_lookups_does_not_reach_the_next():
 
     async def serve():
         conn = HTTPConnection(ConnectionContext("test", handler))
-        conn.connection_made(_Wire())
+        conn.connection_made(StandInTransport())
         for _ in range(3):
             conn.data_received(_wire([("Host", "a"), ("Authorization", "Bearer t0k")]))
         conn.connection_lost(None)
