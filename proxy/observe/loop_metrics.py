@@ -81,6 +81,13 @@ class HistogramChild:
         self.counts[bisect_left(self.bounds, amount)] += 1  # the first bucket whose bound >= amount
 
 
+def count_and_observe(counter: CounterChild, histogram: HistogramChild, amount: float) -> None:
+    """``counter.inc()`` and ``histogram.observe(amount)`` in one call: a finished request's two updates."""
+    counter.value += 1
+    histogram.sum += amount
+    histogram.counts[bisect_left(histogram.bounds, amount)] += 1
+
+
 class LoopHistogram(_Collector):
     def __init__(self, name: str, doc: str, labelnames: tuple[str, ...], registry: CollectorRegistry, *,
                  buckets: tuple[float, ...]) -> None:

@@ -15,9 +15,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from bisect import bisect_left
-
-from proxy.observe.loop_metrics import HistogramChild, LoopCounter, LoopGauge, LoopHistogram
+from proxy.observe.loop_metrics import HistogramChild, LoopCounter, LoopGauge, LoopHistogram, count_and_observe
 from proxy.observe.mmap_metrics import mmap_counter, mmap_histogram
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # read at import, as prometheus_client does
@@ -105,7 +103,7 @@ class CredentialMetrics:
         self._counter = metrics.requests
         self._name = name
         self._requests: dict[tuple[str, int], object] = {}  # (caller, status): callers come from config
-        # One process: loop_metrics' plain children, whose numbers ``record`` moves itself (no call for each).
+        # One process: loop_metrics' plain children, both updated by one call (``count_and_observe``).
         self._plain = type(self.duration) is HistogramChild and isinstance(metrics.requests, LoopCounter)
 
     def record(self, caller: str, status: int, seconds: float) -> None:
@@ -114,11 +112,8 @@ class CredentialMetrics:
         found = self._requests.get(key)
         if found is None:
             found = self._requests[key] = self._counter.labels(self._name, caller, str(status))
-        if self._plain:  # ``found.inc()`` and ``self.duration.observe(seconds)``, as loop_metrics' children do them
-            found.value += 1
-            duration = self.duration
-            duration.sum += seconds
-            duration.counts[bisect_left(duration.bounds, seconds)] += 1
+        if self._plain:  # loop_metrics' plain children: both updates in one call
+            count_and_observe(found, self.duration, seconds)
         else:
             found.inc()
             self.duration.observe(seconds)
