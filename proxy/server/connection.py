@@ -162,9 +162,6 @@ class HTTPConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future | None = None
         self.closing = False  # close after the answer in progress (draining; the caller sent EOF)
         self._dead = False
-        # Whether ``drain()`` would do anything (wait, or raise): a caller that keeps up skips the coroutine. Kept
-        # as ``_dead or _write_paused`` where either changes (a plain attribute: read once per answer).
-        self.must_drain = False
 
     # --- transport events --------------------------------------------------------------
 
@@ -172,7 +169,7 @@ class HTTPConnection(asyncio.Protocol):
         connections = self.ctx.connections
         if connections is not None:
             if not connections.admit(transport):
-                self._dead = self.must_drain = True
+                self._dead = True
                 return  # over max_connections: the transport now belongs to a connlimit.Refusal
             self._release = connections.release
         self._attach(transport)
@@ -250,7 +247,7 @@ class HTTPConnection(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._dead = self.must_drain = True
+        self._dead = True
         self._cancel_timer()
         if self._release is not None:
             self._release, release = None, self._release
@@ -266,11 +263,10 @@ class HTTPConnection(asyncio.Protocol):
             waiter.set_exception(gone)
 
     def pause_writing(self) -> None:
-        self._write_paused = self.must_drain = True
+        self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self.must_drain = self._dead
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
@@ -483,12 +479,7 @@ class HTTPConnection(asyncio.Protocol):
             if self._read_paused:
                 self._flow()
             head = self._in_head
-            delay = self.ctx.header_timeout if head else self.ctx.keepalive_timeout
-            if delay > 0:  # _arm, one call less
-                self._deadline.set(delay)
-                self._timing_head = head
-            else:
-                self._arm(delay, head)
+            self._arm(self.ctx.header_timeout if head else self.ctx.keepalive_timeout, head)
 
     async def _failed(self, exc: Exception, writer: ResponseWriter) -> None:
         """The handler raised: the caller went away or stalled (cut), or a bug (``500``, or cut once answering)."""
@@ -524,6 +515,11 @@ class HTTPConnection(asyncio.Protocol):
         if self._dead or transport.is_closing():
             raise ConnectionResetError("caller went away")
         transport.writelines(parts)
+
+    @property
+    def must_drain(self) -> bool:
+        """Whether ``drain()`` would do anything (wait, or raise): a caller that keeps up skips the coroutine."""
+        return self._dead or self._write_paused
 
     async def drain(self) -> None:
         if self._dead:
@@ -562,7 +558,7 @@ class HTTPConnection(asyncio.Protocol):
         if self._transport is None or self._dead:
             raise ConnectionResetError("caller went away")
         self._cancel_timer()
-        self._dead = self._stopped = self.must_drain = True
+        self._dead = self._stopped = True
         release, self._release = self._release, None
         if self.ctx.live is not None:
             self.ctx.live.discard(self)
