@@ -12,6 +12,7 @@ import functools
 import gc
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -32,7 +33,6 @@ from proxy.errors import SecretBackendError
 from proxy.lifecycle.drain import FINISH_GRACE, drain
 from proxy.server.connection import ConnectionContext, HTTPConnection
 from proxy.server.listener import CallerListener
-from proxy.server.forward.ca import LeafContexts, load_ca
 from proxy.host_map import HostMap
 from proxy.server.forward.listener import ForwardConnection, ForwardContext
 from proxy.observe.metrics import Metrics
@@ -52,6 +52,9 @@ from proxy.tokens.cluster import cluster_for
 from proxy.config.fields import Listen
 from proxy.server.binding import LISTEN_BACKLOG, server_ssl
 from proxy.lifecycle.watch import ConfigWatcher
+
+if TYPE_CHECKING:  # loaded in _start_forward: the CA (cryptography's X.509, ~3 MiB) only with a forward proxy
+    from proxy.server.forward.ca import LeafContexts
 
 log = logging.getLogger("credproxy")
 
@@ -311,6 +314,8 @@ class Proxy:
     async def _start_forward(self, cfg: Config) -> None:
         """SPEC §10. Requests inside tunnels and absolute-form ones are parsed and answered by the caller
         connection protocol (``HTTPConnection``), attached to the connection with the ``Via`` it came through."""
+        from proxy.server.forward.ca import LeafContexts, load_ca
+
         holder = self.holder
         fp = cfg.forward_proxy
         self.forward_leaves = leaves = LeafContexts(await load_ca(fp.ca, self._cache))

@@ -8,8 +8,6 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from pydantic import (AfterValidator, BeforeValidator, ByteSize, PlainSerializer, ValidationError, ValidationInfo,
                       ValidatorFunctionWrapHandler, WithJsonSchema, WrapValidator)
 
@@ -87,20 +85,25 @@ def _template(v: Any) -> Template:
     return Template.parse(v)
 
 
-# RFC 4514 names cryptography does not know by a short name, spelt as the ssl module's peer dict maps them.
-_SUBJECT_NAMES = {"EMAILADDRESS": NameOID.EMAIL_ADDRESS, "SERIALNUMBER": NameOID.SERIAL_NUMBER}
-_SUBJECT_KEYS = {oid: name for name, oid in _SUBJECT_NAMES.items()}
 SubjectAttributes = frozenset[tuple[str, str]]
 
 
 def subject_attributes(text: str) -> SubjectAttributes:
     """``{("CN", "billing"), ("O", "acme")}`` from an RFC 4514 name such as ``"CN=billing,O=acme"``
     (order-free: the certificate's subject must carry these attributes, and may carry more)."""
+    # cryptography's X.509 module is imported only when a config names a certificate subject (~3 MiB of memory a
+    # proxy without one does not take on).
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    # RFC 4514 names cryptography does not know by a short name, spelt as the ssl module's peer dict maps them.
+    names = {"EMAILADDRESS": NameOID.EMAIL_ADDRESS, "SERIALNUMBER": NameOID.SERIAL_NUMBER}
+    keys = {oid: name for name, oid in names.items()}
     try:
-        name = x509.Name.from_rfc4514_string(text, _SUBJECT_NAMES)
+        name = x509.Name.from_rfc4514_string(text, names)
     except ValueError:
         raise ValueError("cert_subject must be an RFC 4514 name such as CN=billing,O=acme") from None
-    out = frozenset((_SUBJECT_KEYS.get(a.oid, a.rfc4514_attribute_name), str(a.value)) for a in name)
+    out = frozenset((keys.get(a.oid, a.rfc4514_attribute_name), str(a.value)) for a in name)
     if not out:
         raise ValueError("cert_subject must be an RFC 4514 name such as CN=billing,O=acme")
     return out

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import jwt
 from yarl import URL
 
 from proxy.store.secret import Secret
@@ -101,6 +100,8 @@ def lifetime(value: object, source: str = "expires_in") -> float | None:
 
 def jwt_lifetime(token: str, now_wall: float) -> float | None:
     """Seconds until a JWT access token's ``exp`` (unverified: only used as a hint for expiry)."""
+    import jwt  # PyJWT: once a token endpoint has answered (not imported by a proxy that gets no tokens)
+
     try:
         exp = jwt.decode(token, options={"verify_signature": False}).get("exp")
     except jwt.DecodeError:  # an opaque token, or not a JWT after all

@@ -11,10 +11,6 @@ import base64
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
 from proxy.store.secret import Secret
 from proxy.errors import TokenFailure
 
@@ -36,6 +32,10 @@ class FormRequest:
 
 def signing_key(pem: Secret):
     """Load a PEM private key; RSA signs RS256, EC P-256 signs ES256."""
+    # Imported here, with PyJWT below: only a credential that signs assertions needs them (~2 MiB of memory).
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(pem.reveal().encode(), password=None)
     except (ValueError, TypeError):
@@ -48,6 +48,8 @@ def signing_key(pem: Secret):
 
 
 def sign_assertion(pem: Secret, claims: dict, key_id: str | None) -> str:
+    import jwt
+
     key, alg = signing_key(pem)
     headers = {"kid": key_id} if key_id else None
     return jwt.encode(claims, key, algorithm=alg, headers=headers)

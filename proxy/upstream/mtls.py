@@ -31,8 +31,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from cryptography import x509
-
 from proxy.config.models import UpstreamTLSConfig
 from proxy.errors import CredentialUnavailable, SecretBackendError
 from proxy.observe.metrics import ScrapeTimeGauge
@@ -52,6 +50,8 @@ class CertInfo:
 
 def cert_info(pem: str) -> CertInfo:
     """Subject and expiry of the first (leaf) certificate in ``pem``."""
+    from cryptography import x509  # only with a client certificate configured (~3 MiB of memory otherwise not taken)
+
     cert = x509.load_pem_x509_certificate(pem.encode())
     return CertInfo(cert.subject.rfc4514_string(), cert.not_valid_after_utc.timestamp())
 

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from proxy import errors
 from proxy.deadline import Deadline
@@ -36,10 +37,12 @@ from proxy.errors import AddressDenied, BadRequest, Forbidden, HeadersTooLarge, 
 from proxy.observe.audit import ForwardEvent
 from proxy.routing import Via
 from proxy.server.connlimit import ConnectionLimit, client_address
-from proxy.server.forward.ca import LeafContexts
 from proxy.server.forward.connect import MAX_HEAD, first_line, is_connect, parse_connect
 from proxy.host_map import target
 from proxy.upstream.dial import Resolver, dial, resolve
+
+if TYPE_CHECKING:  # the CA module (cryptography's X.509) is loaded by the app only with a forward proxy configured
+    from proxy.server.forward.ca import LeafContexts
 
 log = logging.getLogger("credproxy.forward")
 
