@@ -79,7 +79,7 @@ def quietness(results: dict) -> str:
     others = [r["others_cores"] for c in results["cells"] for r in c.get("rounds", [c])]
     mean = sum(others) / len(others) if others else 0.0
     return (f"machine before the run: load average {results['load_start'][0]:.2f}; CPU taken by other processes "
-            f"during the measurements: mean {mean:.2f}, max {max(others, default=0):.2f} cores of "
+            f"and by the hypervisor (steal) during the measurements: mean {mean:.2f}, max {max(others, default=0):.2f} cores of "
             f"{results['machine']['cores']} (the benchmark itself keeps both cores busy)")
 
 

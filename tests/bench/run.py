@@ -22,8 +22,9 @@ Every process is started once; a cell's time is split into ``--rounds`` rounds a
 the targets of a load are measured round-robin, so that a slow spell of the
 (shared, virtual) machine hits them alike; a cell reports the median round. Each
 round also records the proxy's CPU time per request and the CPU other processes
-on the machine took meanwhile; a round during which they took more than
-``--quiet`` cores is measured again.
+on the machine took meanwhile, plus the time the hypervisor took from this VM's
+vCPUs (steal: the host running other tenants); a round during which they took
+more than ``--quiet`` cores is measured again.
 
 Writes tests/bench/results/latest.{md,json,png}; ``--publish`` also refreshes
 docs/benchmark.png and the results block in docs/benchmark.md.
@@ -52,7 +53,7 @@ import credproxy_rig  # noqa: E402
 import nginx  # noqa: E402
 import report  # noqa: E402
 from rig import (Proc, RssSampler, busy_seconds, children, cpu_seconds, free_port, loadavg,  # noqa: E402
-                 reaped_children_seconds, rss_kib, start, wait_port, wrk)
+                 reaped_children_seconds, rss_kib, start, stolen_seconds, wait_port, wrk)
 
 SUT_CPU, LOAD_CPU, BOTH = "0", "1", "0,1"
 MiB = 1 << 20
@@ -73,7 +74,9 @@ class Round:
     rss_mib: float
     cpu_us: float  # CPU time of the process(es) under test per request: robust to a busy machine
     errors: int
-    others_cores: float  # CPU used by processes outside the benchmark meanwhile (0 = quiet machine)
+    # CPU used by processes outside the benchmark meanwhile, plus what the hypervisor took from this VM (steal):
+    # 0 = a quiet machine
+    others_cores: float
 
 
 @dataclass
@@ -150,12 +153,13 @@ def measure_round(t: Target, load: str, *, seconds: float, warmup: float, rig) -
         wrk(t.url + path, connections=conns, seconds=warmup, cpus=LOAD_CPU, token=t.token)
     cpu0 = sum(cpu_seconds(p) for p in t.pids())
     rig0 = sum(cpu_seconds(p) for p in rig())
-    busy0, wrk0, t0 = busy_seconds(), reaped_children_seconds(), time.monotonic()
+    busy0, stolen0, wrk0, t0 = busy_seconds(), stolen_seconds(), reaped_children_seconds(), time.monotonic()
     with RssSampler(t.pids) as rss:
         r = wrk(t.url + path, connections=conns, seconds=seconds, cpus=LOAD_CPU, token=t.token)
     sut = sum(cpu_seconds(p) for p in t.pids()) - cpu0
     ours = sum(cpu_seconds(p) for p in rig()) - rig0 + reaped_children_seconds() - wrk0
-    others = max(0.0, (busy_seconds() - busy0 - sut - ours) / (time.monotonic() - t0))
+    elapsed = time.monotonic() - t0
+    others = max(0.0, (busy_seconds() - busy0 - sut - ours) / elapsed) + (stolen_seconds() - stolen0) / elapsed
     return Round(r.rps, r.p50_ms, r.p99_ms, r.mib_s, rss.max_mib, sut / max(r.requests, 1) * 1e6, r.errors, others)
 
 
