@@ -100,19 +100,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_ticks() -> list[int]:
+    """The first line of /proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ... (all cores)."""
+    with open("/proc/stat") as fh:
+        return [int(x) for x in fh.readline().split()[1:]] + [0]  # (steal: 0 where the kernel has no column)
+
+
 def busy_seconds() -> float:
     """CPU time spent by the whole machine so far (all cores, user + system + interrupts)."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    user, nice, system, _idle, _iowait, irq, softirq = _machine_ticks()[:7]
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def stolen_seconds() -> float:
     """CPU time the hypervisor gave to others while this machine's vCPUs wanted to run (steal), all cores."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+    return _machine_ticks()[7] / os.sysconf("SC_CLK_TCK")
 
 
 def reaped_children_seconds() -> float:
