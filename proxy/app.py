@@ -53,7 +53,7 @@ from proxy.config.fields import Listen
 from proxy.server.binding import LISTEN_BACKLOG, server_ssl
 from proxy.lifecycle.watch import ConfigWatcher
 
-if TYPE_CHECKING:  # loaded in _start_forward: the CA (cryptography's X.509, ~3 MiB) only with a forward proxy
+if TYPE_CHECKING:  # loaded in _start_forward: the CA (cryptography's X.509, ~3 MiB at import) only with a forward proxy
     from proxy.server.forward.ca import LeafContexts
 
 log = logging.getLogger("credproxy")

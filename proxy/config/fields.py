@@ -91,7 +91,7 @@ SubjectAttributes = frozenset[tuple[str, str]]
 def subject_attributes(text: str) -> SubjectAttributes:
     """``{("CN", "billing"), ("O", "acme")}`` from an RFC 4514 name such as ``"CN=billing,O=acme"``
     (order-free: the certificate's subject must carry these attributes, and may carry more)."""
-    # cryptography's X.509 module is imported only when a config names a certificate subject (~3 MiB of memory a
+    # cryptography's X.509 module is imported only when a config names a certificate subject (~3 MiB at import a
     # proxy without one does not take on).
     from cryptography import x509
     from cryptography.x509.oid import NameOID

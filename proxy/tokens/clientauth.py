@@ -32,7 +32,7 @@ class FormRequest:
 
 def signing_key(pem: Secret):
     """Load a PEM private key; RSA signs RS256, EC P-256 signs ES256."""
-    # Imported here, with PyJWT below: only a credential that signs assertions needs them (~2 MiB of memory).
+    # Imported here, with PyJWT below: only a credential that signs assertions needs them (~2 MiB at import).
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
